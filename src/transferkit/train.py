@@ -1,0 +1,253 @@
+"""The seed's two-phase recipe: train the new head on a frozen backbone, then fine-tune the layers
+from `fine_tune_at` on at a tenth of the learning rate; keep the best epoch of both phases."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbones import DEFAULT_BACKBONE, create_backbone, resolve_fine_tune_at
+from .data import DataError, LabelledImages, check_trainable, decode, load_labelled, stratified_split
+from .evaluate import classification_metrics, predict_arrays
+from .model import TransferModel, predict_labels
+from .predict import Classifier
+from .progress import Reporter
+
+MONITORS = ("val_loss", "val_accuracy")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; the defaults are the seed's recipe on the default backbone."""
+
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None  # a file, "random", or None: the registered/timm weights
+    image_size: int | None = None  # None: the weights' own input size
+    epochs: int = 5  # phase 1: head only
+    fine_tune_epochs: int = 5  # phase 2: layers from fine_tune_at on
+    fine_tune_at: int | str | None = None  # None: the backbone's default (about the last quarter)
+    lr: float = 1e-3
+    fine_tune_lr_factor: float = 0.1
+    batch_size: int = 32
+    val_split: float = 0.2
+    seed: int = 42
+    dropout: float = 0.2
+    flip: bool = True
+    rotation: float = 0.2  # fraction of a full turn, as Keras's RandomRotation
+    train_bn: bool = False
+    monitor: str = "val_loss"  # which validation number picks the kept epoch
+    device: str = "auto"
+
+    def __post_init__(self):
+        checks = [
+            (self.epochs >= 0 and self.fine_tune_epochs >= 0, "epochs must be >= 0"),
+            (self.epochs + self.fine_tune_epochs > 0, "at least one epoch is needed"),
+            (self.lr > 0 and self.fine_tune_lr_factor > 0, "learning rates must be > 0"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (0.0 <= self.rotation <= 0.5, "rotation is a fraction of a full turn in [0, 0.5]"),
+            (self.image_size is None or 16 <= self.image_size <= 2048, "image_size must be 16..2048"),
+            (self.monitor in MONITORS, f"monitor must be one of {MONITORS}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray, size: int, device):
+    for start in range(0, len(order), size):
+        index = order[start:start + size]
+        x = torch.from_numpy(np.ascontiguousarray(images[index])).permute(0, 3, 1, 2)  # channels-last
+        yield x.to(device), torch.from_numpy(labels[index]).to(device)
+
+
+def train_epoch(model: TransferModel, data: LabelledImages, optimizer, batch_size: int,
+                rng: np.random.Generator, device, reporter: Reporter) -> tuple[float, float]:
+    """One pass over `data` in a seeded random order; returns (mean loss, accuracy)."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    for x, y in _batches(data.images, data.labels, rng.permutation(len(data)), batch_size, device):
+        logits = model(x)
+        loss = model.loss(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(y)
+        correct += int((predict_labels(model.probabilities(logits.detach())) == y).sum())
+        seen += len(y)
+        reporter.advance(f"loss {total_loss / seen:.4f} acc {correct / seen:.3f}")
+    return total_loss / seen, correct / seen
+
+
+def _is_better(row: dict, best: dict | None, monitor: str) -> bool:
+    if best is None:
+        return True
+    if monitor == "val_accuracy":
+        return (row["val_accuracy"], -row["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
+    return row["val_loss"] < best["val_loss"]
+
+
+def fit(model: TransferModel, train_data: LabelledImages, val_data: LabelledImages,
+        config: TrainConfig, fine_tune_at: int, reporter: Reporter, device) -> tuple[list[dict], dict]:
+    """Both phases; returns the per-epoch history and the kept (best) row. The model ends with the
+    best epoch's weights."""
+    rng = np.random.default_rng(config.seed)
+    history: list[dict] = []
+    best, best_state = None, None
+    phases = [(1, config.epochs, len(model.layers), config.lr),
+              (2, config.fine_tune_epochs, fine_tune_at, config.lr * config.fine_tune_lr_factor)]
+    n_batches = -(-len(train_data) // config.batch_size)
+    for phase, epochs, trainable_from, lr in phases:
+        if epochs == 0:
+            continue
+        model.unfreeze_from(trainable_from)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=lr)
+        reporter.log(f"Phase {phase}: {'head only' if phase == 1 else f'fine-tuning layers {trainable_from}..'}"
+                     f", {sum(p.numel() for p in params):,} trainable parameters, lr {lr:g}")
+        for _ in range(epochs):
+            epoch = len(history) + 1
+            start = time.perf_counter()
+            reporter.start(f"phase {phase} epoch {epoch}", n_batches)
+            try:
+                train_loss, train_acc = train_epoch(model, train_data, optimizer, config.batch_size,
+                                                    rng, device, reporter)
+            finally:
+                reporter.stop()
+            probs = predict_arrays(model, val_data.images, config.batch_size, device)
+            val = classification_metrics(val_data.labels, probs, val_data.classes)
+            row = {"epoch": epoch, "phase": phase, "lr": lr, "train_loss": train_loss,
+                   "train_accuracy": train_acc, "val_loss": val["loss"],
+                   "val_accuracy": val["accuracy"], "seconds": time.perf_counter() - start}
+            history.append(row)
+            if _is_better(row, best, config.monitor):
+                best, best_state = row, copy.deepcopy(model.state_dict())
+            reporter.log(f"epoch {epoch:>3} phase {phase}  loss {train_loss:.4f}  acc {train_acc:.4f}"
+                         f"  val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}"
+                         f"  {row['seconds']:.1f}s" + ("  *" if best is row else ""))
+    model.load_state_dict(best_state)
+    model.unfreeze_from(len(model.layers))
+    model.eval()
+    return history, best
+
+
+def _prepare(source, name: str, size: int, classes, reporter: Reporter, spill_dir) -> LabelledImages:
+    raw = load_labelled(source, classes)
+    reporter.start(f"decoding {name}", len(raw))
+    try:
+        data = decode(raw, size, spill_dir=spill_dir, progress=lambda i, n: reporter.advance())
+    finally:
+        reporter.stop()
+    return data
+
+
+def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
+          val_data: str | Path | None = None, reporter: Reporter | None = None,
+          **overrides) -> Classifier:
+    """Train a classifier on `data` (class folders or a CSV) and write the run to `out`.
+
+    `val_data`: a separate labelled set for validation; otherwise a stratified `val_split` of
+    `data`. Keyword overrides change single settings: `train("data", "runs/x", epochs=3)`.
+    """
+    config = TrainConfig(**{**asdict(config or TrainConfig()), **overrides})
+    reporter = reporter or Reporter()
+    out = Path(out)
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+
+    backbone = create_backbone(config.backbone, config.weights, config.image_size)
+    layers = backbone.layers
+    fine_tune_at = resolve_fine_tune_at(
+        layers, config.fine_tune_at if config.fine_tune_at is not None else backbone.default_fine_tune_at)
+    size = backbone.preprocess.image_size
+    reporter.log(f"Backbone {backbone.name}: weights {backbone.weights}")
+    reporter.log(f"Number of layers in the base model: {len(layers)}")
+    reporter.log(f"fine_tune_at = {fine_tune_at} ({layers[fine_tune_at][0] if fine_tune_at < len(layers) else 'none'})")
+
+    out.mkdir(parents=True, exist_ok=True)
+    spill = out / "cache"
+    everything = _prepare(data, "data", size, None, reporter, spill)
+    check_trainable(everything, str(data))
+    if val_data is None:
+        train_idx, val_idx = stratified_split(everything.labels, config.val_split, config.seed,
+                                              everything.classes)
+        train_set, val_set = everything.subset(train_idx), everything.subset(val_idx)
+        skipped = everything.skipped
+    else:
+        train_set = everything
+        val_set = _prepare(val_data, "validation data", size, everything.classes, reporter, spill)
+        if len(val_set) == 0:
+            raise DataError(f"{val_data}: no usable images")
+        skipped = everything.skipped + val_set.skipped
+    if skipped:
+        reporter.log(f"Skipped {len(skipped)} unusable file(s); listed in {out / 'skipped.txt'}")
+    reporter.log(f"Training on {len(train_set)} images, validating on {len(val_set)}; "
+                 f"classes {everything.counts()}")
+
+    model = TransferModel(backbone.model, len(everything.classes), backbone.preprocess,
+                          config.dropout, config.flip, config.rotation, config.train_bn)
+    model.to(device, memory_format=torch.channels_last)
+    started = time.perf_counter()
+    history, best = fit(model, train_set, val_set, config, fine_tune_at, reporter, device)
+    seconds = time.perf_counter() - started
+    reporter.log(f"Kept epoch {best['epoch']} (phase {best['phase']}, best {config.monitor}); "
+                 f"val_accuracy {best['val_accuracy']:.4f}; training took {seconds:.0f}s")
+
+    classifier = Classifier(model, everything.classes, {
+        "backbone": backbone.name,
+        "weights": backbone.weights,
+        "weights_sha256": backbone.weights_sha256,
+        "preprocess": asdict(backbone.preprocess),
+        "fine_tune_at": {"index": fine_tune_at,
+                         "name": layers[fine_tune_at][0] if fine_tune_at < len(layers) else None,
+                         "num_layers": len(layers)},
+        "config": asdict(config),
+        "best_epoch": best["epoch"],
+        "training_seconds": round(seconds, 1),
+    })
+    classifier.save(out)
+    val_probs = predict_arrays(model, val_set.images, config.batch_size, device)
+    metrics = classification_metrics(val_set.labels, val_probs, val_set.classes, classifier.threshold)
+    metrics.update(split="validation", best_epoch=best["epoch"], counts={
+        "train": train_set.counts(), "validation": val_set.counts(), "skipped": len(skipped)})
+    write_outputs(out, history, metrics, skipped, config.epochs)
+    return classifier
+
+
+def write_outputs(out: Path, history: list[dict], metrics: dict, skipped: list, epochs: int) -> None:
+    """history.csv, metrics.json, skipped.txt and learning_curves.png."""
+    from .plots import learning_curves
+
+    with open(out / "history.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "skipped.txt").write_text("".join(f"{path}\t{reason}\n" for path, reason in skipped))
+    learning_curves(history, out / "learning_curves.png",
+                    fine_tune_start=epochs + 0.5 if any(r["phase"] == 2 for r in history) else None)
