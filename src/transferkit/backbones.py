@@ -133,14 +133,21 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _map_state(model: nn.Module, state: dict[str, torch.Tensor], mapping: str, origin: str):
-    """Map a state dict onto `model`'s backbone tensors (its classifier, if any, is ignored)."""
+    """Map a state dict onto `model`'s tensors (model built without a classifier). The file may
+    also hold a classifier (weight and bias); any other surplus means another architecture."""
     target = model.state_dict()
+    classifier = str(model.pretrained_cfg.get("classifier") or "classifier")
     if mapping == "ordered":
-        if len(state) < len(target):
+        if not 0 <= len(state) - len(target) <= 2:
             raise BackboneError(
-                f"{origin}: has {len(state)} tensors, {type(model).__name__} needs {len(target)}"
-            )
+                f"{origin}: has {len(state)} tensors, {type(model).__name__} needs {len(target)} "
+                "(plus an optional classifier); is it another architecture?")
         state = dict(zip(target.keys(), state.values()))
+    else:
+        surplus = [k for k in state if k not in target and not k.startswith(classifier)]
+        if surplus:
+            raise BackboneError(f"{origin}: {len(surplus)} tensors the model does not have, first "
+                                f"{surplus[0]}; is it another architecture?")
     mapped = {}
     for key, tensor in target.items():
         if key not in state:
@@ -196,11 +203,10 @@ def create_backbone(
         origin, digest = "random initialisation (no pretrained weights)", None
     elif weights is not None:
         path = Path(weights)
-        model = _timm_model(name, **kwargs)
+        model = _timm_model(name, num_classes=0, **kwargs)
         state = read_state_dict(path)
         mapping = "keys" if set(model.state_dict()) <= set(state) else "ordered"
         model.load_state_dict(_map_state(model, state, mapping, str(path)))
-        model.reset_classifier(0)
         origin, digest = f"file {path}", sha256_of(path)
     elif source is not None and source.path() is not None:
         path = source.path()
@@ -210,9 +216,8 @@ def create_backbone(
                 f"{path}: sha256 {digest} does not match the registered {source.sha256}; "
                 f"the file is corrupted: reinstall {source.package}"
             )
-        model = _timm_model(name, **kwargs)
+        model = _timm_model(name, num_classes=0, **kwargs)
         model.load_state_dict(_map_state(model, read_state_dict(path), source.mapping, str(path)))
-        model.reset_classifier(0)
         origin = source.description
     else:
         model = _timm_download(name, source, kwargs)

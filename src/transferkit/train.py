@@ -156,8 +156,7 @@ def fit(model: TransferModel, train_data: LabelledImages, val_data: LabelledImag
     return history, best
 
 
-def _prepare(source, name: str, size: int, classes, reporter: Reporter, spill_dir) -> LabelledImages:
-    raw = load_labelled(source, classes)
+def _decode(raw: LabelledImages, name: str, size: int, reporter: Reporter, spill_dir) -> LabelledImages:
     reporter.start(f"decoding {name}", len(raw))
     try:
         data = decode(raw, size, spill_dir=spill_dir, progress=lambda i, n: reporter.advance())
@@ -179,6 +178,8 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
     out = Path(out)
     device = resolve_device(config.device)
     seed_everything(config.seed)
+    raw = load_labelled(data)  # cheap checks of the data first: fail before loading anything
+    raw_val = None if val_data is None else load_labelled(val_data, raw.classes)
 
     backbone = create_backbone(config.backbone, config.weights, config.image_size)
     layers = backbone.layers
@@ -191,7 +192,7 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
 
     out.mkdir(parents=True, exist_ok=True)
     spill = out / "cache"
-    everything = _prepare(data, "data", size, None, reporter, spill)
+    everything = _decode(raw, "data", size, reporter, spill)
     check_trainable(everything, str(data))
     if val_data is None:
         train_idx, val_idx = stratified_split(everything.labels, config.val_split, config.seed,
@@ -200,7 +201,7 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
         skipped = everything.skipped
     else:
         train_set = everything
-        val_set = _prepare(val_data, "validation data", size, everything.classes, reporter, spill)
+        val_set = _decode(raw_val, "validation data", size, reporter, spill)
         if len(val_set) == 0:
             raise DataError(f"{val_data}: no usable images")
         skipped = everything.skipped + val_set.skipped

@@ -1,0 +1,34 @@
+# transferkit: `make demo` (train + evaluate on ELPV) and `make test`, both on top of `make setup`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA := data/elpv
+RUN := runs/demo
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+# Idempotent: reruns only when the dependency list changes. torch/torchvision are pinned
+# (2.14.1 / 0.29.1) and every other package by requirements.lock.
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[test,demo]'
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/python bench/prepare_elpv.py $(DATA) --split
+	$(BIN)/transferkit train $(DATA)/train --out $(RUN)
+	$(BIN)/transferkit evaluate $(RUN) $(DATA)/test --output $(RUN)/test_metrics.json
+	$(BIN)/transferkit predict $(RUN) $(DATA)/test/defective/$$(ls $(DATA)/test/defective | head -1) \
+		$(DATA)/test/functional/$$(ls $(DATA)/test/functional | head -1)
+
+bench: setup
+	$(BIN)/python bench/elpv.py
+
+clean:
+	rm -rf $(RUN) runs/bench-elpv

@@ -1,0 +1,53 @@
+"""ELPV benchmark: train on the fixed stratified 1,968-cell split (seed 0), test on the other 656
+(the split size of Deitsch et al. 2019: VGG-19 88.42 %, SVM 82.44 %), print test accuracy and the
+wall time of each phase.
+
+    python bench/elpv.py [--backbone NAME] [--image-size N] [any other train option as --key value]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from prepare_elpv import write  # noqa: E402
+
+import transferkit  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("data/elpv-split"))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-elpv"))
+    args, rest = parser.parse_known_args()
+    overrides = {}
+    for key, value in zip(rest[::2], rest[1::2]):
+        overrides[key.lstrip("-").replace("-", "_")] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
+    write(args.data, split=True)
+    config = transferkit.TrainConfig(**overrides)
+    start = time.perf_counter()
+    classifier = transferkit.train(args.data / "train", args.out, config)
+    train_seconds = time.perf_counter() - start
+    test = classifier.evaluate(args.data / "test")
+    history = [line.split(",") for line in (args.out / "history.csv").read_text().splitlines()]
+    header, rows = history[0], [dict(zip(history[0], r)) for r in history[1:]]
+    phase = {p: sum(float(r["seconds"]) for r in rows if r["phase"] == p) for p in ("1", "2")}
+    result = {
+        "config": {k: v for k, v in vars(config).items()},
+        "test_accuracy": test["accuracy"],
+        "test_n": test["n"],
+        "kept_epoch": classifier.meta["best_epoch"],
+        "phase1_seconds": round(phase["1"], 1),
+        "phase2_seconds": round(phase["2"], 1),
+        "train_total_seconds": round(train_seconds, 1),
+    }
+    print(json.dumps(result, indent=2))
+    (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
