@@ -62,6 +62,10 @@ def train(
     train_bn: bool = typer.Option(False, help="Let unfrozen BatchNorm layers update their statistics."),
     monitor: Monitor = typer.Option(Monitor.val_loss, help="Which validation number picks the kept epoch."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
+    cache: bool = typer.Option(True, help="Train from cached frozen-layer outputs (--no-cache: the plain loop)."),
+    views: int = typer.Option(2, help="Augmented views cached per image, besides the clean one."),
+    cache_memory_gb: Optional[float] = typer.Option(None, help="RAM for the cache before it spills to disk."),
+    bf16: bool = typer.Option(False, help="bfloat16 autocast while extracting cached activations."),
     quiet: bool = typer.Option(False, help="Only errors."),
 ):
     """Train a classifier: frozen backbone + new head, then fine-tune from --fine-tune-at."""
@@ -70,7 +74,8 @@ def train(
             backbone=backbone, weights=weights, image_size=image_size, epochs=epochs,
             fine_tune_epochs=fine_tune_epochs, fine_tune_at=fine_tune_at, lr=lr,
             batch_size=batch_size, val_split=val_split, seed=seed, dropout=dropout, flip=flip,
-            rotation=rotation, train_bn=train_bn, monitor=monitor.value, device=device)
+            rotation=rotation, train_bn=train_bn, monitor=monitor.value, device=device,
+            cache=cache, views=views, cache_memory_gb=cache_memory_gb, bf16=bf16)
         train_run(data, out_dir, config, val_data=val_dir, reporter=Reporter(quiet=quiet))
     except USER_ERRORS as exc:
         fail(exc)

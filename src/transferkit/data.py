@@ -209,20 +209,26 @@ def memory_budget() -> int:
     return available // 4
 
 
+def allocate(shape: tuple[int, ...], dtype, in_ram: bool, spill_dir: str | Path | None = None) -> np.ndarray:
+    """A zeroed array in RAM, or a disk-backed memmap in `spill_dir` (deleted with the array)."""
+    if in_ram:
+        return np.zeros(shape, dtype=dtype)
+    spill = Path(spill_dir or tempfile.gettempdir())
+    spill.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(dir=spill, suffix=".bin", delete=True)
+    shape = (max(shape[0], 1), *shape[1:])
+    array = np.memmap(handle, dtype=dtype, mode="w+", shape=shape)
+    array._transferkit_file = handle  # keeps the file alive exactly as long as the array
+    return array
+
+
 def decode(data: LabelledImages, size: int, workers: int | None = None,
            spill_dir: str | Path | None = None, budget: int | None = None,
            progress=None) -> LabelledImages:
     """Decode every file once; keep the usable ones (in RAM, or a memmap past `budget` bytes)."""
-    n, per_image = len(data), size * size * 3
+    n = len(data)
     budget = memory_budget() if budget is None else budget
-    if n * per_image > budget:
-        spill = Path(spill_dir or tempfile.gettempdir())
-        spill.mkdir(parents=True, exist_ok=True)
-        handle = tempfile.NamedTemporaryFile(dir=spill, suffix=".u8", delete=True)
-        store = np.memmap(handle, dtype=np.uint8, mode="w+", shape=(max(n, 1), size, size, 3))
-        store._transferkit_file = handle  # keeps the temp file alive with the array
-    else:
-        store = np.empty((n, size, size, 3), dtype=np.uint8)
+    store = allocate((n, size, size, 3), np.uint8, n * size * size * 3 <= budget, spill_dir)
     keep, skipped = [], list(data.skipped)
     for i, (path, result) in enumerate(iter_decoded(data.paths, size, workers)):
         if isinstance(result, str):

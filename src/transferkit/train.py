@@ -15,8 +15,10 @@ import numpy as np
 import torch
 
 from .backbones import DEFAULT_BACKBONE, create_backbone, resolve_fine_tune_at
-from .data import DataError, LabelledImages, check_trainable, decode, load_labelled, stratified_split
-from .evaluate import classification_metrics, predict_arrays
+from .cache import Views, cache_bytes, cut_index, extract, feature_chain, head_forward, run_chain, suffix_forward
+from .data import (DataError, LabelledImages, check_trainable, decode, load_labelled, memory_budget,
+                   stratified_split)
+from .evaluate import classification_metrics
 from .model import TransferModel, predict_labels
 from .predict import Classifier
 from .progress import Reporter
@@ -45,6 +47,11 @@ class TrainConfig:
     train_bn: bool = False
     monitor: str = "val_loss"  # which validation number picks the kept epoch
     device: str = "auto"
+    cache: bool = True  # train from cached frozen-layer outputs (False: the seed's plain loop)
+    views: int = 2  # augmented views cached per image, besides the clean one
+    cache_dtype: str = "float16"  # storage of boundary activations
+    cache_memory_gb: float | None = None  # RAM budget for the cache; None: a quarter of free RAM
+    bf16: bool = False  # bfloat16 autocast while extracting cached activations
 
     def __post_init__(self):
         checks = [
@@ -56,6 +63,8 @@ class TrainConfig:
             (0.0 <= self.rotation <= 0.5, "rotation is a fraction of a full turn in [0, 0.5]"),
             (self.image_size is None or 16 <= self.image_size <= 2048, "image_size must be 16..2048"),
             (self.monitor in MONITORS, f"monitor must be one of {MONITORS}"),
+            (self.views >= 0, "views must be >= 0"),
+            (self.cache_dtype in ("float16", "float32"), "cache_dtype must be float16 or float32"),
         ]
         for ok, message in checks:
             if not ok:
@@ -79,29 +88,47 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray, size: int, device):
-    for start in range(0, len(order), size):
-        index = order[start:start + size]
-        x = torch.from_numpy(np.ascontiguousarray(images[index])).permute(0, 3, 1, 2)  # channels-last
-        yield x.to(device), torch.from_numpy(labels[index]).to(device)
+def _tensor(batch: np.ndarray, device) -> torch.Tensor:
+    """uint8 NHWC images become NCHW (channels-last memory); stored activations become float32."""
+    x = torch.from_numpy(np.ascontiguousarray(batch))
+    if x.dtype == torch.uint8:
+        return x.permute(0, 3, 1, 2).to(device)
+    return x.to(device, torch.float32)
 
 
-def train_epoch(model: TransferModel, data: LabelledImages, optimizer, batch_size: int,
+def train_epoch(model: TransferModel, views: Views, optimizer, batch_size: int,
                 rng: np.random.Generator, device, reporter: Reporter) -> tuple[float, float]:
-    """One pass over `data` in a seeded random order; returns (mean loss, accuracy)."""
+    """One pass in a seeded random order, one stored view per image; returns (loss, accuracy)."""
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
-    for x, y in _batches(data.images, data.labels, rng.permutation(len(data)), batch_size, device):
-        logits = model(x)
+    n = len(views.labels)
+    order = rng.permutation(n)
+    pick = rng.integers(0, views.num_views, n) if views.num_views > 1 else np.zeros(n, dtype=np.int64)
+    total_loss, correct = 0.0, 0
+    for start in range(0, n, batch_size):
+        index = order[start:start + batch_size]
+        x = _tensor(views.inputs[pick[index], index], device)
+        y = torch.from_numpy(views.labels[index]).to(device)
+        logits = views.forward(x)
         loss = model.loss(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total_loss += loss.item() * len(y)
         correct += int((predict_labels(model.probabilities(logits.detach())) == y).sum())
-        seen += len(y)
+        seen = start + len(index)
         reporter.advance(f"loss {total_loss / seen:.4f} acc {correct / seen:.3f}")
-    return total_loss / seen, correct / seen
+    return total_loss / n, correct / n
+
+
+def predict_views(model: TransferModel, views: Views, batch_size: int, device) -> np.ndarray:
+    """Probabilities of the clean view (view 0) in inference mode."""
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(views.labels), batch_size):
+            logits = views.forward(_tensor(views.inputs[0, start:start + batch_size], device))
+            out.append(model.probabilities(logits).float().cpu().numpy())
+    return np.concatenate(out)
 
 
 def _is_better(row: dict, best: dict | None, monitor: str) -> bool:
@@ -112,19 +139,83 @@ def _is_better(row: dict, best: dict | None, monitor: str) -> bool:
     return row["val_loss"] < best["val_loss"]
 
 
+def plain_views(model: TransferModel, data: LabelledImages) -> Views:
+    """The seed's loop: the whole model on decoded images, augmentation drawn afresh each time."""
+    return Views(data.images[None], data.labels, model)
+
+
+def phase_views(model: TransferModel, train_data: LabelledImages, val_data: LabelledImages,
+                config: TrainConfig, fine_tune_at: int, reporter: Reporter, device, spill_dir):
+    """(train, val) Views for each phase: cached activations when possible, else the plain loop."""
+    plain = (plain_views(model, train_data), plain_views(model, val_data))
+    if not config.cache:
+        reporter.log("Cache off (--no-cache): every epoch runs the full model on every image")
+        return plain, plain
+    chain = feature_chain(model.backbone)
+    layer = model.layers[fine_tune_at][0] if fine_tune_at < len(model.layers) else None
+    cut = cut_index(chain, layer) if chain and config.fine_tune_epochs > 0 and layer else None
+    augmenting = model.augment.flip or model.augment.rotation > 0
+    views = 1 + (config.views if augmenting else 0)
+    boundary_shape = None
+    if cut is not None:
+        with torch.inference_mode():
+            probe = run_chain(chain[:cut], model.normalize(_tensor(train_data.images[:1], device)))
+        boundary_shape = tuple(probe.shape[1:])
+    itemsize = np.dtype(config.cache_dtype).itemsize
+    need = cache_bytes(len(train_data), len(val_data), views, model.head.in_features, boundary_shape, itemsize)
+    budget = int(config.cache_memory_gb * 2**30) if config.cache_memory_gb else memory_budget()
+    in_ram = need <= budget
+    reporter.log(f"Cache: {views} view(s) per training image (clean + {views - 1} augmented), "
+                 f"{need / 2**20:.0f} MiB ({need / max(1, views * len(train_data) + len(val_data)) / 1024:.1f} KiB per view); "
+                 + ("in RAM" if in_ram else f"over the {budget / 2**30:.1f} GiB budget: memmap in {spill_dir}"))
+    if cut is None:
+        why = ("no fine-tuning phase" if config.fine_tune_epochs == 0 or layer is None
+               else f"{type(model.backbone).__name__} cannot be split into a chain of blocks")
+        if config.fine_tune_epochs > 0 and layer is not None:
+            reporter.log(f"Phase 2 runs the full model each epoch: {why}")
+    else:
+        reporter.log(f"Phase 2 trains from the activations entering {chain[cut][0]} "
+                     f"(shape {boundary_shape}), the block that holds layer {fine_tune_at}")
+    started = time.perf_counter()
+    total = -(-len(train_data) // config.batch_size) * views + -(-len(val_data) // config.batch_size)
+    reporter.start("extracting features", total)
+    try:
+        common = dict(cut=cut, chain=chain, batch_size=config.batch_size, device=device,
+                      dtype=np.dtype(config.cache_dtype), in_ram=in_ram, spill_dir=spill_dir,
+                      autocast=config.bf16, progress=reporter.advance)
+        pooled, boundary = extract(model, train_data.images, views, **common)
+        val_pooled, val_boundary = extract(model, val_data.images, 1, **common)
+    finally:
+        reporter.stop()
+    seconds = time.perf_counter() - started
+    reporter.log(f"Extracted {views * len(train_data) + len(val_data)} views in {seconds:.1f}s")
+    phase1 = (Views(pooled, train_data.labels, head_forward(model)),
+              Views(val_pooled, val_data.labels, head_forward(model)))
+    if cut is None:
+        return phase1, plain
+    suffix = suffix_forward(model, chain, cut)
+    return phase1, (Views(boundary, train_data.labels, suffix), Views(val_boundary, val_data.labels, suffix))
+
+
 def fit(model: TransferModel, train_data: LabelledImages, val_data: LabelledImages,
-        config: TrainConfig, fine_tune_at: int, reporter: Reporter, device) -> tuple[list[dict], dict]:
-    """Both phases; returns the per-epoch history and the kept (best) row. The model ends with the
-    best epoch's weights."""
+        config: TrainConfig, fine_tune_at: int, reporter: Reporter, device,
+        spill_dir=None) -> tuple[list[dict], dict, dict]:
+    """Both phases; returns the per-epoch history, the kept (best) row and phase timings. The model
+    ends with the best epoch's weights."""
+    timings = {}
+    started = time.perf_counter()
+    views = phase_views(model, train_data, val_data, config, fine_tune_at, reporter, device, spill_dir)
+    timings["extract_seconds"] = time.perf_counter() - started
     rng = np.random.default_rng(config.seed)
     history: list[dict] = []
     best, best_state = None, None
     phases = [(1, config.epochs, len(model.layers), config.lr),
               (2, config.fine_tune_epochs, fine_tune_at, config.lr * config.fine_tune_lr_factor)]
     n_batches = -(-len(train_data) // config.batch_size)
-    for phase, epochs, trainable_from, lr in phases:
+    for (phase, epochs, trainable_from, lr), (train_views, val_views) in zip(phases, views):
         if epochs == 0:
             continue
+        phase_start = time.perf_counter()
         model.unfreeze_from(trainable_from)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=lr)
@@ -135,12 +226,12 @@ def fit(model: TransferModel, train_data: LabelledImages, val_data: LabelledImag
             start = time.perf_counter()
             reporter.start(f"phase {phase} epoch {epoch}", n_batches)
             try:
-                train_loss, train_acc = train_epoch(model, train_data, optimizer, config.batch_size,
+                train_loss, train_acc = train_epoch(model, train_views, optimizer, config.batch_size,
                                                     rng, device, reporter)
             finally:
                 reporter.stop()
-            probs = predict_arrays(model, val_data.images, config.batch_size, device)
-            val = classification_metrics(val_data.labels, probs, val_data.classes)
+            val = classification_metrics(val_views.labels, predict_views(
+                model, val_views, config.batch_size, device), val_data.classes)
             row = {"epoch": epoch, "phase": phase, "lr": lr, "train_loss": train_loss,
                    "train_accuracy": train_acc, "val_loss": val["loss"],
                    "val_accuracy": val["accuracy"], "seconds": time.perf_counter() - start}
@@ -150,10 +241,11 @@ def fit(model: TransferModel, train_data: LabelledImages, val_data: LabelledImag
             reporter.log(f"epoch {epoch:>3} phase {phase}  loss {train_loss:.4f}  acc {train_acc:.4f}"
                          f"  val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}"
                          f"  {row['seconds']:.1f}s" + ("  *" if best is row else ""))
+        timings[f"phase{phase}_seconds"] = time.perf_counter() - phase_start
     model.load_state_dict(best_state)
     model.unfreeze_from(len(model.layers))
     model.eval()
-    return history, best
+    return history, best, timings
 
 
 def _decode(raw: LabelledImages, name: str, size: int, reporter: Reporter, spill_dir) -> LabelledImages:
@@ -214,7 +306,7 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
                           config.dropout, config.flip, config.rotation, config.train_bn)
     model.to(device, memory_format=torch.channels_last)
     started = time.perf_counter()
-    history, best = fit(model, train_set, val_set, config, fine_tune_at, reporter, device)
+    history, best, timings = fit(model, train_set, val_set, config, fine_tune_at, reporter, device, spill)
     seconds = time.perf_counter() - started
     reporter.log(f"Kept epoch {best['epoch']} (phase {best['phase']}, best {config.monitor}); "
                  f"val_accuracy {best['val_accuracy']:.4f}; training took {seconds:.0f}s")
@@ -230,9 +322,10 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
         "config": asdict(config),
         "best_epoch": best["epoch"],
         "training_seconds": round(seconds, 1),
+        "timings": {k: round(v, 2) for k, v in timings.items()},
     })
     classifier.save(out)
-    val_probs = predict_arrays(model, val_set.images, config.batch_size, device)
+    val_probs = predict_views(model, plain_views(model, val_set), config.batch_size, device)
     metrics = classification_metrics(val_set.labels, val_probs, val_set.classes, classifier.threshold)
     metrics.update(split="validation", best_epoch=best["epoch"], counts={
         "train": train_set.counts(), "validation": val_set.counts(), "skipped": len(skipped)})

@@ -1,0 +1,78 @@
+"""The cached pipeline computes what the seed's plain loop computes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from transferkit.cache import cut_index, feature_chain, run_chain, suffix_forward
+from transferkit.backbones import create_backbone
+from transferkit.model import TransferModel
+from transferkit.progress import Reporter
+from transferkit.train import TrainConfig, fit, seed_everything
+
+from conftest import SIZE
+from test_model import lfw_data  # noqa: F401 (fixture)
+
+
+def model_and_config(**overrides):
+    backbone = create_backbone(image_size=SIZE)
+    config = TrainConfig(image_size=SIZE, batch_size=16, **overrides)
+    model = TransferModel(backbone.model, 2, backbone.preprocess, config.dropout, config.flip,
+                          config.rotation, config.train_bn)
+    return model.to(memory_format=torch.channels_last), config
+
+
+@pytest.mark.parametrize("fine_tune_epochs", [0, 2])
+def test_cached_and_plain_loops_give_the_same_weights_without_augmentation(lfw_data, fine_tune_epochs):
+    train, val = lfw_data.subset(np.arange(0, 48, 2)), lfw_data.subset(np.arange(1, 48, 2))
+    results = []
+    for cache in (False, True):
+        seed_everything(0)
+        model, config = model_and_config(flip=False, rotation=0.0, cache=cache, epochs=3,
+                                         fine_tune_epochs=fine_tune_epochs, cache_dtype="float32",
+                                         monitor="val_accuracy")
+        history, _, _ = fit(model, train, val, config, 78, Reporter(live=False, quiet=True), torch.device("cpu"))
+        results.append((model.state_dict(), [r["train_loss"] for r in history]))
+    (plain, plain_loss), (cached, cached_loss) = results
+    assert np.allclose(plain_loss, cached_loss, rtol=1e-4)
+    for key in plain:
+        assert torch.allclose(plain[key], cached[key], atol=1e-5), key
+
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.float16])
+def test_suffix_from_cached_boundary_has_the_full_models_gradients(lfw_data, storage):
+    model, _ = model_and_config()
+    model.unfreeze_from(78)
+    model.eval()  # dropout off so both passes see the same network
+    chain = feature_chain(model.backbone)
+    cut = cut_index(chain, model.layers[78][0])
+    assert chain[cut][0] == "blocks.5.2"
+    x = torch.from_numpy(lfw_data.images[:8]).permute(0, 3, 1, 2)
+    y = torch.from_numpy(lfw_data.labels[:8])
+    grads = []
+    for cached in (False, True):
+        model.zero_grad()
+        if cached:
+            with torch.no_grad():
+                boundary = run_chain(chain[:cut], model.normalize(x)).to(storage).float()
+            logits = suffix_forward(model, chain, cut)(boundary)
+        else:
+            logits = model(x)
+        model.loss(logits, y).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert set(grads[0]) == set(grads[1]) and len(grads[0]) > 10
+    for name in grads[0]:
+        full, suffix = grads[0][name].flatten(), grads[1][name].flatten()
+        if storage == torch.float32:  # the same numbers, up to float rounding
+            assert (full - suffix).abs().max() <= 1e-4 * full.abs().max() + 1e-9, name
+        else:  # float16 storage rounds the boundary: the same direction, within 1 %
+            assert torch.nn.functional.cosine_similarity(full, suffix, dim=0) > 0.999, name
+            assert (full.norm() / suffix.norm() - 1).abs() < 0.01, name
+
+
+def test_chain_reproduces_forward_features_or_declines():
+    assert feature_chain(create_backbone("resnet18", weights="random").model) is not None
+    assert feature_chain(create_backbone("mobilenetv3_small_100", weights="random").model) is not None
+    assert feature_chain(create_backbone("vit_tiny_patch16_224", weights="random").model) is None
