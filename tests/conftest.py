@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never depend on a download
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="transferkit-test-cache-")  # never the user's
 SIZE = 64  # small input size keeps the suite fast; the backbone and weights are the real ones
 
 

@@ -76,3 +76,38 @@ def test_chain_reproduces_forward_features_or_declines():
     assert feature_chain(create_backbone("resnet18", weights="random").model) is not None
     assert feature_chain(create_backbone("mobilenetv3_small_100", weights="random").model) is not None
     assert feature_chain(create_backbone("vit_tiny_patch16_224", weights="random").model) is None
+
+
+def test_views_are_reused_across_runs_with_identical_results(lfw_split, tmp_path):
+    import transferkit
+    from transferkit.cache import FeatureStore
+
+    settings = dict(image_size=SIZE, epochs=2, fine_tune_epochs=1, batch_size=16,
+                    cache_dir=str(tmp_path / "cache"))
+    first = transferkit.train(lfw_split[0], tmp_path / "a", **settings)
+    files = sorted((tmp_path / "cache").glob("*/*.npz"))
+    assert len(files) == 3 * 112 + 28  # clean + 2 augmented views per training image, 1 per val
+    again = transferkit.train(lfw_split[0], tmp_path / "c", **settings)
+    assert again.meta["timings"]["extract_seconds"] < first.meta["timings"]["extract_seconds"] / 3
+    for key, value in first.model.state_dict().items():
+        assert torch.equal(value, again.model.state_dict()[key]), key
+    # other head settings reuse the views; a corrupted entry is a miss, recomputed, never an error
+    files[0].write_bytes(b"garbage")
+    messages = []
+    transferkit.train(lfw_split[0], tmp_path / "b", reporter=Reporter(live=False, log=messages.append),
+                      **{**settings, "lr": 2e-3})
+    assert any(m.startswith("Extracted 1 views") and "reused 363" in m for m in messages), messages
+    # other augmentation settings are other views: a new folder, nothing reused wrongly
+    transferkit.train(lfw_split[0], tmp_path / "d", **{**settings, "rotation": 0.1})
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    store = FeatureStore(tmp_path / "cache", {"any": 1}, cap_bytes=0)
+    assert store.trim() > 0 and not list((tmp_path / "cache").glob("*/*.npz"))
+
+
+def test_cache_spills_to_disk_past_its_memory_budget(lfw_data):
+    train, val = lfw_data.subset(np.arange(0, 48, 2)), lfw_data.subset(np.arange(1, 48, 2))
+    messages = []
+    seed_everything(0)
+    model, config = model_and_config(epochs=1, fine_tune_epochs=1, cache_memory_gb=1e-6)
+    fit(model, train, val, config, 78, Reporter(live=False, log=messages.append), torch.device("cpu"))
+    assert any("over the" in m and "memmap" in m for m in messages), messages

@@ -11,7 +11,13 @@ disk-backed memmap.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -81,41 +87,129 @@ class Views:
         return self.inputs.shape[0]
 
 
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "transferkit"
+
+
+def image_key(image: np.ndarray) -> str:
+    return hashlib.sha256(image.tobytes()).hexdigest()[:32]
+
+
+def view_seed(key: str, view: int) -> int:
+    """Augmentation seed of one view of one image: a function of its content and the view index,
+    so the same image gets the same views in every run (and cached views can be reused)."""
+    return int(hashlib.sha256(f"{key}:{view}".encode()).hexdigest()[:15], 16)
+
+
+class FeatureStore:
+    """Views computed by earlier runs, on disk, shared between runs: one .npz per image and view,
+    in a folder keyed by everything that determines them (backbone, weights, size, augmentation,
+    cut point, storage type). Writes are atomic (safe when runs share it); the oldest files are
+    evicted past `cap_bytes`. Loaded with allow_pickle=False."""
+
+    VERSION = 1
+
+    def __init__(self, root: str | Path, settings: dict, cap_bytes: int = 20 << 30):
+        self.root, self.cap_bytes = Path(root), cap_bytes
+        digest = hashlib.sha256(json.dumps({**settings, "v": self.VERSION}, sort_keys=True).encode())
+        self.dir = self.root / digest.hexdigest()[:24]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True))
+        self.hits = self.misses = 0
+
+    def _path(self, key: str, view: int) -> Path:
+        return self.dir / f"{key}-{view}.npz"
+
+    def load(self, key: str, view: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+        try:
+            with np.load(self._path(key, view), allow_pickle=False) as f:
+                found = f["pooled"], (f["boundary"] if "boundary" in f else None)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            self.misses += 1
+            return None
+        self.hits += 1
+        return found
+
+    def save(self, key: str, view: int, pooled: np.ndarray, boundary: np.ndarray | None) -> None:
+        arrays = {"pooled": pooled} if boundary is None else {"pooled": pooled, "boundary": boundary}
+        fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+            os.replace(tmp, self._path(key, view))
+        except OSError:
+            Path(tmp).unlink(missing_ok=True)  # a full disk costs reuse, never the run
+
+    def trim(self) -> int:
+        """Delete the least recently written files until the whole cache fits the cap."""
+        files = []
+        for path in self.root.glob("*/*.npz"):
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            files.append((stat.st_mtime, stat.st_size, path))
+        total, removed = sum(f[1] for f in files), 0
+        for _, size, path in sorted(files):
+            if total <= self.cap_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total, removed = total - size, removed + 1
+        return removed
+
+
 def extract(model: TransferModel, images: np.ndarray, views: int, cut: int | None,
             chain: list[tuple[str, nn.Module]] | None, batch_size: int, device,
             dtype=np.float16, in_ram: bool = True, spill_dir=None, autocast: bool = False,
+            store: FeatureStore | None = None,
             progress: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Pooled features (V, N, F) and, when `cut` is given, boundary activations (V, N, ...).
 
-    View 0 is the clean image; views 1.. are drawn by the model's own augmentation (seeded by
-    the caller through torch's global generator)."""
+    View 0 is the clean image; view k > 0 is drawn by the model's augmentation with a seed made
+    of the image's content and k. Views found in `store` are read instead of computed."""
     n = len(images)
-    pooled = boundary = None
+    keys = [image_key(images[i]) for i in range(n)]
+    arrays: dict[str, np.ndarray] = {}
+
+    def put(name: str, index, values: np.ndarray, kind) -> None:
+        if name not in arrays:
+            arrays[name] = allocate((views, n, *values.shape[1:]), kind, in_ram, spill_dir)
+        arrays[name][view, index] = values
+
     model.eval()
-    with torch.inference_mode():
-        for view in range(views):
-            model.augment.train(view > 0)
-            for start in range(0, n, batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
-                x = model.normalize(model.augment(to_unit(x.permute(0, 3, 1, 2).to(device))))
+    for view in range(views):
+        model.augment.train(view > 0)
+        todo = []
+        for i in range(n):
+            found = store.load(keys[i], view) if store else None
+            if found is None:
+                todo.append(i)
+                continue
+            put("pooled", [i], found[0][None], np.float32)
+            if found[1] is not None:
+                put("boundary", [i], found[1][None], dtype)
+        for start in range(0, len(todo), batch_size):
+            index = todo[start:start + batch_size]
+            x = torch.from_numpy(np.ascontiguousarray(images[index])).permute(0, 3, 1, 2).to(device)
+            seeds = [view_seed(keys[i], view) for i in index]
+            with torch.inference_mode():
+                x = model.normalize(model.augment(to_unit(x), seeds))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    if chain is None:
-                        b, f = None, model.features(x)
-                    else:
-                        b = run_chain(chain[:cut], x) if cut is not None else None
-                        rest = run_chain(chain[cut:], b) if b is not None else run_chain(chain, x)
-                        f = model.backbone.forward_head(rest, pre_logits=True)
-                if pooled is None:
-                    pooled = allocate((views, n, *f.shape[1:]), np.float32, in_ram, spill_dir)
-                    if b is not None:
-                        boundary = allocate((views, n, *b.shape[1:]), dtype, in_ram, spill_dir)
-                pooled[view, start:start + len(x)] = f.float().cpu().numpy()
-                if b is not None:
-                    boundary[view, start:start + len(x)] = b.float().cpu().numpy().astype(dtype)
-                if progress:
-                    progress()
+                    b = run_chain(chain[:cut], x) if cut is not None else None
+                    rest = run_chain(chain[cut:], b) if b is not None else model.backbone.forward_features(x)
+                    f = model.backbone.forward_head(rest, pre_logits=True)
+            pooled = f.float().cpu().numpy()
+            boundary = None if b is None else b.float().cpu().numpy().astype(dtype)
+            put("pooled", index, pooled, np.float32)
+            if boundary is not None:
+                put("boundary", index, boundary, dtype)
+            if store:
+                for j, i in enumerate(index):
+                    store.save(keys[i], view, pooled[j], None if boundary is None else boundary[j])
+            if progress:
+                progress()
     model.augment.train(False)
-    return pooled, boundary
+    return arrays["pooled"], arrays.get("boundary")
 
 
 def head_forward(model: TransferModel) -> Callable[[torch.Tensor], torch.Tensor]:

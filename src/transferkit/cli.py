@@ -66,6 +66,8 @@ def train(
     views: int = typer.Option(2, help="Augmented views cached per image, besides the clean one."),
     cache_memory_gb: Optional[float] = typer.Option(None, help="RAM for the cache before it spills to disk."),
     bf16: bool = typer.Option(False, help="bfloat16 autocast while extracting cached activations."),
+    cache_dir: Optional[str] = typer.Option(None, help="Views kept for later runs (default ~/.cache/transferkit; '' = off)."),
+    cache_cap_gb: float = typer.Option(20.0, help="Size cap of --cache-dir; oldest files go first."),
     quiet: bool = typer.Option(False, help="Only errors."),
 ):
     """Train a classifier: frozen backbone + new head, then fine-tune from --fine-tune-at."""
@@ -75,7 +77,8 @@ def train(
             fine_tune_epochs=fine_tune_epochs, fine_tune_at=fine_tune_at, lr=lr,
             batch_size=batch_size, val_split=val_split, seed=seed, dropout=dropout, flip=flip,
             rotation=rotation, train_bn=train_bn, monitor=monitor.value, device=device,
-            cache=cache, views=views, cache_memory_gb=cache_memory_gb, bf16=bf16)
+            cache=cache, views=views, cache_memory_gb=cache_memory_gb, bf16=bf16,
+            cache_dir=cache_dir, cache_cap_gb=cache_cap_gb)
         train_run(data, out_dir, config, val_data=val_dir, reporter=Reporter(quiet=quiet))
     except USER_ERRORS as exc:
         fail(exc)

@@ -26,18 +26,23 @@ class Augment(nn.Module):
             raise ValueError(f"rotation is a fraction of a full turn in [0, 0.5], got {rotation}")
         self.flip, self.rotation = flip, rotation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seeds: list[int] | None = None) -> torch.Tensor:
+        """Augment a batch; `seeds` (one per image) make each image's draw reproducible on its own."""
         if not self.training or (not self.flip and self.rotation == 0):
             return x
         n = x.shape[0]
-        angle = (torch.rand(n) * 2 - 1) * (self.rotation * 2 * math.pi)
-        sign = torch.where(torch.rand(n) < 0.5, -1.0, 1.0) if self.flip else torch.ones(n)
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        # Inverse map from output to input coordinates; the flip negates the input's x.
-        theta = torch.stack([torch.stack([cos * sign, -sin * sign, torch.zeros(n)], 1),
-                             torch.stack([sin, cos, torch.zeros(n)], 1)], 1)
+        if seeds is None:
+            u = torch.rand(n, 2)
+        else:
+            u = torch.stack([torch.rand(2, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        angle = (u[:, 0] * 2 - 1) * (self.rotation * 2 * math.pi)
+        sign = torch.where(u[:, 1] < 0.5, -1.0, 1.0) if self.flip else torch.ones(n)
         if self.rotation == 0:
             return torch.where((sign < 0).view(n, 1, 1, 1).to(x.device), x.flip(-1), x)
+        cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros(n)
+        # Inverse map from output to input coordinates; the flip negates the input's x.
+        theta = torch.stack([torch.stack([cos * sign, -sin * sign, zero], 1),
+                             torch.stack([sin, cos, zero], 1)], 1)
         grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 

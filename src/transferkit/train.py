@@ -12,10 +12,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 
 from .backbones import DEFAULT_BACKBONE, create_backbone, resolve_fine_tune_at
-from .cache import Views, cache_bytes, cut_index, extract, feature_chain, head_forward, run_chain, suffix_forward
+from .cache import (FeatureStore, Views, cache_bytes, cut_index, default_cache_dir, extract, feature_chain,
+                    head_forward, run_chain, suffix_forward)
 from .data import (DataError, LabelledImages, check_trainable, decode, load_labelled, memory_budget,
                    stratified_split)
 from .evaluate import classification_metrics
@@ -52,6 +54,8 @@ class TrainConfig:
     cache_dtype: str = "float16"  # storage of boundary activations
     cache_memory_gb: float | None = None  # RAM budget for the cache; None: a quarter of free RAM
     bf16: bool = False  # bfloat16 autocast while extracting cached activations
+    cache_dir: str | None = None  # views kept for later runs; None: ~/.cache/transferkit; "": off
+    cache_cap_gb: float = 20.0  # size cap of cache_dir, oldest files evicted first
 
     def __post_init__(self):
         checks = [
@@ -144,8 +148,21 @@ def plain_views(model: TransferModel, data: LabelledImages) -> Views:
     return Views(data.images[None], data.labels, model)
 
 
+def feature_store(config: TrainConfig, model: TransferModel, weights_sha256: str | None,
+                  cut_name: str | None, image_size: int) -> FeatureStore | None:
+    """The cross-run store for these extraction settings; None when off or weights unknown."""
+    if config.cache_dir == "" or weights_sha256 is None:
+        return None
+    settings = {"backbone": config.backbone, "weights_sha256": weights_sha256,
+                "image_size": image_size, "flip": model.augment.flip,
+                "rotation": model.augment.rotation, "boundary": cut_name, "dtype": config.cache_dtype,
+                "bf16": config.bf16, "torch": torch.__version__.split("+")[0], "timm": timm.__version__}
+    return FeatureStore(config.cache_dir or default_cache_dir(), settings, int(config.cache_cap_gb * 2**30))
+
+
 def phase_views(model: TransferModel, train_data: LabelledImages, val_data: LabelledImages,
-                config: TrainConfig, fine_tune_at: int, reporter: Reporter, device, spill_dir):
+                config: TrainConfig, fine_tune_at: int, reporter: Reporter, device, spill_dir,
+                weights_sha256: str | None = None):
     """(train, val) Views for each phase: cached activations when possible, else the plain loop."""
     plain = (plain_views(model, train_data), plain_views(model, val_data))
     if not config.cache:
@@ -176,19 +193,25 @@ def phase_views(model: TransferModel, train_data: LabelledImages, val_data: Labe
     else:
         reporter.log(f"Phase 2 trains from the activations entering {chain[cut][0]} "
                      f"(shape {boundary_shape}), the block that holds layer {fine_tune_at}")
+    store = feature_store(config, model, weights_sha256, chain[cut][0] if cut is not None else None,
+                          int(train_data.images.shape[1]))
     started = time.perf_counter()
     total = -(-len(train_data) // config.batch_size) * views + -(-len(val_data) // config.batch_size)
     reporter.start("extracting features", total)
     try:
         common = dict(cut=cut, chain=chain, batch_size=config.batch_size, device=device,
                       dtype=np.dtype(config.cache_dtype), in_ram=in_ram, spill_dir=spill_dir,
-                      autocast=config.bf16, progress=reporter.advance)
+                      autocast=config.bf16, store=store, progress=reporter.advance)
         pooled, boundary = extract(model, train_data.images, views, **common)
         val_pooled, val_boundary = extract(model, val_data.images, 1, **common)
     finally:
         reporter.stop()
     seconds = time.perf_counter() - started
-    reporter.log(f"Extracted {views * len(train_data) + len(val_data)} views in {seconds:.1f}s")
+    computed = views * len(train_data) + len(val_data) - (store.hits if store else 0)
+    reporter.log(f"Extracted {computed} views in {seconds:.1f}s"
+                 + (f"; reused {store.hits} from {store.dir}" if store else "; cross-run reuse off"))
+    if store:
+        store.trim()
     phase1 = (Views(pooled, train_data.labels, head_forward(model)),
               Views(val_pooled, val_data.labels, head_forward(model)))
     if cut is None:
@@ -199,12 +222,13 @@ def phase_views(model: TransferModel, train_data: LabelledImages, val_data: Labe
 
 def fit(model: TransferModel, train_data: LabelledImages, val_data: LabelledImages,
         config: TrainConfig, fine_tune_at: int, reporter: Reporter, device,
-        spill_dir=None) -> tuple[list[dict], dict, dict]:
+        spill_dir=None, weights_sha256: str | None = None) -> tuple[list[dict], dict, dict]:
     """Both phases; returns the per-epoch history, the kept (best) row and phase timings. The model
     ends with the best epoch's weights."""
     timings = {}
     started = time.perf_counter()
-    views = phase_views(model, train_data, val_data, config, fine_tune_at, reporter, device, spill_dir)
+    views = phase_views(model, train_data, val_data, config, fine_tune_at, reporter, device, spill_dir,
+                        weights_sha256)
     timings["extract_seconds"] = time.perf_counter() - started
     rng = np.random.default_rng(config.seed)
     history: list[dict] = []
@@ -306,7 +330,8 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
                           config.dropout, config.flip, config.rotation, config.train_bn)
     model.to(device, memory_format=torch.channels_last)
     started = time.perf_counter()
-    history, best, timings = fit(model, train_set, val_set, config, fine_tune_at, reporter, device, spill)
+    history, best, timings = fit(model, train_set, val_set, config, fine_tune_at, reporter, device, spill,
+                                 backbone.weights_sha256)
     seconds = time.perf_counter() - started
     reporter.log(f"Kept epoch {best['epoch']} (phase {best['phase']}, best {config.monitor}); "
                  f"val_accuracy {best['val_accuracy']:.4f}; training took {seconds:.0f}s")
