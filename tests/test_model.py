@@ -10,7 +10,7 @@ from transferkit.backbones import create_backbone, is_batchnorm
 from transferkit.data import LabelledImages
 from transferkit.model import Augment, TransferModel, predict_labels
 from transferkit.progress import Reporter
-from transferkit.train import train_epoch
+from transferkit.train import plain_views, train_epoch
 
 from conftest import SIZE, lfw_arrays
 
@@ -39,7 +39,7 @@ def snapshot(model: TransferModel) -> list[dict[str, torch.Tensor]]:
 def run_epoch(model, data, lr=1e-3):
     torch.manual_seed(0)
     params = [p for p in model.parameters() if p.requires_grad]
-    train_epoch(model, data, torch.optim.Adam(params, lr), 16, np.random.default_rng(0), "cpu",
+    train_epoch(model, plain_views(model, data), torch.optim.Adam(params, lr), 16, np.random.default_rng(0), "cpu",
                 Reporter(live=False, quiet=True))
 
 
