@@ -111,3 +111,16 @@ def test_cache_spills_to_disk_past_its_memory_budget(lfw_data):
     model, config = model_and_config(epochs=1, fine_tune_epochs=1, cache_memory_gb=1e-6)
     fit(model, train, val, config, 78, Reporter(live=False, log=messages.append), torch.device("cpu"))
     assert any("over the" in m and "memmap" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_run_over_its_memory_budget_spills_and_cleans_up(lfw_split, tmp_path, keep):
+    import transferkit
+
+    clf = transferkit.train(lfw_split[0], tmp_path / "run", image_size=SIZE, epochs=2, fine_tune_epochs=1,
+                            cache_memory_gb=1e-6, keep_cache=keep, cache_dir="")
+    spilled = sorted((tmp_path / "run" / "cache").glob("*.bin")) if keep else []
+    assert (tmp_path / "run" / "cache").exists() == keep
+    if keep:  # decoded images, train and validation boundary activations and features
+        assert len(spilled) >= 5
+    assert clf.evaluate(lfw_split[1])["accuracy"] >= 0.8

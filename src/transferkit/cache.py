@@ -161,7 +161,7 @@ class FeatureStore:
 def extract(model: TransferModel, images: np.ndarray, views: int, cut: int | None,
             chain: list[tuple[str, nn.Module]] | None, batch_size: int, device,
             dtype=np.float16, in_ram: bool = True, spill_dir=None, autocast: bool = False,
-            store: FeatureStore | None = None,
+            store: FeatureStore | None = None, keep: bool = False,
             progress: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Pooled features (V, N, F) and, when `cut` is given, boundary activations (V, N, ...).
 
@@ -173,7 +173,7 @@ def extract(model: TransferModel, images: np.ndarray, views: int, cut: int | Non
 
     def put(name: str, index, values: np.ndarray, kind) -> None:
         if name not in arrays:
-            arrays[name] = allocate((views, n, *values.shape[1:]), kind, in_ram, spill_dir)
+            arrays[name] = allocate((views, n, *values.shape[1:]), kind, in_ram, spill_dir, keep)
         arrays[name][view, index] = values
 
     model.eval()

@@ -68,6 +68,7 @@ def train(
     bf16: bool = typer.Option(False, help="bfloat16 autocast while extracting cached activations."),
     cache_dir: Optional[str] = typer.Option(None, help="Views kept for later runs (default ~/.cache/transferkit; '' = off)."),
     cache_cap_gb: float = typer.Option(20.0, help="Size cap of --cache-dir; oldest files go first."),
+    keep_cache: bool = typer.Option(False, help="Keep arrays spilled to RUN/cache/ after training."),
     quiet: bool = typer.Option(False, help="Only errors."),
 ):
     """Train a classifier: frozen backbone + new head, then fine-tune from --fine-tune-at."""
@@ -78,7 +79,7 @@ def train(
             batch_size=batch_size, val_split=val_split, seed=seed, dropout=dropout, flip=flip,
             rotation=rotation, train_bn=train_bn, monitor=monitor.value, device=device,
             cache=cache, views=views, cache_memory_gb=cache_memory_gb, bf16=bf16,
-            cache_dir=cache_dir, cache_cap_gb=cache_cap_gb)
+            cache_dir=cache_dir, cache_cap_gb=cache_cap_gb, keep_cache=keep_cache)
         train_run(data, out_dir, config, val_data=val_dir, reporter=Reporter(quiet=quiet))
     except USER_ERRORS as exc:
         fail(exc)

@@ -209,14 +209,16 @@ def memory_budget() -> int:
     return available // 4
 
 
-def allocate(shape: tuple[int, ...], dtype, in_ram: bool, spill_dir: str | Path | None = None) -> np.ndarray:
-    """A zeroed array in RAM, or a disk-backed memmap in `spill_dir` (deleted with the array)."""
+def allocate(shape: tuple[int, ...], dtype, in_ram: bool, spill_dir: str | Path | None = None,
+             keep: bool = False) -> np.ndarray:
+    """A zeroed array in RAM, or a disk-backed memmap in `spill_dir`: deleted with the array, or
+    left on disk when `keep`."""
     if in_ram:
         return np.zeros(shape, dtype=dtype)
     spill = Path(spill_dir or tempfile.gettempdir())
     spill.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=spill, suffix=".bin", delete=True)
-    shape = (max(shape[0], 1), *shape[1:])
+    handle = tempfile.NamedTemporaryFile(dir=spill, suffix=".bin", delete=not keep)
+    shape = tuple(max(d, 1) for d in shape)
     array = np.memmap(handle, dtype=dtype, mode="w+", shape=shape)
     array._transferkit_file = handle  # keeps the file alive exactly as long as the array
     return array
@@ -224,11 +226,11 @@ def allocate(shape: tuple[int, ...], dtype, in_ram: bool, spill_dir: str | Path 
 
 def decode(data: LabelledImages, size: int, workers: int | None = None,
            spill_dir: str | Path | None = None, budget: int | None = None,
-           progress=None) -> LabelledImages:
+           progress=None, keep: bool = False) -> LabelledImages:
     """Decode every file once; keep the usable ones (in RAM, or a memmap past `budget` bytes)."""
     n = len(data)
     budget = memory_budget() if budget is None else budget
-    store = allocate((n, size, size, 3), np.uint8, n * size * size * 3 <= budget, spill_dir)
+    store = allocate((n, size, size, 3), np.uint8, n * size * size * 3 <= budget, spill_dir, keep)
     keep, skipped = [], list(data.skipped)
     for i, (path, result) in enumerate(iter_decoded(data.paths, size, workers)):
         if isinstance(result, str):

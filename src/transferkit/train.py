@@ -7,6 +7,7 @@ import copy
 import csv
 import json
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -56,6 +57,7 @@ class TrainConfig:
     bf16: bool = False  # bfloat16 autocast while extracting cached activations
     cache_dir: str | None = None  # views kept for later runs; None: ~/.cache/transferkit; "": off
     cache_cap_gb: float = 20.0  # size cap of cache_dir, oldest files evicted first
+    keep_cache: bool = False  # keep arrays spilled to the run's cache/ folder after training
 
     def __post_init__(self):
         checks = [
@@ -201,7 +203,8 @@ def phase_views(model: TransferModel, train_data: LabelledImages, val_data: Labe
     try:
         common = dict(cut=cut, chain=chain, batch_size=config.batch_size, device=device,
                       dtype=np.dtype(config.cache_dtype), in_ram=in_ram, spill_dir=spill_dir,
-                      autocast=config.bf16, store=store, progress=reporter.advance)
+                      autocast=config.bf16, store=store, keep=config.keep_cache,
+                      progress=reporter.advance)
         pooled, boundary = extract(model, train_data.images, views, **common)
         val_pooled, val_boundary = extract(model, val_data.images, 1, **common)
     finally:
@@ -272,10 +275,13 @@ def fit(model: TransferModel, train_data: LabelledImages, val_data: LabelledImag
     return history, best, timings
 
 
-def _decode(raw: LabelledImages, name: str, size: int, reporter: Reporter, spill_dir) -> LabelledImages:
+def _decode(raw: LabelledImages, name: str, size: int, reporter: Reporter, spill_dir,
+            config: TrainConfig) -> LabelledImages:
     reporter.start(f"decoding {name}", len(raw))
     try:
-        data = decode(raw, size, spill_dir=spill_dir, progress=lambda i, n: reporter.advance())
+        budget = int(config.cache_memory_gb * 2**30) if config.cache_memory_gb else None
+        data = decode(raw, size, spill_dir=spill_dir, budget=budget, keep=config.keep_cache,
+                      progress=lambda i, n: reporter.advance())
     finally:
         reporter.stop()
     return data
@@ -308,7 +314,7 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
 
     out.mkdir(parents=True, exist_ok=True)
     spill = out / "cache"
-    everything = _decode(raw, "data", size, reporter, spill)
+    everything = _decode(raw, "data", size, reporter, spill, config)
     check_trainable(everything, str(data))
     if val_data is None:
         train_idx, val_idx = stratified_split(everything.labels, config.val_split, config.seed,
@@ -317,7 +323,7 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
         skipped = everything.skipped
     else:
         train_set = everything
-        val_set = _decode(raw_val, "validation data", size, reporter, spill)
+        val_set = _decode(raw_val, "validation data", size, reporter, spill, config)
         if len(val_set) == 0:
             raise DataError(f"{val_data}: no usable images")
         skipped = everything.skipped + val_set.skipped
@@ -355,6 +361,8 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
     metrics.update(split="validation", best_epoch=best["epoch"], counts={
         "train": train_set.counts(), "validation": val_set.counts(), "skipped": len(skipped)})
     write_outputs(out, history, metrics, skipped, config.epochs)
+    if not config.keep_cache:
+        shutil.rmtree(spill, ignore_errors=True)
     return classifier
 
 
