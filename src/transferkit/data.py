@@ -217,10 +217,12 @@ def allocate(shape: tuple[int, ...], dtype, in_ram: bool, spill_dir: str | Path 
         return np.zeros(shape, dtype=dtype)
     spill = Path(spill_dir or tempfile.gettempdir())
     spill.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=spill, suffix=".bin", delete=not keep)
+    handle = tempfile.NamedTemporaryFile(dir=spill, suffix=".bin", delete=False)
     shape = tuple(max(d, 1) for d in shape)
     array = np.memmap(handle, dtype=dtype, mode="w+", shape=shape)
-    array._transferkit_file = handle  # keeps the file alive exactly as long as the array
+    array._transferkit_file = handle  # keeps the file open exactly as long as the array
+    if not keep:
+        os.unlink(handle.name)  # POSIX: the space is freed when the array goes
     return array
 
 
