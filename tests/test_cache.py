@@ -31,7 +31,7 @@ def test_cached_and_plain_loops_give_the_same_weights_without_augmentation(lfw_d
     for cache in (False, True):
         seed_everything(0)
         model, config = model_and_config(flip=False, rotation=0.0, cache=cache, epochs=3,
-                                         fine_tune_epochs=fine_tune_epochs, cache_dtype="float32",
+                                         fine_tune_epochs=fine_tune_epochs, cache_dtype="float32", bf16=False,
                                          monitor="val_accuracy")
         history, _, _ = fit(model, train, val, config, 78, Reporter(live=False, quiet=True), torch.device("cpu"))
         results.append((model.state_dict(), [r["train_loss"] for r in history]))
@@ -124,3 +124,16 @@ def test_a_run_over_its_memory_budget_spills_and_cleans_up(lfw_split, tmp_path, 
     if keep:  # decoded images, train and validation boundary activations and features
         assert len(spilled) >= 5
     assert clf.evaluate(lfw_split[1])["accuracy"] >= 0.8
+
+
+def test_bf16_extraction_stays_close_to_float32(lfw_data):
+    from transferkit.cache import extract
+
+    model, _ = model_and_config()
+    chain = feature_chain(model.backbone)
+    cut = cut_index(chain, "blocks.4.0.conv_pw")
+    runs = [extract(model, lfw_data.images[:16], 1, cut, chain, 16, torch.device("cpu"), autocast=a)
+            for a in (False, True)]
+    (f32, b32), (f16, b16) = runs
+    cos = torch.nn.functional.cosine_similarity(torch.from_numpy(f32[0]), torch.from_numpy(f16[0]), dim=1)
+    assert cos.min() > 0.98 and b32.shape == b16.shape == (1, 16, 80, 4, 4)

@@ -23,6 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Train, evaluate and use image classifiers by transfer learning, on a CPU.")
 out = Console()
 USER_ERRORS = (DataError, BackboneError, RunError, ValueError, OSError)
+D = TrainConfig()  # the CLI's defaults are the library's
 
 
 def fail(exc: Exception) -> None:
@@ -49,25 +50,25 @@ def train(
     weights: Optional[str] = typer.Option(None, help="Weights file (.safetensors/.pth), or 'random'."),
     val_dir: Optional[Path] = typer.Option(None, help="Separate validation folder/CSV (else a split)."),
     image_size: Optional[int] = typer.Option(None, help="Input size in pixels (default: the weights')."),
-    epochs: int = typer.Option(5, help="Phase 1 epochs (head only)."),
-    fine_tune_epochs: int = typer.Option(5, help="Phase 2 epochs (fine-tuning)."),
+    epochs: int = typer.Option(D.epochs, help="Phase 1 epochs (head only)."),
+    fine_tune_epochs: int = typer.Option(D.fine_tune_epochs, help="Phase 2 epochs (fine-tuning)."),
     fine_tune_at: Optional[str] = typer.Option(None, help="First unfrozen layer: index or name."),
-    lr: float = typer.Option(1e-3, help="Base learning rate (phase 2 uses 0.1 x)."),
-    batch_size: int = typer.Option(32),
-    val_split: float = typer.Option(0.2, help="Validation fraction when no --val-dir."),
-    seed: int = typer.Option(42),
-    dropout: float = typer.Option(0.2),
-    flip: bool = typer.Option(True, help="Random horizontal flip in training."),
-    rotation: float = typer.Option(0.2, help="Random rotation, fraction of a full turn (0 = off)."),
+    lr: float = typer.Option(D.lr, help="Base learning rate (phase 2 uses 0.1 x)."),
+    batch_size: int = typer.Option(D.batch_size),
+    val_split: float = typer.Option(D.val_split, help="Validation fraction when no --val-dir."),
+    seed: int = typer.Option(D.seed),
+    dropout: float = typer.Option(D.dropout),
+    flip: bool = typer.Option(D.flip, help="Random horizontal flip in training."),
+    rotation: float = typer.Option(D.rotation, help="Random rotation, fraction of a full turn (0 = off; the seed: 0.2)."),
     train_bn: bool = typer.Option(False, help="Let unfrozen BatchNorm layers update their statistics."),
     monitor: Monitor = typer.Option(Monitor.val_loss, help="Which validation number picks the kept epoch."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
     cache: bool = typer.Option(True, help="Train from cached frozen-layer outputs (--no-cache: the plain loop)."),
-    views: int = typer.Option(2, help="Augmented views cached per image, besides the clean one."),
+    views: int = typer.Option(D.views, help="Augmented views cached per image, besides the clean one."),
     cache_memory_gb: Optional[float] = typer.Option(None, help="RAM for the cache before it spills to disk."),
-    bf16: bool = typer.Option(False, help="bfloat16 autocast while extracting cached activations."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bfloat16 autocast while extracting cached activations (default: where the hardware supports it)."),
     cache_dir: Optional[str] = typer.Option(None, help="Views kept for later runs (default ~/.cache/transferkit; '' = off)."),
-    cache_cap_gb: float = typer.Option(20.0, help="Size cap of --cache-dir; oldest files go first."),
+    cache_cap_gb: float = typer.Option(D.cache_cap_gb, help="Size cap of --cache-dir; oldest files go first."),
     keep_cache: bool = typer.Option(False, help="Keep arrays spilled to RUN/cache/ after training."),
     quiet: bool = typer.Option(False, help="Only errors."),
 ):

@@ -36,8 +36,8 @@ class TrainConfig:
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None  # a file, "random", or None: the registered/timm weights
     image_size: int | None = None  # None: the weights' own input size
-    epochs: int = 5  # phase 1: head only
-    fine_tune_epochs: int = 5  # phase 2: layers from fine_tune_at on
+    epochs: int = 10  # phase 1: head only (cheap from the cache)
+    fine_tune_epochs: int = 8  # phase 2: layers from fine_tune_at on
     fine_tune_at: int | str | None = None  # None: the backbone's default (about the last quarter)
     lr: float = 1e-3
     fine_tune_lr_factor: float = 0.1
@@ -46,7 +46,7 @@ class TrainConfig:
     seed: int = 42
     dropout: float = 0.2
     flip: bool = True
-    rotation: float = 0.2  # fraction of a full turn, as Keras's RandomRotation
+    rotation: float = 0.05  # fraction of a full turn, as Keras's RandomRotation (the seed: 0.2)
     train_bn: bool = False
     monitor: str = "val_loss"  # which validation number picks the kept epoch
     device: str = "auto"
@@ -54,7 +54,7 @@ class TrainConfig:
     views: int = 2  # augmented views cached per image, besides the clean one
     cache_dtype: str = "float16"  # storage of boundary activations
     cache_memory_gb: float | None = None  # RAM budget for the cache; None: a quarter of free RAM
-    bf16: bool = False  # bfloat16 autocast while extracting cached activations
+    bf16: bool | None = None  # bfloat16 autocast while extracting; None: where supported
     cache_dir: str | None = None  # views kept for later runs; None: ~/.cache/transferkit; "": off
     cache_cap_gb: float = 20.0  # size cap of cache_dir, oldest files evicted first
     keep_cache: bool = False  # keep arrays spilled to the run's cache/ folder after training
@@ -150,15 +150,24 @@ def plain_views(model: TransferModel, data: LabelledImages) -> Views:
     return Views(data.images[None], data.labels, model)
 
 
+def use_bf16(config: TrainConfig, device: torch.device) -> bool:
+    """bfloat16 extraction: as asked, else where the hardware runs it natively."""
+    if config.bf16 is not None:
+        return config.bf16
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def feature_store(config: TrainConfig, model: TransferModel, weights_sha256: str | None,
-                  cut_name: str | None, image_size: int) -> FeatureStore | None:
+                  cut_name: str | None, image_size: int, bf16: bool) -> FeatureStore | None:
     """The cross-run store for these extraction settings; None when off or weights unknown."""
     if config.cache_dir == "" or weights_sha256 is None:
         return None
     settings = {"backbone": config.backbone, "weights_sha256": weights_sha256,
                 "image_size": image_size, "flip": model.augment.flip,
                 "rotation": model.augment.rotation, "boundary": cut_name, "dtype": config.cache_dtype,
-                "bf16": config.bf16, "torch": torch.__version__.split("+")[0], "timm": timm.__version__}
+                "bf16": bf16, "torch": torch.__version__.split("+")[0], "timm": timm.__version__}
     return FeatureStore(config.cache_dir or default_cache_dir(), settings, int(config.cache_cap_gb * 2**30))
 
 
@@ -186,7 +195,8 @@ def phase_views(model: TransferModel, train_data: LabelledImages, val_data: Labe
     in_ram = need <= budget
     reporter.log(f"Cache: {views} view(s) per training image (clean + {views - 1} augmented), "
                  f"{need / 2**20:.0f} MiB ({need / max(1, views * len(train_data) + len(val_data)) / 1024:.1f} KiB per view); "
-                 + ("in RAM" if in_ram else f"over the {budget / 2**30:.1f} GiB budget: memmap in {spill_dir}"))
+                 + ("in RAM" if in_ram else f"over the {budget / 2**30:.1f} GiB budget: memmap in {spill_dir}")
+                 + f"; extraction in {'bfloat16' if use_bf16(config, device) else 'float32'}")
     if cut is None:
         why = ("no fine-tuning phase" if config.fine_tune_epochs == 0 or layer is None
                else f"{type(model.backbone).__name__} cannot be split into a chain of blocks")
@@ -195,15 +205,16 @@ def phase_views(model: TransferModel, train_data: LabelledImages, val_data: Labe
     else:
         reporter.log(f"Phase 2 trains from the activations entering {chain[cut][0]} "
                      f"(shape {boundary_shape}), the block that holds layer {fine_tune_at}")
+    bf16 = use_bf16(config, device)
     store = feature_store(config, model, weights_sha256, chain[cut][0] if cut is not None else None,
-                          int(train_data.images.shape[1]))
+                          int(train_data.images.shape[1]), bf16)
     started = time.perf_counter()
     total = -(-len(train_data) // config.batch_size) * views + -(-len(val_data) // config.batch_size)
     reporter.start("extracting features", total)
     try:
         common = dict(cut=cut, chain=chain, batch_size=config.batch_size, device=device,
                       dtype=np.dtype(config.cache_dtype), in_ram=in_ram, spill_dir=spill_dir,
-                      autocast=config.bf16, store=store, keep=config.keep_cache,
+                      autocast=bf16, store=store, keep=config.keep_cache,
                       progress=reporter.advance)
         pooled, boundary = extract(model, train_data.images, views, **common)
         val_pooled, val_boundary = extract(model, val_data.images, 1, **common)
