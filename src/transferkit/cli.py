@@ -102,8 +102,9 @@ def evaluate(
         fail(exc)
     if output:
         output.write_text(json.dumps(metrics, indent=2) + "\n")
-    table = Table(title=f"{data}: {metrics['n']} images, accuracy {metrics['accuracy']:.4f}, "
-                        f"loss {metrics['loss']:.4f}")
+    out.print(f"{data}: {metrics['n']} images, accuracy {metrics['accuracy']:.4f}, "
+              f"loss {metrics['loss']:.4f}", markup=False, soft_wrap=True)
+    table = Table()
     for column in ("class", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for name, row in metrics["per_class"].items():

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def learning_curves(history: list[dict], path: Path, fine_tune_start: float | None = None) -> None:
@@ -25,6 +26,7 @@ def learning_curves(history: list[dict], path: Path, fine_tune_start: float | No
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right" if key == "accuracy" else "upper right")
     axes[1].set_xlabel("epoch")
+    axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
