@@ -77,11 +77,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--fine-tune-epochs", type=int, default=5)
     parser.add_argument("--views", type=int, default=2)
+    parser.add_argument("--fine-tune-at", default=None, help="default: the backbone's")
     parser.add_argument("--sizes", default="500,1000,2000", help="training-set sizes for the scaling rows ('' = skip)")
     args = parser.parse_args()
     write(args.data, split=True)
     work = Path(tempfile.mkdtemp(prefix="tk-speed-"))
-    common = {"epochs": args.epochs, "fine_tune_epochs": args.fine_tune_epochs, "views": args.views, "seed": 42}
+    common = {"epochs": args.epochs, "fine_tune_epochs": args.fine_tune_epochs, "views": args.views,
+              "fine_tune_at": args.fine_tune_at, "seed": 42}
     cache_dir = str(work / "views")
     train, test = args.data / "train", args.data / "test"
     rows = {
@@ -90,7 +92,8 @@ def main() -> None:
         "cached, rerun with lr 5e-4": run((train, test, work / "rerun", {**common, "cache_dir": cache_dir, "lr": 5e-4})),
     }
     print(f"\nELPV train 1,968 (1,574 + 394 validation) / test 656; epochs {args.epochs} + "
-          f"{args.fine_tune_epochs}; K = {args.views} augmented views; {mp.cpu_count()} CPU cores\n")
+          f"{args.fine_tune_epochs}; fine_tune_at {args.fine_tune_at or 'default'}; K = {args.views} "
+          f"augmented views; {mp.cpu_count()} CPU cores\n")
     print("| pipeline | extraction s | phase 1 s | phase 2 s | total s | speed-up | backbone fwd img/s "
           "| (extraction + phase 1) / floor | peak RSS MiB | test accuracy |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -21,7 +21,7 @@ LITE0 = WEIGHT_SOURCES["tf_efficientnet_lite0"]
 def full_pretrained_lite0() -> torch.nn.Module:
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     state = backbones.read_state_dict(LITE0.path())
-    model.load_state_dict(backbones._map_state(model, state, "ordered", "test"))
+    model.load_state_dict(backbones.map_state(model, state, "ordered", "test"))
     return model.eval()
 
 
@@ -31,7 +31,7 @@ def test_registered_weights_are_imagenet(name, expected):
     from skimage import data
 
     image = Image.fromarray(getattr(data, name)()).resize((224, 224), Image.Resampling.BILINEAR)
-    x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float() / 255
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
     x = (x - 0.5) / 0.5  # the weights' own preprocessing
     with torch.no_grad():
         top = full_pretrained_lite0()(x).argmax(1).item()

@@ -82,11 +82,12 @@ def test_views_are_reused_across_runs_with_identical_results(lfw_split, tmp_path
     import transferkit
     from transferkit.cache import FeatureStore
 
-    settings = dict(image_size=SIZE, epochs=2, fine_tune_epochs=1, batch_size=16,
+    settings = dict(image_size=SIZE, epochs=2, fine_tune_epochs=1, batch_size=16, bf16=True,
                     cache_dir=str(tmp_path / "cache"))
     first = transferkit.train(lfw_split[0], tmp_path / "a", **settings)
     files = sorted((tmp_path / "cache").glob("*/*.npz"))
     assert len(files) == 3 * 112 + 28  # clean + 2 augmented views per training image, 1 per val
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # bfloat16 training views, float32 validation
     again = transferkit.train(lfw_split[0], tmp_path / "c", **settings)
     assert again.meta["timings"]["extract_seconds"] < first.meta["timings"]["extract_seconds"] / 3
     for key, value in first.model.state_dict().items():
@@ -99,7 +100,7 @@ def test_views_are_reused_across_runs_with_identical_results(lfw_split, tmp_path
     assert any(m.startswith("Extracted 1 views") and "reused 363" in m for m in messages), messages
     # other augmentation settings are other views: a new folder, nothing reused wrongly
     transferkit.train(lfw_split[0], tmp_path / "d", **{**settings, "rotation": 0.1})
-    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert len(list((tmp_path / "cache").iterdir())) == 4
     store = FeatureStore(tmp_path / "cache", {"any": 1}, cap_bytes=0)
     assert store.trim() > 0 and not list((tmp_path / "cache").glob("*/*.npz"))
 

@@ -135,7 +135,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _map_state(model: nn.Module, state: dict[str, torch.Tensor], mapping: str, origin: str):
+def map_state(model: nn.Module, state: dict[str, torch.Tensor], mapping: str, origin: str):
     """Map a state dict onto `model`'s tensors (model built without a classifier). The file may
     also hold a classifier (weight and bias); any other surplus means another architecture."""
     target = model.state_dict()
@@ -164,7 +164,7 @@ def _map_state(model: nn.Module, state: dict[str, torch.Tensor], mapping: str, o
     return mapped
 
 
-def _timm_model(name: str, **kwargs) -> nn.Module:
+def timm_model(name: str, **kwargs) -> nn.Module:
     if name not in timm.list_models():
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         hint = f" Similar: {', '.join(close)}." if close else ""
@@ -202,14 +202,14 @@ def create_backbone(
     kwargs = dict(timm_kwargs or {})
     source = WEIGHT_SOURCES.get(name)
     if weights == RANDOM:
-        model = _timm_model(name, num_classes=0, **kwargs)
+        model = timm_model(name, num_classes=0, **kwargs)
         origin, digest = "random initialisation (no pretrained weights)", None
     elif weights is not None:
         path = Path(weights)
-        model = _timm_model(name, num_classes=0, **kwargs)
+        model = timm_model(name, num_classes=0, **kwargs)
         state = read_state_dict(path)
         mapping = "keys" if set(model.state_dict()) <= set(state) else "ordered"
-        model.load_state_dict(_map_state(model, state, mapping, str(path)))
+        model.load_state_dict(map_state(model, state, mapping, str(path)))
         origin, digest = f"file {path}", sha256_of(path)
     elif source is not None and source.path() is not None:
         path = source.path()
@@ -219,8 +219,8 @@ def create_backbone(
                 f"{path}: sha256 {digest} does not match the registered {source.sha256}; "
                 f"the file is corrupted: reinstall {source.package}"
             )
-        model = _timm_model(name, num_classes=0, **kwargs)
-        model.load_state_dict(_map_state(model, read_state_dict(path), source.mapping, str(path)))
+        model = timm_model(name, num_classes=0, **kwargs)
+        model.load_state_dict(map_state(model, read_state_dict(path), source.mapping, str(path)))
         origin = source.description
     else:
         model = _timm_download(name, source, kwargs)
@@ -238,7 +238,7 @@ def create_backbone(
 
 
 def _timm_download(name: str, source: WeightSource | None, kwargs: dict) -> nn.Module:
-    _timm_model(name)  # validates the name first
+    timm_model(name)  # validates the name first
     try:
         return timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
     except Exception as exc:  # noqa: BLE001 - network, hub and missing-weights errors alike

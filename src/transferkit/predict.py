@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .backbones import Preprocess, _timm_model
+from .backbones import Preprocess, timm_model
 from .data import IMAGE_SUFFIXES, DataError, decode, iter_decoded, load_labelled
 from .evaluate import classification_metrics, predict_arrays
 from .model import TransferModel, predict_labels
@@ -72,7 +72,7 @@ class Classifier:
             meta = json.loads(meta_path.read_text())
             if meta.get("format_version") != FORMAT_VERSION:
                 raise RunError(f"{meta_path}: unsupported format_version {meta.get('format_version')}")
-            backbone = _timm_model(meta["backbone"], num_classes=0, **meta.get("timm_kwargs", {}))
+            backbone = timm_model(meta["backbone"], num_classes=0, **meta.get("timm_kwargs", {}))
             model = TransferModel(backbone, len(meta["classes"]), Preprocess(**meta["preprocess"]),
                                   dropout=meta["dropout"], **meta["augmentation"])
             model.load_state_dict(load_file(str(weights_path)))

@@ -206,24 +206,26 @@ def phase_views(model: TransferModel, train_data: LabelledImages, val_data: Labe
         reporter.log(f"Phase 2 trains from the activations entering {chain[cut][0]} "
                      f"(shape {boundary_shape}), the block that holds layer {fine_tune_at}")
     bf16 = use_bf16(config, device)
-    store = feature_store(config, model, weights_sha256, chain[cut][0] if cut is not None else None,
-                          int(train_data.images.shape[1]), bf16)
+    stores = [feature_store(config, model, weights_sha256, chain[cut][0] if cut is not None else None,
+                            int(train_data.images.shape[1]), precision) for precision in (bf16, False)]
     started = time.perf_counter()
     total = -(-len(train_data) // config.batch_size) * views + -(-len(val_data) // config.batch_size)
     reporter.start("extracting features", total)
     try:
         common = dict(cut=cut, chain=chain, batch_size=config.batch_size, device=device,
                       dtype=np.dtype(config.cache_dtype), in_ram=in_ram, spill_dir=spill_dir,
-                      autocast=bf16, store=store, keep=config.keep_cache,
-                      progress=reporter.advance)
-        pooled, boundary = extract(model, train_data.images, views, **common)
-        val_pooled, val_boundary = extract(model, val_data.images, 1, **common)
+                      keep=config.keep_cache, progress=reporter.advance)
+        pooled, boundary = extract(model, train_data.images, views, autocast=bf16, store=stores[0], **common)
+        # validation in float32: the numbers that pick the kept epoch are the deployed model's
+        val_pooled, val_boundary = extract(model, val_data.images, 1, autocast=False, store=stores[1], **common)
     finally:
         reporter.stop()
     seconds = time.perf_counter() - started
-    computed = views * len(train_data) + len(val_data) - (store.hits if store else 0)
+    store = stores[0]
+    hits = sum(s.hits for s in stores if s)
+    computed = views * len(train_data) + len(val_data) - hits
     reporter.log(f"Extracted {computed} views in {seconds:.1f}s"
-                 + (f"; reused {store.hits} from {store.dir}" if store else "; cross-run reuse off"))
+                 + (f"; reused {hits} from {store.root}" if store else "; cross-run reuse off"))
     if store:
         store.trim()
     phase1 = (Views(pooled, train_data.labels, head_forward(model)),
