@@ -138,3 +138,15 @@ def test_bf16_extraction_stays_close_to_float32(lfw_data):
     (f32, b32), (f16, b16) = runs
     cos = torch.nn.functional.cosine_similarity(torch.from_numpy(f32[0]), torch.from_numpy(f16[0]), dim=1)
     assert cos.min() > 0.98 and b32.shape == b16.shape == (1, 16, 80, 4, 4)
+
+
+def test_unsplittable_backbone_caches_phase1_and_says_phase2_runs_plain(lfw_split, tmp_path):
+    import transferkit
+
+    messages = []
+    clf = transferkit.train(lfw_split[0], tmp_path / "run", backbone="convnext_atto", weights="random",
+                            image_size=SIZE, epochs=1, fine_tune_epochs=1, batch_size=16, cache_dir="",
+                            reporter=Reporter(live=False, log=messages.append))
+    assert any("Phase 2 runs the full model each epoch: ConvNeXt cannot be split" in m for m in messages)
+    assert any(m.startswith("Cache: 3 view(s)") for m in messages)
+    assert clf.meta["weights"].startswith("random") and clf.meta["fine_tune_at"]["index"] > 0

@@ -193,19 +193,17 @@ def phase_views(model: TransferModel, train_data: LabelledImages, val_data: Labe
     need = cache_bytes(len(train_data), len(val_data), views, model.head.in_features, boundary_shape, itemsize)
     budget = int(config.cache_memory_gb * 2**30) if config.cache_memory_gb else memory_budget()
     in_ram = need <= budget
+    bf16 = use_bf16(config, device)
     reporter.log(f"Cache: {views} view(s) per training image (clean + {views - 1} augmented), "
                  f"{need / 2**20:.0f} MiB ({need / max(1, views * len(train_data) + len(val_data)) / 1024:.1f} KiB per view); "
                  + ("in RAM" if in_ram else f"over the {budget / 2**30:.1f} GiB budget: memmap in {spill_dir}")
-                 + f"; extraction in {'bfloat16' if use_bf16(config, device) else 'float32'}")
-    if cut is None:
-        why = ("no fine-tuning phase" if config.fine_tune_epochs == 0 or layer is None
-               else f"{type(model.backbone).__name__} cannot be split into a chain of blocks")
-        if config.fine_tune_epochs > 0 and layer is not None:
-            reporter.log(f"Phase 2 runs the full model each epoch: {why}")
-    else:
+                 + f"; extraction in {'bfloat16' if bf16 else 'float32'}")
+    if cut is not None:
         reporter.log(f"Phase 2 trains from the activations entering {chain[cut][0]} "
                      f"(shape {boundary_shape}), the block that holds layer {fine_tune_at}")
-    bf16 = use_bf16(config, device)
+    elif config.fine_tune_epochs > 0 and layer is not None:
+        reporter.log(f"Phase 2 runs the full model each epoch: {type(model.backbone).__name__} "
+                     "cannot be split into a chain of blocks")
     stores = [feature_store(config, model, weights_sha256, chain[cut][0] if cut is not None else None,
                             int(train_data.images.shape[1]), precision) for precision in (bf16, False)]
     started = time.perf_counter()
