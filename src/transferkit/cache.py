@@ -64,10 +64,8 @@ def run_chain(chain: list[tuple[str, nn.Module]], x: torch.Tensor) -> torch.Tens
     return x
 
 
-def cut_index(chain: list[tuple[str, nn.Module]], layer_name: str | None) -> int:
-    """The chain element holding `layer_name` (the first trainable layer); len(chain) if None."""
-    if layer_name is None:
-        return len(chain)
+def cut_index(chain: list[tuple[str, nn.Module]], layer_name: str) -> int:
+    """The chain element holding `layer_name` (the first trainable layer)."""
     for i, (name, _) in enumerate(chain):
         if layer_name == name or layer_name.startswith(name + "."):
             return i
@@ -115,7 +113,7 @@ class FeatureStore:
         self.dir = self.root / digest.hexdigest()[:24]
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True))
-        self.hits = self.misses = 0
+        self.hits = 0
 
     def _path(self, key: str, view: int) -> Path:
         return self.dir / f"{key}-{view}.npz"
@@ -125,7 +123,6 @@ class FeatureStore:
             with np.load(self._path(key, view), allow_pickle=False) as f:
                 found = f["pooled"], (f["boundary"] if "boundary" in f else None)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            self.misses += 1
             return None
         self.hits += 1
         return found
@@ -171,7 +168,7 @@ def extract(model: TransferModel, images: np.ndarray, views: int, cut: int | Non
     keys = [image_key(images[i]) for i in range(n)]
     arrays: dict[str, np.ndarray] = {}
 
-    def put(name: str, index, values: np.ndarray, kind) -> None:
+    def put(name: str, view: int, index, values: np.ndarray, kind) -> None:
         if name not in arrays:
             arrays[name] = allocate((views, n, *values.shape[1:]), kind, in_ram, spill_dir, keep)
         arrays[name][view, index] = values
@@ -185,9 +182,9 @@ def extract(model: TransferModel, images: np.ndarray, views: int, cut: int | Non
             if found is None:
                 todo.append(i)
                 continue
-            put("pooled", [i], found[0][None], np.float32)
+            put("pooled", view, [i], found[0][None], np.float32)
             if found[1] is not None:
-                put("boundary", [i], found[1][None], dtype)
+                put("boundary", view, [i], found[1][None], dtype)
         for start in range(0, len(todo), batch_size):
             index = todo[start:start + batch_size]
             x = torch.from_numpy(np.ascontiguousarray(images[index])).permute(0, 3, 1, 2).to(device)
@@ -200,9 +197,9 @@ def extract(model: TransferModel, images: np.ndarray, views: int, cut: int | Non
                     f = model.backbone.forward_head(rest, pre_logits=True)
             pooled = f.float().cpu().numpy()
             boundary = None if b is None else b.float().cpu().numpy().astype(dtype)
-            put("pooled", index, pooled, np.float32)
+            put("pooled", view, index, pooled, np.float32)
             if boundary is not None:
-                put("boundary", index, boundary, dtype)
+                put("boundary", view, index, boundary, dtype)
             if store:
                 for j, i in enumerate(index):
                     store.save(keys[i], view, pooled[j], None if boundary is None else boundary[j])
@@ -219,10 +216,8 @@ def head_forward(model: TransferModel) -> Callable[[torch.Tensor], torch.Tensor]
 
 def suffix_forward(model: TransferModel, chain, cut: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """Boundary activations -> logits through the trainable suffix (phase 2)."""
-    def forward(b: torch.Tensor) -> torch.Tensor:
-        pooled = model.backbone.forward_head(run_chain(chain[cut:], b), pre_logits=True)
-        return model.head(model.dropout(pooled))
-    return forward
+    head = head_forward(model)
+    return lambda b: head(model.backbone.forward_head(run_chain(chain[cut:], b), pre_logits=True))
 
 
 def cache_bytes(n_train: int, n_val: int, views: int, feature_dim: int, boundary_shape, itemsize=2) -> int:

@@ -233,22 +233,22 @@ def decode(data: LabelledImages, size: int, workers: int | None = None,
     n = len(data)
     budget = memory_budget() if budget is None else budget
     store = allocate((n, size, size, 3), np.uint8, n * size * size * 3 <= budget, spill_dir, keep)
-    keep, skipped = [], list(data.skipped)
+    kept, skipped = [], list(data.skipped)
     for i, (path, result) in enumerate(iter_decoded(data.paths, size, workers)):
         if isinstance(result, str):
             skipped.append((path, result))
         else:
-            store[len(keep)] = result  # compacted in place: no copy, even for a memmap
-            keep.append(i)
+            store[len(kept)] = result  # compacted in place: no copy, even for a memmap
+            kept.append(i)
         if progress:
             progress(i + 1, n)
-    keep = np.asarray(keep, dtype=np.int64)
+    kept = np.asarray(kept, dtype=np.int64)
     return LabelledImages(
-        paths=[data.paths[i] for i in keep],
-        labels=data.labels[keep],
+        paths=[data.paths[i] for i in kept],
+        labels=data.labels[kept],
         classes=data.classes,
         skipped=skipped,
-        images=store[: len(keep)],
+        images=store[: len(kept)],
     )
 
 

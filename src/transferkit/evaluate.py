@@ -9,17 +9,30 @@ from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, precisio
 from .model import TransferModel, predict_labels
 
 
-def predict_arrays(model: TransferModel, images: np.ndarray, batch_size: int = 64,
+def to_batch(batch: np.ndarray, device) -> torch.Tensor:
+    """uint8 NHWC images become NCHW (channels-last memory); stored activations become float32."""
+    x = torch.from_numpy(np.ascontiguousarray(batch))
+    if x.dtype == torch.uint8:
+        return x.permute(0, 3, 1, 2).to(device)
+    return x.to(device, torch.float32)
+
+
+def predict_inputs(model: TransferModel, inputs: np.ndarray, forward, batch_size: int = 64,
                    device: torch.device | str = "cpu") -> np.ndarray:
-    """Class probabilities (N, C) for uint8 NHWC images, in inference mode, batch by batch."""
+    """Class probabilities (N, C) of `forward` (inputs -> logits) in inference mode, by batch."""
     model.eval()
     out = []
     with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
-            logits = model(x.permute(0, 3, 1, 2).to(device))
+        for start in range(0, len(inputs), batch_size):
+            logits = forward(to_batch(inputs[start:start + batch_size], device))
             out.append(model.probabilities(logits).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.num_classes), dtype=np.float32)
+
+
+def predict_arrays(model: TransferModel, images: np.ndarray, batch_size: int = 64,
+                   device: torch.device | str = "cpu") -> np.ndarray:
+    """Class probabilities (N, C) of the whole model for uint8 NHWC images."""
+    return predict_inputs(model, images, model, batch_size, device)
 
 
 def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str],

@@ -21,7 +21,7 @@ from .cache import (FeatureStore, Views, cache_bytes, cut_index, default_cache_d
                     head_forward, run_chain, suffix_forward)
 from .data import (DataError, LabelledImages, check_trainable, decode, load_labelled, memory_budget,
                    stratified_split)
-from .evaluate import classification_metrics
+from .evaluate import classification_metrics, predict_inputs, to_batch
 from .model import TransferModel, predict_labels
 from .predict import Classifier
 from .progress import Reporter
@@ -59,6 +59,10 @@ class TrainConfig:
     cache_cap_gb: float = 20.0  # size cap of cache_dir, oldest files evicted first
     keep_cache: bool = False  # keep arrays spilled to the run's cache/ folder after training
 
+    def memory_budget_bytes(self) -> int:
+        """RAM that decoded images and cached arrays may take before they spill to disk."""
+        return int(self.cache_memory_gb * 2**30) if self.cache_memory_gb else memory_budget()
+
     def __post_init__(self):
         checks = [
             (self.epochs >= 0 and self.fine_tune_epochs >= 0, "epochs must be >= 0"),
@@ -94,14 +98,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _tensor(batch: np.ndarray, device) -> torch.Tensor:
-    """uint8 NHWC images become NCHW (channels-last memory); stored activations become float32."""
-    x = torch.from_numpy(np.ascontiguousarray(batch))
-    if x.dtype == torch.uint8:
-        return x.permute(0, 3, 1, 2).to(device)
-    return x.to(device, torch.float32)
-
-
 def train_epoch(model: TransferModel, views: Views, optimizer, batch_size: int,
                 rng: np.random.Generator, device, reporter: Reporter) -> tuple[float, float]:
     """One pass in a seeded random order, one stored view per image; returns (loss, accuracy)."""
@@ -112,7 +108,7 @@ def train_epoch(model: TransferModel, views: Views, optimizer, batch_size: int,
     total_loss, correct = 0.0, 0
     for start in range(0, n, batch_size):
         index = order[start:start + batch_size]
-        x = _tensor(views.inputs[pick[index], index], device)
+        x = to_batch(views.inputs[pick[index], index], device)
         y = torch.from_numpy(views.labels[index]).to(device)
         logits = views.forward(x)
         loss = model.loss(logits, y)
@@ -128,13 +124,7 @@ def train_epoch(model: TransferModel, views: Views, optimizer, batch_size: int,
 
 def predict_views(model: TransferModel, views: Views, batch_size: int, device) -> np.ndarray:
     """Probabilities of the clean view (view 0) in inference mode."""
-    model.eval()
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(views.labels), batch_size):
-            logits = views.forward(_tensor(views.inputs[0, start:start + batch_size], device))
-            out.append(model.probabilities(logits).float().cpu().numpy())
-    return np.concatenate(out)
+    return predict_inputs(model, views.inputs[0], views.forward, batch_size, device)
 
 
 def _is_better(row: dict, best: dict | None, monitor: str) -> bool:
@@ -187,11 +177,11 @@ def phase_views(model: TransferModel, train_data: LabelledImages, val_data: Labe
     boundary_shape = None
     if cut is not None:
         with torch.inference_mode():
-            probe = run_chain(chain[:cut], model.normalize(_tensor(train_data.images[:1], device)))
+            probe = run_chain(chain[:cut], model.normalize(to_batch(train_data.images[:1], device)))
         boundary_shape = tuple(probe.shape[1:])
     itemsize = np.dtype(config.cache_dtype).itemsize
     need = cache_bytes(len(train_data), len(val_data), views, model.head.in_features, boundary_shape, itemsize)
-    budget = int(config.cache_memory_gb * 2**30) if config.cache_memory_gb else memory_budget()
+    budget = config.memory_budget_bytes()
     in_ram = need <= budget
     bf16 = use_bf16(config, device)
     reporter.log(f"Cache: {views} view(s) per training image (clean + {views - 1} augmented), "
@@ -290,9 +280,8 @@ def _decode(raw: LabelledImages, name: str, size: int, reporter: Reporter, spill
             config: TrainConfig) -> LabelledImages:
     reporter.start(f"decoding {name}", len(raw))
     try:
-        budget = int(config.cache_memory_gb * 2**30) if config.cache_memory_gb else None
-        data = decode(raw, size, spill_dir=spill_dir, budget=budget, keep=config.keep_cache,
-                      progress=lambda i, n: reporter.advance())
+        data = decode(raw, size, spill_dir=spill_dir, budget=config.memory_budget_bytes(),
+                      keep=config.keep_cache, progress=lambda i, n: reporter.advance())
     finally:
         reporter.stop()
     return data
