@@ -66,6 +66,7 @@ class TransferModel(nn.Module):
         if num_classes < 2:
             raise ValueError(f"need at least two classes, got {num_classes}")
         self.num_classes, self.train_bn = num_classes, train_bn
+        self.temperature = 1.0  # calibration: probabilities use logits / temperature
         self.augment = Augment(flip, rotation)
         self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(preprocess.std).view(1, 3, 1, 1), persistent=False)
@@ -116,7 +117,8 @@ class TransferModel(nn.Module):
         return F.cross_entropy(logits, target)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """(N, C) class probabilities; for one logit, p(class 1) = sigmoid(logit)."""
+        """(N, C) class probabilities of logits / temperature; one logit: p(class 1) = sigmoid."""
+        logits = logits / self.temperature
         if self.binary:
             p = torch.sigmoid(logits[:, 0])
             return torch.stack([1 - p, p], dim=1)

@@ -31,6 +31,8 @@ class Classifier:
     def __init__(self, model: TransferModel, classes: list[str], meta: dict):
         self.model, self.classes, self.meta = model.eval(), list(classes), dict(meta)
         self.meta.setdefault("threshold", 0.5)
+        self.meta.setdefault("temperature", 1.0)
+        self.model.temperature = float(self.meta["temperature"])
 
     @property
     def threshold(self) -> float:
