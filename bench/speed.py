@@ -2,7 +2,7 @@
 invocation on one machine; each pipeline runs in a fresh child process so that its peak RSS is its
 own. Prints a Markdown table.
 
-    python bench/speed.py [--epochs 5 --fine-tune-epochs 5 --views 2] [--sizes 500,1000,2000]
+    python bench/speed.py [--epochs 10 --fine-tune-epochs 8 --views 2] [--sizes 500,1000,2000] [--no-main]
 """
 
 from __future__ import annotations
@@ -71,14 +71,28 @@ def run(pool_args: tuple) -> dict:
         return pool.apply(job, (pool_args,))
 
 
+def main_table(rows: dict, views: int) -> None:
+    print("| pipeline | extraction s | phase 1 s | phase 2 s | total s | speed-up | backbone fwd img/s "
+          "| (extraction + phase 1) / floor | peak RSS MiB | test accuracy |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    base = rows["plain loop (--no-cache)"]["total"]
+    for name, r in rows.items():
+        floor = (views + 1) * 1574 / r["forward_images_per_s"]  # each view computed once
+        print(f"| {name} | {r['extract']:.0f} | {r['phase1']:.0f} | {r['phase2']:.0f} | {r['total']:.0f} | "
+              f"{base / r['total']:.1f}x | {r['forward_images_per_s']:.0f} | "
+              f"{(r['extract'] + r['phase1']) / floor:.2f} | {r['peak_rss_mib']:.0f} | "
+              f"{r['test_accuracy'] * 100:.1f} % |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("data/elpv-split"))
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--fine-tune-epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--fine-tune-epochs", type=int, default=8)
     parser.add_argument("--views", type=int, default=2)
     parser.add_argument("--fine-tune-at", default=None, help="default: the backbone's")
     parser.add_argument("--sizes", default="500,1000,2000", help="training-set sizes for the scaling rows ('' = skip)")
+    parser.add_argument("--no-main", action="store_true", help="only the scaling rows")
     args = parser.parse_args()
     write(args.data, split=True)
     work = Path(tempfile.mkdtemp(prefix="tk-speed-"))
@@ -86,7 +100,7 @@ def main() -> None:
               "fine_tune_at": args.fine_tune_at, "seed": 42}
     cache_dir = str(work / "views")
     train, test = args.data / "train", args.data / "test"
-    rows = {
+    rows = {} if args.no_main else {
         "plain loop (--no-cache)": run((train, test, work / "plain", {**common, "cache": False})),
         "cached, first run": run((train, test, work / "cached", {**common, "cache_dir": cache_dir})),
         "cached, rerun with lr 5e-4": run((train, test, work / "rerun", {**common, "cache_dir": cache_dir, "lr": 5e-4})),
@@ -94,27 +108,21 @@ def main() -> None:
     print(f"\nELPV train 1,968 (1,574 + 394 validation) / test 656; epochs {args.epochs} + "
           f"{args.fine_tune_epochs}; fine_tune_at {args.fine_tune_at or 'default'}; K = {args.views} "
           f"augmented views; {mp.cpu_count()} CPU cores\n")
-    print("| pipeline | extraction s | phase 1 s | phase 2 s | total s | speed-up | backbone fwd img/s "
-          "| (extraction + phase 1) / floor | peak RSS MiB | test accuracy |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    base = rows["plain loop (--no-cache)"]["total"]
-    for name, r in rows.items():
-        floor = (args.views + 1) * 1574 / r["forward_images_per_s"]  # each view computed once
-        print(f"| {name} | {r['extract']:.0f} | {r['phase1']:.0f} | {r['phase2']:.0f} | {r['total']:.0f} | "
-              f"{base / r['total']:.1f}x | {r['forward_images_per_s']:.0f} | "
-              f"{(r['extract'] + r['phase1']) / floor:.2f} | {r['peak_rss_mib']:.0f} | "
-              f"{r['test_accuracy'] * 100:.1f} % |")
+    if rows:
+        main_table(rows, args.views)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if sizes:
-        print("\n| training images | plain s/image | cached s/image |")
-        print("|---|---|---|")
+        print("\n| training images | plain s/image | cached s/image | speed-up |")
+        print("|---|---|---|---|")
         for n in sizes:
             data = subset(train, n, work / f"subset-{n}")
             plain = run((data, None, work / f"p{n}", {**common, "cache": False}))
             cached = run((data, None, work / f"c{n}", {**common, "cache_dir": str(work / f"v{n}")}))
-            print(f"| {n} | {plain['total'] / n:.3f} | {cached['total'] / n:.3f} |")
-    (Path("runs")).mkdir(exist_ok=True)
-    Path("runs/speed.json").write_text(json.dumps(rows, indent=2))
+            print(f"| {n} | {plain['total'] / n:.3f} | {cached['total'] / n:.3f} | "
+                  f"{plain['total'] / cached['total']:.1f}x |", flush=True)
+    if rows:
+        Path("runs").mkdir(exist_ok=True)
+        Path("runs/speed.json").write_text(json.dumps(rows, indent=2))
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -172,3 +172,15 @@ def test_stratified_split_is_reproducible_and_stratified():
     assert np.bincount(labels[a[1]]).tolist() == [20, 5]
     with pytest.raises(DataError, match="single usable image"):
         stratified_split(np.array([0, 0, 0, 1]), 0.5, seed=0, classes=["a", "b"])
+
+
+def test_jpeg_draft_decodes_large_photos_at_reduced_scale_with_the_same_result(tmp_path):
+    from skimage.data import astronaut
+
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(astronaut()).resize((2048, 2048), Image.Resampling.BICUBIC).save(path, quality=92)
+    with Image.open(path) as image:  # what draft mode asks of Pillow: a 1/8-scale decode here
+        image.draft("RGB", (128, 128))
+        assert image.size == (256, 256)
+    fast, full = load_image(path, 64), load_image(path, 64, draft=False)
+    assert np.abs(fast.astype(int) - full.astype(int)).mean() < 3.0  # grey levels of 255

@@ -144,8 +144,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path, size: int) -> np.ndarray:
-    """Decode one file to an (size, size, 3) uint8 RGB array, EXIF orientation applied.
+def load_image(path: str | Path, size: int, draft: bool = True) -> np.ndarray:
+    """Decode one file to an (size, size, 3) uint8 RGB array, EXIF orientation applied. `draft`
+    lets large JPEGs decode at a reduced scale (at least twice the target size).
 
     Raises ImageError with a one-line reason for anything that is not a usable image.
     """
@@ -158,8 +159,8 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                if image.format == "JPEG":
-                    image.draft("RGB", (size * 2, size * 2))  # decode large JPEGs at reduced scale
+                if draft and image.format == "JPEG":
+                    image.draft("RGB", (size * 2, size * 2))
                 image.load()
                 image = ImageOps.exif_transpose(image)
                 rgb = _to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
