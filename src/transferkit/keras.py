@@ -32,17 +32,21 @@ class KerasError(ValueError):
     """A Keras file that is not a usable MobileNetV2; the message names the file and the layer."""
 
 
-class InputLayer(nn.Module):
-    """Keras layers that own no weights and have no module of their own in timm (the input, the
-    zero padding before a stride-2 depthwise convolution, the residual addition): listed so that
-    indices count as in Keras."""
+class Weightless(nn.Module):
+    """A Keras layer that owns no weights and has no module of its own in timm (the input, the zero
+    padding before a stride-2 depthwise convolution, the residual addition): listed so that indices
+    count as in Keras. Never called; the class name is Keras's."""
 
 
-class ZeroPadding2D(InputLayer):
+class InputLayer(Weightless):
     pass
 
 
-class Add(InputLayer):
+class ZeroPadding2D(Weightless):
+    pass
+
+
+class Add(Weightless):
     pass
 
 
@@ -179,8 +183,8 @@ def _input_size(config: dict, model_name: str | None) -> int | None:
     """The base model's input height from a saved model's config, when it has one."""
     layers = config.get("config", {}).get("layers", [])
     if model_name:
-        layers = next((l["config"].get("layers", []) for l in layers if l.get("name") == model_name
-                       or l.get("config", {}).get("name") == model_name), layers)
+        layers = next((layer["config"].get("layers", []) for layer in layers if layer.get("name") == model_name
+                       or layer.get("config", {}).get("name") == model_name), layers)
     for layer in layers:
         if layer.get("class_name") == "InputLayer":
             shape = layer["config"].get("batch_shape") or layer["config"].get("batch_input_shape")
