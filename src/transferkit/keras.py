@@ -239,8 +239,10 @@ def state_dict(model: nn.Module, keras: KerasFile) -> dict[str, torch.Tensor]:
     return state
 
 
-def load(path: str | Path, backbone: str | None = None) -> tuple[nn.Module, KerasFile]:
-    """A timm MobileNetV2 (no classifier, Keras numerics) with the file's weights loaded."""
+def load(path: str | Path, backbone: str | None = None,
+         timm_kwargs: dict | None = None) -> tuple[nn.Module, KerasFile]:
+    """A timm MobileNetV2 (no classifier, Keras numerics, plus `timm_kwargs`) with the file's
+    weights loaded; `backbone`, when given, must be the file's width."""
     import timm
 
     keras = read(path)
@@ -248,7 +250,7 @@ def load(path: str | Path, backbone: str | None = None) -> tuple[nn.Module, Kera
     if backbone is not None and backbone != name:
         raise KerasError(f"{keras.path}: holds a Keras {name} (width from block_16_project), "
                          f"not {backbone}; use --backbone {name}")
-    model = timm.create_model(name, pretrained=False, num_classes=0, **TIMM_KWARGS)
+    model = timm.create_model(name, pretrained=False, num_classes=0, **{**TIMM_KWARGS, **(timm_kwargs or {})})
     model.load_state_dict(state_dict(model, keras))
     return model.eval(), keras
 
