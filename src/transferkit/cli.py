@@ -190,6 +190,24 @@ def layers(
         out.print(f"{i:>4}  {name:<40} {type(module).__name__:<18} {params:>10,}{mark}", markup=False)
 
 
+@app.command("import-keras")
+def import_keras(
+    file: Path = typer.Argument(..., help="Keras MobileNetV2 .h5: a keras-applications weights file or a saved model."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for backbone.safetensors + backbone.json."),
+):
+    """Convert a Keras MobileNetV2 file to timm weights with Keras numerics (no TensorFlow needed)."""
+    from .keras import import_file
+
+    try:
+        config = import_file(file, out_dir)
+    except USER_ERRORS as exc:
+        fail(exc)
+    head = f"; its head ({', '.join(config['head_not_imported'])}) is not imported" if config["head_not_imported"] else ""
+    typer.echo(f"Wrote {out_dir}/backbone.safetensors and backbone.json: {config['backbone']} "
+               f"({config['keras_model'] or 'bare MobileNetV2'}, {config['preprocess']['image_size']} px){head}. "
+               f"Train with --backbone {config['backbone']} --weights {out_dir}")
+
+
 def main() -> None:
     app()
 

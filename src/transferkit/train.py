@@ -17,8 +17,8 @@ import timm
 import torch
 
 from .backbones import DEFAULT_BACKBONE, create_backbone, resolve_fine_tune_at
-from .cache import (FeatureStore, Views, cache_bytes, cut_index, default_cache_dir, extract, feature_chain,
-                    head_forward, run_chain, suffix_forward)
+from .cache import (FeatureStore, Views, boundary_layer, cache_bytes, cut_index, default_cache_dir, extract,
+                    feature_chain, head_forward, run_chain, suffix_forward)
 from .data import (DataError, LabelledImages, check_trainable, decode, load_labelled, memory_budget,
                    stratified_split)
 from .evaluate import classification_metrics, predict_inputs, to_batch
@@ -170,7 +170,7 @@ def phase_views(model: TransferModel, train_data: LabelledImages, val_data: Labe
         reporter.log("Cache off (--no-cache): every epoch runs the full model on every image")
         return plain, plain
     chain = feature_chain(model.backbone)
-    layer = model.layers[fine_tune_at][0] if fine_tune_at < len(model.layers) else None
+    layer = boundary_layer(model.backbone, model.layers, fine_tune_at)
     cut = cut_index(chain, layer) if chain and config.fine_tune_epochs > 0 and layer else None
     augmenting = model.augment.flip or model.augment.rotation > 0
     views = 1 + (config.views if augmenting else 0)
@@ -346,6 +346,7 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
         "backbone": backbone.name,
         "weights": backbone.weights,
         "weights_sha256": backbone.weights_sha256,
+        "timm_kwargs": backbone.timm_kwargs,
         "preprocess": asdict(backbone.preprocess),
         "fine_tune_at": {"index": fine_tune_at,
                          "name": layers[fine_tune_at][0] if fine_tune_at < len(layers) else None,
