@@ -37,6 +37,11 @@ class Format(str, Enum):
     csv = "csv"
 
 
+class Balance(str, Enum):
+    balanced = "balanced"
+    none = "none"
+
+
 class Monitor(str, Enum):
     val_loss = "val_loss"
     val_accuracy = "val_accuracy"
@@ -62,6 +67,8 @@ def train(
     rotation: float = typer.Option(D.rotation, help="Random rotation, fraction of a full turn (0 = off; the seed: 0.2)."),
     train_bn: bool = typer.Option(False, help="Let unfrozen BatchNorm layers update their statistics."),
     monitor: Monitor = typer.Option(Monitor.val_loss, help="Which validation number picks the kept epoch."),
+    class_weight: Balance = typer.Option(D.class_weight, help="Loss weights per class: balanced = n / (C * n_c)."),
+    sampler: Balance = typer.Option(D.sampler, help="balanced: every class drawn equally often per epoch."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
     cache: bool = typer.Option(True, help="Train from cached frozen-layer outputs (--no-cache: the plain loop)."),
     views: int = typer.Option(D.views, help="Augmented views cached per image, besides the clean one."),
@@ -78,7 +85,8 @@ def train(
             backbone=backbone, weights=weights, image_size=image_size, epochs=epochs,
             fine_tune_epochs=fine_tune_epochs, fine_tune_at=fine_tune_at, lr=lr,
             batch_size=batch_size, val_split=val_split, seed=seed, dropout=dropout, flip=flip,
-            rotation=rotation, train_bn=train_bn, monitor=monitor.value, device=device,
+            rotation=rotation, train_bn=train_bn, monitor=monitor.value, class_weight=class_weight.value,
+            sampler=sampler.value, device=device,
             cache=cache, views=views, cache_memory_gb=cache_memory_gb, bf16=bf16,
             cache_dir=cache_dir, cache_cap_gb=cache_cap_gb, keep_cache=keep_cache)
         train_run(data, out_dir, config, val_data=val_dir, reporter=Reporter(quiet=quiet))

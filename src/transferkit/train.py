@@ -16,6 +16,7 @@ import numpy as np
 import timm
 import torch
 
+from .balance import MODES as BALANCE_MODES, class_weights, epoch_order
 from .backbones import DEFAULT_BACKBONE, create_backbone, resolve_fine_tune_at
 from .cache import (FeatureStore, Views, cache_bytes, cut_index, default_cache_dir, extract, feature_chain,
                     head_forward, run_chain, suffix_forward)
@@ -49,6 +50,8 @@ class TrainConfig:
     rotation: float = 0.05  # fraction of a full turn, as Keras's RandomRotation (the seed: 0.2)
     train_bn: bool = False
     monitor: str = "val_loss"  # which validation number picks the kept epoch
+    class_weight: str = "none"  # "balanced": loss weights n / (C * n_c)
+    sampler: str = "none"  # "balanced": each class drawn equally often in an epoch
     device: str = "auto"
     cache: bool = True  # train from cached frozen-layer outputs (False: the seed's plain loop)
     views: int = 2  # augmented views cached per image, besides the clean one
@@ -73,6 +76,8 @@ class TrainConfig:
             (0.0 <= self.rotation <= 0.5, "rotation is a fraction of a full turn in [0, 0.5]"),
             (self.image_size is None or 16 <= self.image_size <= 2048, "image_size must be 16..2048"),
             (self.monitor in MONITORS, f"monitor must be one of {MONITORS}"),
+            (self.class_weight in BALANCE_MODES, f"class_weight must be one of {BALANCE_MODES}"),
+            (self.sampler in BALANCE_MODES, f"sampler must be one of {BALANCE_MODES}"),
             (self.views >= 0, "views must be >= 0"),
             (self.cache_dtype in ("float16", "float32"), "cache_dtype must be float16 or float32"),
         ]
@@ -99,11 +104,13 @@ def seed_everything(seed: int) -> None:
 
 
 def train_epoch(model: TransferModel, views: Views, optimizer, batch_size: int,
-                rng: np.random.Generator, device, reporter: Reporter) -> tuple[float, float]:
-    """One pass in a seeded random order, one stored view per image; returns (loss, accuracy)."""
+                rng: np.random.Generator, device, reporter: Reporter, sampler: str = "none",
+                class_weight: torch.Tensor | None = None) -> tuple[float, float]:
+    """One pass in a seeded random order (class-balanced draws with `sampler="balanced"`), one
+    stored view per image; returns (loss, accuracy)."""
     model.train()
     n = len(views.labels)
-    order = rng.permutation(n)
+    order = epoch_order(views.labels, rng, sampler)
     pick = rng.integers(0, views.num_views, n) if views.num_views > 1 else np.zeros(n, dtype=np.int64)
     total_loss, correct = 0.0, 0
     for start in range(0, n, batch_size):
@@ -111,7 +118,7 @@ def train_epoch(model: TransferModel, views: Views, optimizer, batch_size: int,
         x = to_batch(views.inputs[pick[index], index], device)
         y = torch.from_numpy(views.labels[index]).to(device)
         logits = views.forward(x)
-        loss = model.loss(logits, y)
+        loss = model.loss(logits, y, class_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -240,6 +247,10 @@ def fit(model: TransferModel, train_data: LabelledImages, val_data: LabelledImag
     phases = [(1, config.epochs, len(model.layers), config.lr),
               (2, config.fine_tune_epochs, fine_tune_at, config.lr * config.fine_tune_lr_factor)]
     n_batches = -(-len(train_data) // config.batch_size)
+    weights = class_weights(train_data.labels, model.num_classes, config.class_weight)
+    if weights is not None or config.sampler != "none":
+        reporter.log(f"Imbalance: class weights {'off' if weights is None else [round(w, 3) for w in weights.tolist()]}"
+                     f", sampler {config.sampler}")
     for (phase, epochs, trainable_from, lr), (train_views, val_views) in zip(phases, views):
         if epochs == 0:
             continue
@@ -255,7 +266,7 @@ def fit(model: TransferModel, train_data: LabelledImages, val_data: LabelledImag
             reporter.start(f"phase {phase} epoch {epoch}", n_batches)
             try:
                 train_loss, train_acc = train_epoch(model, train_views, optimizer, config.batch_size,
-                                                    rng, device, reporter)
+                                                    rng, device, reporter, config.sampler, weights)
             finally:
                 reporter.stop()
             val = classification_metrics(val_views.labels, predict_views(
