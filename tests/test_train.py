@@ -37,7 +37,8 @@ def test_run_directory_contents(binary_run):
     classifier, out = binary_run
     meta = json.loads((out / "model.json").read_text())
     assert meta["classes"] == ["background", "face"] and meta["num_outputs"] == 1
-    assert meta["backbone"] == "tf_efficientnet_lite0" and meta["threshold"] == 0.5
+    assert meta["backbone"] == "tf_efficientnet_lite0"
+    assert meta["threshold_selection"]["metric"] == "balanced_accuracy" and 0 < meta["threshold"] < 1
     assert meta["preprocess"] == {"image_size": SIZE, "mean": [0.5] * 3, "std": [0.5] * 3}
     assert meta["fine_tune_at"]["num_layers"] == 98 and meta["versions"]["torch"]
     rows = list(csv.DictReader(open(out / "history.csv")))
@@ -47,8 +48,15 @@ def test_run_directory_contents(binary_run):
     best = min(rows, key=lambda r: float(r["val_loss"]))
     assert meta["best_epoch"] == int(best["epoch"])  # the kept checkpoint is the best epoch
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["accuracy"] == pytest.approx(float(best["val_accuracy"]))
-    assert metrics["loss"] == pytest.approx(float(best["val_loss"]), rel=1e-3)  # fp16 cache vs full model
+    # the kept epoch's uncalibrated validation loss, then the deployed model's: temperature
+    # scaling can only lower it, the chosen threshold cannot lower balanced accuracy
+    calibration = metrics["calibration"]
+    assert calibration["loss_before"] == pytest.approx(float(best["val_loss"]), rel=1e-3)  # fp16 cache vs full model
+    assert metrics["loss"] == pytest.approx(calibration["loss_after"], rel=1e-4)
+    assert calibration["loss_after"] <= calibration["loss_before"] + 1e-9
+    assert meta["temperature"] == calibration["temperature"] > 0
+    assert metrics["balanced_accuracy"] == pytest.approx(meta["threshold_selection"]["score"])
+    assert metrics["balanced_accuracy"] >= meta["threshold_selection"]["score_at_0.5"]
     assert set(metrics["per_class"]) == {"background", "face"}
     assert np.sum(metrics["confusion_matrix"]["rows_true_cols_predicted"]) == metrics["n"] == 28
     assert (out / "skipped.txt").read_text() == ""

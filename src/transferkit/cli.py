@@ -42,6 +42,12 @@ class Balance(str, Enum):
     none = "none"
 
 
+class ThresholdMetric(str, Enum):
+    balanced_accuracy = "balanced_accuracy"
+    f1 = "f1"
+    youden = "youden"
+
+
 class Monitor(str, Enum):
     val_loss = "val_loss"
     val_accuracy = "val_accuracy"
@@ -67,6 +73,8 @@ def train(
     rotation: float = typer.Option(D.rotation, help="Random rotation, fraction of a full turn (0 = off; the seed: 0.2)."),
     train_bn: bool = typer.Option(False, help="Let unfrozen BatchNorm layers update their statistics."),
     monitor: Monitor = typer.Option(Monitor.val_loss, help="Which validation number picks the kept epoch."),
+    threshold_metric: ThresholdMetric = typer.Option(D.threshold_metric, help="Two classes: what the threshold chosen on validation maximises."),
+    threshold: Optional[float] = typer.Option(None, help="Two classes: a fixed threshold on p(class 1) instead."),
     class_weight: Balance = typer.Option(D.class_weight, help="Loss weights per class: balanced = n / (C * n_c)."),
     sampler: Balance = typer.Option(D.sampler, help="balanced: every class drawn equally often per epoch."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
@@ -86,6 +94,7 @@ def train(
             fine_tune_epochs=fine_tune_epochs, fine_tune_at=fine_tune_at, lr=lr,
             batch_size=batch_size, val_split=val_split, seed=seed, dropout=dropout, flip=flip,
             rotation=rotation, train_bn=train_bn, monitor=monitor.value, class_weight=class_weight.value,
+            threshold_metric=threshold_metric.value, threshold=threshold,
             sampler=sampler.value, device=device,
             cache=cache, views=views, cache_memory_gb=cache_memory_gb, bf16=bf16,
             cache_dir=cache_dir, cache_cap_gb=cache_cap_gb, keep_cache=keep_cache)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import torch
 from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix, log_loss,
@@ -18,22 +20,47 @@ def to_batch(batch: np.ndarray, device) -> torch.Tensor:
     return x.to(device, torch.float32)
 
 
-def predict_inputs(model: TransferModel, inputs: np.ndarray, forward, batch_size: int = 64,
+def predict_logits(model: TransferModel, inputs: np.ndarray, forward, batch_size: int = 64,
                    device: torch.device | str = "cpu") -> np.ndarray:
-    """Class probabilities (N, C) of `forward` (inputs -> logits) in inference mode, by batch."""
+    """Logits (N, 1 or C) of `forward` (inputs -> logits) in inference mode, by batch."""
     model.eval()
     out = []
     with torch.inference_mode():
         for start in range(0, len(inputs), batch_size):
-            logits = forward(to_batch(inputs[start:start + batch_size], device))
-            out.append(model.probabilities(logits).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.num_classes), dtype=np.float32)
+            out.append(forward(to_batch(inputs[start:start + batch_size], device)).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.head.out_features), dtype=np.float32)
+
+
+def predict_inputs(model: TransferModel, inputs: np.ndarray, forward, batch_size: int = 64,
+                   device: torch.device | str = "cpu") -> np.ndarray:
+    """Class probabilities (N, C) of `forward` (inputs -> logits) in inference mode, by batch."""
+    logits = predict_logits(model, inputs, forward, batch_size, device)
+    return model.probabilities(torch.from_numpy(logits)).numpy()
 
 
 def predict_arrays(model: TransferModel, images: np.ndarray, batch_size: int = 64,
                    device: torch.device | str = "cpu") -> np.ndarray:
     """Class probabilities (N, C) of the whole model for uint8 NHWC images."""
     return predict_inputs(model, images, model, batch_size, device)
+
+
+def write_predictions(path, paths: list[str], labels: np.ndarray, probabilities: np.ndarray,
+                      classes: list[str]) -> None:
+    """One row per image: path, true class, the probability of every class."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", *[f"p_{c}" for c in classes]])
+        for p, y, row in zip(paths, labels, probabilities):
+            writer.writerow([p, classes[y], *[f"{v:.6g}" for v in row]])
+
+
+def read_predictions(path, classes: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """What `write_predictions` wrote: (paths, labels, probabilities)."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    labels = np.array([classes.index(r["label"]) for r in rows], dtype=np.int64)
+    probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows], dtype=np.float64).reshape(-1, len(classes))
+    return [r["path"] for r in rows], labels, probs
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:

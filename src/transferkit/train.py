@@ -18,11 +18,13 @@ import torch
 
 from .balance import MODES as BALANCE_MODES, class_weights, epoch_order
 from .backbones import DEFAULT_BACKBONE, create_backbone, resolve_fine_tune_at
+from .calibrate import THRESHOLD_METRICS, choose_threshold, fit_temperature, nll
 from .cache import (FeatureStore, Views, cache_bytes, cut_index, default_cache_dir, extract, feature_chain,
                     head_forward, run_chain, suffix_forward)
 from .data import (DataError, LabelledImages, check_trainable, decode, load_labelled, memory_budget,
                    stratified_split)
-from .evaluate import classification_metrics, predict_inputs, to_batch
+from .evaluate import (classification_metrics, expected_calibration_error, predict_inputs, predict_logits,
+                       to_batch, write_predictions)
 from .model import TransferModel, predict_labels
 from .predict import Classifier
 from .progress import Reporter
@@ -50,6 +52,8 @@ class TrainConfig:
     rotation: float = 0.05  # fraction of a full turn, as Keras's RandomRotation (the seed: 0.2)
     train_bn: bool = False
     monitor: str = "val_loss"  # which validation number picks the kept epoch
+    threshold_metric: str = "balanced_accuracy"  # two classes: what the validation threshold maximises
+    threshold: float | None = None  # two classes: a fixed threshold on p(class 1) instead
     class_weight: str = "none"  # "balanced": loss weights n / (C * n_c)
     sampler: str = "none"  # "balanced": each class drawn equally often in an epoch
     device: str = "auto"
@@ -76,6 +80,8 @@ class TrainConfig:
             (0.0 <= self.rotation <= 0.5, "rotation is a fraction of a full turn in [0, 0.5]"),
             (self.image_size is None or 16 <= self.image_size <= 2048, "image_size must be 16..2048"),
             (self.monitor in MONITORS, f"monitor must be one of {MONITORS}"),
+            (self.threshold_metric in THRESHOLD_METRICS, f"threshold_metric must be one of {THRESHOLD_METRICS}"),
+            (self.threshold is None or 0.0 <= self.threshold <= 1.0, "threshold must be in [0, 1]"),
             (self.class_weight in BALANCE_MODES, f"class_weight must be one of {BALANCE_MODES}"),
             (self.sampler in BALANCE_MODES, f"sampler must be one of {BALANCE_MODES}"),
             (self.views >= 0, "views must be >= 0"),
@@ -287,6 +293,25 @@ def fit(model: TransferModel, train_data: LabelledImages, val_data: LabelledImag
     return history, best, timings
 
 
+def calibrate(model: TransferModel, logits: np.ndarray, labels: np.ndarray,
+              config: TrainConfig) -> tuple[np.ndarray, dict, dict | None]:
+    """Fit the temperature (sets model.temperature) and, for two classes, the threshold on the
+    validation logits; returns the calibrated probabilities and what was fitted."""
+    model.temperature = 1.0
+    before = model.probabilities(torch.from_numpy(logits)).numpy()
+    model.temperature = fit_temperature(logits, labels)
+    probs = model.probabilities(torch.from_numpy(logits)).numpy()
+    calibration = {"temperature": model.temperature, "method": "temperature scaling on the validation set",
+                   "loss_before": nll(logits, labels), "loss_after": nll(logits, labels, model.temperature),
+                   "ece_before": expected_calibration_error(labels, before),
+                   "ece_after": expected_calibration_error(labels, probs)}
+    if not model.binary:
+        return probs, calibration, None
+    if config.threshold is not None:
+        return probs, calibration, {"metric": "fixed", "threshold": config.threshold}
+    return probs, calibration, choose_threshold(labels, probs[:, 1], config.threshold_metric)
+
+
 def _decode(raw: LabelledImages, name: str, size: int, reporter: Reporter, spill_dir,
             config: TrainConfig) -> LabelledImages:
     reporter.start(f"decoding {name}", len(raw))
@@ -353,7 +378,15 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
     reporter.log(f"Kept epoch {best['epoch']} (phase {best['phase']}, best {config.monitor}); "
                  f"val_accuracy {best['val_accuracy']:.4f}; training took {seconds:.0f}s")
 
+    val_logits = predict_logits(model, val_set.images, model, config.batch_size, device)
+    val_probs, calibration, selection = calibrate(model, val_logits, val_set.labels, config)
+    reporter.log(f"Calibration on validation: temperature {calibration['temperature']:.3f}, ECE "
+                 f"{calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}"
+                 + (f"; threshold {selection['threshold']:.4f} ({selection['metric']})" if selection else ""))
     classifier = Classifier(model, everything.classes, {
+        "temperature": calibration["temperature"],
+        "threshold": selection["threshold"] if selection else 0.5,
+        "threshold_selection": selection,
         "backbone": backbone.name,
         "weights": backbone.weights,
         "weights_sha256": backbone.weights_sha256,
@@ -367,11 +400,12 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
         "timings": {k: round(v, 2) for k, v in timings.items()},
     })
     classifier.save(out)
-    val_probs = predict_views(model, plain_views(model, val_set), config.batch_size, device)
     metrics = classification_metrics(val_set.labels, val_probs, val_set.classes, classifier.threshold)
-    metrics.update(split="validation", best_epoch=best["epoch"], counts={
+    metrics.update(split="validation", best_epoch=best["epoch"], calibration=calibration,
+                   threshold_selection=selection, counts={
         "train": train_set.counts(), "validation": val_set.counts(), "skipped": len(skipped)})
     write_outputs(out, history, metrics, skipped, config.epochs)
+    write_predictions(out / "val_predictions.csv", val_set.paths, val_set.labels, val_probs, val_set.classes)
     if not config.keep_cache:
         shutil.rmtree(spill, ignore_errors=True)
     return classifier
