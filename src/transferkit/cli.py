@@ -111,16 +111,25 @@ def evaluate(
     run: Path = typer.Argument(..., help="Run directory written by `train`."),
     data: Path = typer.Argument(..., help="Labelled class folders or CSV."),
     output: Optional[Path] = typer.Option(None, "--output", help="Also write the metrics as JSON."),
+    tta: bool = typer.Option(False, help="Test-time augmentation: average each image with its mirror."),
 ):
     """Metrics of a trained model on another labelled folder."""
     try:
-        metrics = load(run).evaluate(data)
+        metrics = load(run).evaluate(data, tta=tta)
     except USER_ERRORS as exc:
         fail(exc)
     if output:
         output.write_text(json.dumps(metrics, indent=2) + "\n")
-    out.print(f"{data}: {metrics['n']} images, accuracy {metrics['accuracy']:.4f}, "
-              f"loss {metrics['loss']:.4f}", markup=False, soft_wrap=True)
+    low, high = metrics["accuracy_ci95"]
+    out.print(f"{data}: {metrics['n']} images{' (TTA)' if tta else ''}, accuracy {metrics['accuracy']:.4f} "
+              f"(95% CI {low:.4f}-{high:.4f}), balanced accuracy {metrics['balanced_accuracy']:.4f}, "
+              f"loss {metrics['loss']:.4f}, ECE {metrics['ece']:.4f}", markup=False, soft_wrap=True)
+    if "roc_auc" in metrics and metrics["roc_auc"] is not None:
+        out.print(f"ROC-AUC {metrics['roc_auc']:.4f}, average precision {metrics['average_precision']:.4f} "
+                  f"({metrics['positive_class']} positive), threshold {metrics['threshold']:.4f}",
+                  markup=False, soft_wrap=True)
+    for k, value in metrics.get("top_k_accuracy", {}).items():
+        out.print(f"top-{k} accuracy {value:.4f}")
     table = Table()
     for column in ("class", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="left" if column == "class" else "right")
@@ -144,8 +153,10 @@ def predict(
     inputs: list[Path] = typer.Argument(..., help="Image files and/or folders."),
     format: Format = typer.Option(Format.table, "--format", help="table, json (JSON lines) or csv."),
     batch_size: int = typer.Option(64),
+    tta: bool = typer.Option(False, help="Test-time augmentation: average each image with its mirror."),
 ):
-    """Classify images; unreadable files get their own record with the reason."""
+    """Classify images (calibrated probabilities; two classes use the run's threshold); unreadable
+    files get their own record with the reason."""
     try:
         classifier = load(run)
     except USER_ERRORS as exc:
@@ -154,7 +165,7 @@ def predict(
     if format is Format.csv:
         writer.writerow(["path", "label", *[f"p_{c}" for c in classifier.classes], "error"])
     failures = 0
-    for record in classifier.predict_files(expand_inputs(inputs), batch_size):
+    for record in classifier.predict_files(expand_inputs(inputs), batch_size, tta=tta):
         error = record.get("error")
         failures += error is not None
         probs = record.get("probabilities", {})
