@@ -89,6 +89,11 @@ def test_temperature_scaling_recovers_a_known_temperature(classes):
     assert nll(logits, labels, t) < nll(logits, labels, 1.0)
 
 
+def test_temperature_stays_one_on_a_separated_validation_set():
+    logits = np.array([[-3.0], [-1.0], [0.5], [2.0]])  # every label right: NLL -> 0 as T -> 0
+    assert fit_temperature(logits, np.array([0, 0, 1, 1])) == 1.0
+
+
 def test_class_weights_and_balanced_order():
     labels = np.array([0] * 90 + [1] * 10)
     assert class_weights(labels, 2, "balanced").tolist() == pytest.approx([100 / 180, 100 / 20])

@@ -22,14 +22,18 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> flo
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """Temperature scaling (Guo et al. 2017): the T in [0.05, 20] that minimises the NLL of
-    logits / T. One parameter, so the ranking of the predictions (and ROC-AUC) never changes."""
+    logits / T. One parameter, so the ranking of the predictions (and ROC-AUC) never changes.
+    Stays 1 when the validation set is perfectly separated (the NLL then falls without end as
+    T -> 0, which would only make the model overconfident) or nothing improves."""
     if len(labels) == 0:
         return 1.0
+    low, high = np.log(0.05), np.log(20.0)
     found = minimize_scalar(lambda log_t: nll(logits, labels, float(np.exp(log_t))),
-                            bounds=(np.log(0.05), np.log(20.0)), method="bounded",
-                            options={"xatol": 1e-4})
+                            bounds=(low, high), method="bounded", options={"xatol": 1e-4})
     best = float(np.exp(found.x))
-    return best if nll(logits, labels, best) < nll(logits, labels, 1.0) else 1.0
+    if found.x < low + 1e-2 or nll(logits, labels, best) >= nll(logits, labels, 1.0):
+        return 1.0
+    return best
 
 
 def _score(tp, fp, n_pos: int, n_neg: int, metric: str) -> np.ndarray:

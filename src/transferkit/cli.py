@@ -188,6 +188,30 @@ def predict(
 
 
 @app.command()
+def explain(
+    run: Path = typer.Argument(..., help="Run directory written by `train`."),
+    inputs: list[Path] = typer.Argument(..., help="Image files and/or folders."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for the heatmap overlays (PNG)."),
+):
+    """Grad-CAM heatmaps: where each image holds the evidence for its predicted class."""
+    from .explain import explain_files
+
+    try:
+        classifier = load(run)
+        failures = 0
+        for record in explain_files(classifier, expand_inputs(inputs), out_dir):
+            if "error" in record:
+                failures += 1
+                typer.echo(f"{record['path']}\tERROR: {record['error']}")
+            else:
+                typer.echo(f"{record['path']}\t{record['label']}\t{record['probability']:.4f}\t{record['output']}")
+    except USER_ERRORS as exc:
+        fail(exc)
+    if failures:
+        typer.echo(f"{failures} file(s) could not be explained (see their records)", err=True)
+
+
+@app.command()
 def backbones():
     """Backbones whose weights are available right now without a network, and from where."""
     table = Table()
