@@ -103,7 +103,7 @@ def train(
         fail(exc)
     if not quiet:
         typer.echo(f"Wrote {out_dir}/ (model.safetensors, model.json, metrics.json, history.csv, "
-                   "learning_curves.png, skipped.txt)", err=True)
+                   "learning_curves.png, skipped.txt, val_predictions.csv, report.html)", err=True)
 
 
 @app.command()
@@ -209,6 +209,23 @@ def explain(
         fail(exc)
     if failures:
         typer.echo(f"{failures} file(s) could not be explained (see their records)", err=True)
+
+
+@app.command()
+def report(
+    run: Path = typer.Argument(..., help="Run directory written by `train`."),
+    data: Optional[Path] = typer.Argument(None, help="Labelled test folder/CSV (default: the run's validation set)."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Where to write (default RUN/report.html)."),
+    tta: bool = typer.Option(False, help="Test-time augmentation: average each image with its mirror."),
+):
+    """A self-contained HTML report of a run (opens from disk, loads nothing from the network)."""
+    from .report import report as write
+
+    try:
+        target = write(run, data, tta=tta, output=output)
+    except USER_ERRORS as exc:
+        fail(exc)
+    typer.echo(f"Wrote {target}")
 
 
 @app.command()

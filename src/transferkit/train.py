@@ -28,6 +28,7 @@ from .evaluate import (classification_metrics, expected_calibration_error, predi
 from .model import TransferModel, predict_labels
 from .predict import Classifier
 from .progress import Reporter
+from .report import write_report
 
 MONITORS = ("val_loss", "val_accuracy")
 
@@ -406,6 +407,7 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
         "train": train_set.counts(), "validation": val_set.counts(), "skipped": len(skipped)})
     write_outputs(out, history, metrics, skipped, config.epochs)
     write_predictions(out / "val_predictions.csv", val_set.paths, val_set.labels, val_probs, val_set.classes)
+    write_report(out, classifier, "validation", val_set.paths, val_set.labels, val_probs, val_set.images)
     if not config.keep_cache:
         shutil.rmtree(spill, ignore_errors=True)
     return classifier
