@@ -88,3 +88,21 @@ def test_explain_cli_writes_overlays_and_reports_bad_files(pattern_run, tmp_path
     red_minus_blue = overlay[..., 0].astype(int) - overlay[..., 2].astype(int)
     assert red_minus_blue[:, :112].mean() > red_minus_blue[:, 112:].mean() + 20
     assert "Traceback" not in result.stderr
+
+
+def test_other_cnns_work_and_a_transformer_is_a_clear_error():
+    import timm
+
+    from transferkit.backbones import Preprocess
+    from transferkit.explain import gradcam
+    from transferkit.model import TransferModel
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3)).astype(np.uint8)
+    resnet = TransferModel(timm.create_model("resnet18", num_classes=0), 3, Preprocess(64, (0.5,) * 3, (0.5,) * 3))
+    cams, probs, chosen = gradcam(resnet, images, target=np.array([2, 0]))
+    assert cams.shape == (2, 64, 64) and probs.shape == (2, 3) and chosen.tolist() == [2, 0]
+    assert cams.min() >= 0 and cams.max() <= 1
+    vit = TransferModel(timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=64), 2,
+                        Preprocess(64, (0.5,) * 3, (0.5,) * 3))
+    with pytest.raises(ValueError, match="Grad-CAM needs a CNN backbone"):
+        gradcam(vit, images)

@@ -100,6 +100,10 @@ def test_multiclass_from_csv_with_val_dir(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["n"] == 30 and metrics["accuracy"] > 0.6  # chance is 1/3
     assert len(metrics["confusion_matrix"]["rows_true_cols_predicted"]) == 3
+    assert set(metrics["top_k_accuracy"]) == {"2"} and metrics["top_k_accuracy"]["2"] >= metrics["accuracy"]
+    assert metrics["threshold"] is None and "roc_auc" not in metrics
+    page = (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
+    assert "top-2 accuracy" in page and "ROC, precision-recall" not in page and "texture" in page
 
 
 def test_bad_files_in_training_data_are_skipped_and_listed(lfw_split, tmp_path):

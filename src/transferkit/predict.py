@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .backbones import Preprocess, timm_model
 from .data import IMAGE_SUFFIXES, DataError, decode, iter_decoded, load_labelled
-from .evaluate import classification_metrics, predict_arrays, write_predictions
+from .evaluate import classification_metrics, predict_arrays
 from .model import TransferModel, predict_labels
 
 FORMAT_VERSION = 1
@@ -120,10 +120,8 @@ class Classifier:
         if pending:
             yield from flush()
 
-    def evaluate(self, source: str | Path, batch_size: int = 64, tta: bool = False,
-                 predictions: str | Path | None = None) -> dict:
-        """Metrics on a labelled folder or CSV whose classes are among this model's;
-        `predictions`: also write every image's probabilities to this CSV."""
+    def evaluate(self, source: str | Path, batch_size: int = 64, tta: bool = False) -> dict:
+        """Metrics on a labelled folder or CSV whose classes are among this model's."""
         data = decode(load_labelled(source, self.classes), self.image_size)
         if len(data) == 0:
             raise DataError(f"{source}: no usable images")
@@ -131,8 +129,6 @@ class Classifier:
         metrics = classification_metrics(data.labels, probs, self.classes, self.threshold)
         metrics.update(source=str(source), tta=tta,
                        skipped=[{"path": p, "reason": r} for p, r in data.skipped])
-        if predictions is not None:
-            write_predictions(predictions, data.paths, data.labels, probs, self.classes)
         return metrics
 
 
