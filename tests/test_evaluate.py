@@ -144,3 +144,21 @@ def test_temperature_in_model_json_scales_probabilities(binary_run, lfw_split, t
     p2 = transferkit.load(run).predict_proba(images)[:, 1]
     logit = np.log(p1 / (1 - p1))
     assert np.allclose(p2, 1 / (1 + np.exp(-logit / 2)), atol=1e-5)
+
+
+def test_calibrate_fits_temperature_and_threshold_or_keeps_a_fixed_one(binary_run):
+    import copy
+
+    from transferkit.train import TrainConfig, calibrate
+
+    model = copy.deepcopy(binary_run[0].model)
+    logits = np.array([[-4.0], [-2.0], [1.0], [-0.5], [3.0], [5.0], [0.2], [-1.0]])
+    labels = np.array([0, 0, 0, 1, 1, 1, 1, 0])
+    probs, calibration, selection = calibrate(model, logits, labels, TrainConfig(threshold=0.3))
+    assert selection == {"metric": "fixed", "threshold": 0.3}
+    assert model.temperature == calibration["temperature"] == pytest.approx(fit_temperature(logits, labels))
+    assert probs[:, 1] == pytest.approx(1 / (1 + np.exp(-logits[:, 0] / model.temperature)), abs=1e-6)
+    assert calibration["loss_after"] <= calibration["loss_before"]
+    _, _, selection = calibrate(model, logits, labels, TrainConfig(threshold_metric="f1"))
+    assert selection["metric"] == "f1"
+    assert selection == choose_threshold(labels, probs[:, 1], "f1")
