@@ -126,13 +126,19 @@ def test_confident_mistakes_ranks_by_distance_past_the_threshold():
     assert order.tolist() == [0, 2, 3, 1]  # 0.9, 0.8, 0.4 and 0.2 of the way to certainty
 
 
-def test_report_in_a_real_browser(binary_run, lfw_split, tmp_path):
+def test_report_in_a_real_browser(binary_run, tmp_path):
+    from conftest import lfw_arrays, write_folders
+
     from transferkit.report import report
 
     chromium()
     _, out = binary_run
-    page = report(out, lfw_split[1], output=tmp_path / "report.html")  # with a mistake and its Grad-CAM
-    assert "Grad-CAM of" in page.read_text(encoding="utf-8")
+    images, labels = lfw_arrays()
+    # held-out faces filed as background: sure mistakes, so the page shows Grad-CAM overlays
+    data = write_folders(tmp_path / "noisy", {"background": [*images[labels == 0][80:], *images[labels == 1][95:]],
+                                              "face": list(images[labels == 1][80:95])})
+    page = report(out, data, output=tmp_path / "report.html")
+    assert page.read_text(encoding="utf-8").count("Grad-CAM of") >= 3
     widths, requests = open_in_browser(page, tmp_path)
     assert len(widths) >= 4 and all(w > 0 for w in widths), widths
     assert requests == []

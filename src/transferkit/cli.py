@@ -43,6 +43,7 @@ class Balance(str, Enum):
 
 
 class ThresholdMetric(str, Enum):
+    none = "none"
     balanced_accuracy = "balanced_accuracy"
     f1 = "f1"
     youden = "youden"
@@ -73,8 +74,8 @@ def train(
     rotation: float = typer.Option(D.rotation, help="Random rotation, fraction of a full turn (0 = off; the seed: 0.2)."),
     train_bn: bool = typer.Option(False, help="Let unfrozen BatchNorm layers update their statistics."),
     monitor: Monitor = typer.Option(Monitor.val_loss, help="Which validation number picks the kept epoch."),
-    threshold_metric: ThresholdMetric = typer.Option(D.threshold_metric, help="Two classes: what the threshold chosen on validation maximises."),
-    threshold: Optional[float] = typer.Option(None, help="Two classes: a fixed threshold on p(class 1) instead."),
+    threshold_metric: ThresholdMetric = typer.Option(D.threshold_metric, help="Two classes: choose the threshold on validation to maximise this (none: use --threshold)."),
+    threshold: float = typer.Option(D.threshold, help="Two classes: the fixed threshold on p(class 1)."),
     class_weight: Balance = typer.Option(D.class_weight, help="Loss weights per class: balanced = n / (C * n_c)."),
     sampler: Balance = typer.Option(D.sampler, help="balanced: every class drawn equally often per epoch."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),

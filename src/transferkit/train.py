@@ -53,9 +53,9 @@ class TrainConfig:
     rotation: float = 0.05  # fraction of a full turn, as Keras's RandomRotation (the seed: 0.2)
     train_bn: bool = False
     monitor: str = "val_loss"  # which validation number picks the kept epoch
-    threshold_metric: str = "balanced_accuracy"  # two classes: what the validation threshold maximises
-    threshold: float | None = None  # two classes: a fixed threshold on p(class 1) instead
-    class_weight: str = "none"  # "balanced": loss weights n / (C * n_c)
+    threshold_metric: str = "none"  # two classes: what a threshold chosen on validation maximises
+    threshold: float = 0.5  # two classes: the fixed threshold on p(class 1) when threshold_metric is "none"
+    class_weight: str = "balanced"  # loss weights n / (C * n_c); "none": plain mean (measured on ELPV)
     sampler: str = "none"  # "balanced": each class drawn equally often in an epoch
     device: str = "auto"
     cache: bool = True  # train from cached frozen-layer outputs (False: the seed's plain loop)
@@ -81,8 +81,9 @@ class TrainConfig:
             (0.0 <= self.rotation <= 0.5, "rotation is a fraction of a full turn in [0, 0.5]"),
             (self.image_size is None or 16 <= self.image_size <= 2048, "image_size must be 16..2048"),
             (self.monitor in MONITORS, f"monitor must be one of {MONITORS}"),
-            (self.threshold_metric in THRESHOLD_METRICS, f"threshold_metric must be one of {THRESHOLD_METRICS}"),
-            (self.threshold is None or 0.0 <= self.threshold <= 1.0, "threshold must be in [0, 1]"),
+            (self.threshold_metric in ("none", *THRESHOLD_METRICS),
+             f"threshold_metric must be one of {('none', *THRESHOLD_METRICS)}"),
+            (0.0 <= self.threshold <= 1.0, "threshold must be in [0, 1]"),
             (self.class_weight in BALANCE_MODES, f"class_weight must be one of {BALANCE_MODES}"),
             (self.sampler in BALANCE_MODES, f"sampler must be one of {BALANCE_MODES}"),
             (self.views >= 0, "views must be >= 0"),
@@ -308,7 +309,7 @@ def calibrate(model: TransferModel, logits: np.ndarray, labels: np.ndarray,
                    "ece_after": expected_calibration_error(labels, probs)}
     if not model.binary:
         return probs, calibration, None
-    if config.threshold is not None:
+    if config.threshold_metric == "none":
         return probs, calibration, {"metric": "fixed", "threshold": config.threshold}
     return probs, calibration, choose_threshold(labels, probs[:, 1], config.threshold_metric)
 
