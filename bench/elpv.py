@@ -1,6 +1,6 @@
 """ELPV benchmark: train on the fixed stratified 1,968-cell split (seed 0), test on the other 656
-(the split size of Deitsch et al. 2019: VGG-19 88.42 %, SVM 82.44 %), print test accuracy and the
-wall time of each phase.
+(the split size of Deitsch et al. 2019: VGG-19 88.42 %, SVM 82.44 %), print test accuracy with its
+95 % interval, balanced accuracy, ROC-AUC, average precision, and the wall time of each phase.
 
     python bench/elpv.py [--backbone NAME] [--image-size N] [any other train option as --key value]
 """
@@ -39,6 +39,13 @@ def main() -> None:
     result = {
         "config": {k: v for k, v in vars(config).items()},
         "test_accuracy": test["accuracy"],
+        "test_accuracy_ci95": test["accuracy_ci95"],
+        "test_balanced_accuracy": test["balanced_accuracy"],
+        "test_roc_auc": test["roc_auc"],
+        "test_average_precision": test["average_precision"],
+        "test_ece": test["ece"],
+        "threshold": classifier.threshold,
+        "temperature": classifier.meta["temperature"],
         "test_n": test["n"],
         "kept_epoch": classifier.meta["best_epoch"],
         "phase1_seconds": round(phase["1"], 1),

@@ -37,7 +37,9 @@ def test_run_directory_contents(binary_run):
     classifier, out = binary_run
     meta = json.loads((out / "model.json").read_text())
     assert meta["classes"] == ["background", "face"] and meta["num_outputs"] == 1
-    assert meta["backbone"] == "tf_efficientnet_lite0" and meta["threshold"] == 0.5
+    assert meta["backbone"] == "tf_efficientnet_lite0"
+    assert meta["threshold_selection"] == {"metric": "fixed", "threshold": 0.5} and meta["threshold"] == 0.5
+    assert meta["config"]["class_weight"] == "balanced" and meta["config"]["sampler"] == "none"
     assert meta["preprocess"] == {"image_size": SIZE, "mean": [0.5] * 3, "std": [0.5] * 3}
     assert meta["fine_tune_at"]["num_layers"] == 98 and meta["versions"]["torch"]
     rows = list(csv.DictReader(open(out / "history.csv")))
@@ -47,8 +49,13 @@ def test_run_directory_contents(binary_run):
     best = min(rows, key=lambda r: float(r["val_loss"]))
     assert meta["best_epoch"] == int(best["epoch"])  # the kept checkpoint is the best epoch
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["accuracy"] == pytest.approx(float(best["val_accuracy"]))
-    assert metrics["loss"] == pytest.approx(float(best["val_loss"]), rel=1e-3)  # fp16 cache vs full model
+    # the kept epoch's uncalibrated validation loss, then the deployed model's: temperature
+    # scaling can only lower it, the chosen threshold cannot lower balanced accuracy
+    calibration = metrics["calibration"]
+    assert calibration["loss_before"] == pytest.approx(float(best["val_loss"]), rel=1e-3)  # fp16 cache vs full model
+    assert metrics["loss"] == pytest.approx(calibration["loss_after"], rel=1e-4)
+    assert calibration["loss_after"] <= calibration["loss_before"] + 1e-9
+    assert meta["temperature"] == calibration["temperature"] > 0
     assert set(metrics["per_class"]) == {"background", "face"}
     assert np.sum(metrics["confusion_matrix"]["rows_true_cols_predicted"]) == metrics["n"] == 28
     assert (out / "skipped.txt").read_text() == ""
@@ -92,6 +99,10 @@ def test_multiclass_from_csv_with_val_dir(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["n"] == 30 and metrics["accuracy"] > 0.6  # chance is 1/3
     assert len(metrics["confusion_matrix"]["rows_true_cols_predicted"]) == 3
+    assert set(metrics["top_k_accuracy"]) == {"2"} and metrics["top_k_accuracy"]["2"] >= metrics["accuracy"]
+    assert metrics["threshold"] is None and "roc_auc" not in metrics
+    page = (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
+    assert "top-2 accuracy" in page and "ROC, precision-recall" not in page and "texture" in page
 
 
 def test_bad_files_in_training_data_are_skipped_and_listed(lfw_split, tmp_path):

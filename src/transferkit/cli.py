@@ -37,6 +37,18 @@ class Format(str, Enum):
     csv = "csv"
 
 
+class Balance(str, Enum):
+    balanced = "balanced"
+    none = "none"
+
+
+class ThresholdMetric(str, Enum):
+    none = "none"
+    balanced_accuracy = "balanced_accuracy"
+    f1 = "f1"
+    youden = "youden"
+
+
 class Monitor(str, Enum):
     val_loss = "val_loss"
     val_accuracy = "val_accuracy"
@@ -62,6 +74,10 @@ def train(
     rotation: float = typer.Option(D.rotation, help="Random rotation, fraction of a full turn (0 = off; the seed: 0.2)."),
     train_bn: bool = typer.Option(False, help="Let unfrozen BatchNorm layers update their statistics."),
     monitor: Monitor = typer.Option(Monitor.val_loss, help="Which validation number picks the kept epoch."),
+    threshold_metric: ThresholdMetric = typer.Option(D.threshold_metric, help="Two classes: choose the threshold on validation to maximise this (none: use --threshold)."),
+    threshold: float = typer.Option(D.threshold, help="Two classes: the fixed threshold on p(class 1)."),
+    class_weight: Balance = typer.Option(D.class_weight, help="Loss weights per class: balanced = n / (C * n_c)."),
+    sampler: Balance = typer.Option(D.sampler, help="balanced: every class drawn equally often per epoch."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
     cache: bool = typer.Option(True, help="Train from cached frozen-layer outputs (--no-cache: the plain loop)."),
     views: int = typer.Option(D.views, help="Augmented views cached per image, besides the clean one."),
@@ -78,7 +94,9 @@ def train(
             backbone=backbone, weights=weights, image_size=image_size, epochs=epochs,
             fine_tune_epochs=fine_tune_epochs, fine_tune_at=fine_tune_at, lr=lr,
             batch_size=batch_size, val_split=val_split, seed=seed, dropout=dropout, flip=flip,
-            rotation=rotation, train_bn=train_bn, monitor=monitor.value, device=device,
+            rotation=rotation, train_bn=train_bn, monitor=monitor.value, class_weight=class_weight.value,
+            threshold_metric=threshold_metric.value, threshold=threshold,
+            sampler=sampler.value, device=device,
             cache=cache, views=views, cache_memory_gb=cache_memory_gb, bf16=bf16,
             cache_dir=cache_dir, cache_cap_gb=cache_cap_gb, keep_cache=keep_cache)
         train_run(data, out_dir, config, val_data=val_dir, reporter=Reporter(quiet=quiet))
@@ -86,7 +104,7 @@ def train(
         fail(exc)
     if not quiet:
         typer.echo(f"Wrote {out_dir}/ (model.safetensors, model.json, metrics.json, history.csv, "
-                   "learning_curves.png, skipped.txt)", err=True)
+                   "learning_curves.png, skipped.txt, val_predictions.csv, report.html)", err=True)
 
 
 @app.command()
@@ -94,16 +112,25 @@ def evaluate(
     run: Path = typer.Argument(..., help="Run directory written by `train`."),
     data: Path = typer.Argument(..., help="Labelled class folders or CSV."),
     output: Optional[Path] = typer.Option(None, "--output", help="Also write the metrics as JSON."),
+    tta: bool = typer.Option(False, help="Test-time augmentation: average each image with its mirror."),
 ):
     """Metrics of a trained model on another labelled folder."""
     try:
-        metrics = load(run).evaluate(data)
+        metrics = load(run).evaluate(data, tta=tta)
     except USER_ERRORS as exc:
         fail(exc)
     if output:
         output.write_text(json.dumps(metrics, indent=2) + "\n")
-    out.print(f"{data}: {metrics['n']} images, accuracy {metrics['accuracy']:.4f}, "
-              f"loss {metrics['loss']:.4f}", markup=False, soft_wrap=True)
+    low, high = metrics["accuracy_ci95"]
+    out.print(f"{data}: {metrics['n']} images{' (TTA)' if tta else ''}, accuracy {metrics['accuracy']:.4f} "
+              f"(95% CI {low:.4f}-{high:.4f}), balanced accuracy {metrics['balanced_accuracy']:.4f}, "
+              f"loss {metrics['loss']:.4f}, ECE {metrics['ece']:.4f}", markup=False, soft_wrap=True)
+    if "roc_auc" in metrics and metrics["roc_auc"] is not None:
+        out.print(f"ROC-AUC {metrics['roc_auc']:.4f}, average precision {metrics['average_precision']:.4f} "
+                  f"({metrics['positive_class']} positive), threshold {metrics['threshold']:.4f}",
+                  markup=False, soft_wrap=True)
+    for k, value in metrics.get("top_k_accuracy", {}).items():
+        out.print(f"top-{k} accuracy {value:.4f}")
     table = Table()
     for column in ("class", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="left" if column == "class" else "right")
@@ -127,8 +154,10 @@ def predict(
     inputs: list[Path] = typer.Argument(..., help="Image files and/or folders."),
     format: Format = typer.Option(Format.table, "--format", help="table, json (JSON lines) or csv."),
     batch_size: int = typer.Option(64),
+    tta: bool = typer.Option(False, help="Test-time augmentation: average each image with its mirror."),
 ):
-    """Classify images; unreadable files get their own record with the reason."""
+    """Classify images (calibrated probabilities; two classes use the run's threshold); unreadable
+    files get their own record with the reason."""
     try:
         classifier = load(run)
     except USER_ERRORS as exc:
@@ -137,7 +166,7 @@ def predict(
     if format is Format.csv:
         writer.writerow(["path", "label", *[f"p_{c}" for c in classifier.classes], "error"])
     failures = 0
-    for record in classifier.predict_files(expand_inputs(inputs), batch_size):
+    for record in classifier.predict_files(expand_inputs(inputs), batch_size, tta=tta):
         error = record.get("error")
         failures += error is not None
         probs = record.get("probabilities", {})
@@ -157,6 +186,47 @@ def predict(
         typer.echo(line)
     if failures:
         typer.echo(f"{failures} file(s) could not be classified (see their records)", err=True)
+
+
+@app.command()
+def explain(
+    run: Path = typer.Argument(..., help="Run directory written by `train`."),
+    inputs: list[Path] = typer.Argument(..., help="Image files and/or folders."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for the heatmap overlays (PNG)."),
+):
+    """Grad-CAM heatmaps: where each image holds the evidence for its predicted class."""
+    from .explain import explain_files
+
+    try:
+        classifier = load(run)
+        failures = 0
+        for record in explain_files(classifier, expand_inputs(inputs), out_dir):
+            if "error" in record:
+                failures += 1
+                typer.echo(f"{record['path']}\tERROR: {record['error']}")
+            else:
+                typer.echo(f"{record['path']}\t{record['label']}\t{record['probability']:.4f}\t{record['output']}")
+    except USER_ERRORS as exc:
+        fail(exc)
+    if failures:
+        typer.echo(f"{failures} file(s) could not be explained (see their records)", err=True)
+
+
+@app.command()
+def report(
+    run: Path = typer.Argument(..., help="Run directory written by `train`."),
+    data: Optional[Path] = typer.Argument(None, help="Labelled test folder/CSV (default: the run's validation set)."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Where to write (default RUN/report.html)."),
+    tta: bool = typer.Option(False, help="Test-time augmentation: average each image with its mirror."),
+):
+    """A self-contained HTML report of a run (opens from disk, loads nothing from the network)."""
+    from .report import report as write
+
+    try:
+        target = write(run, data, tta=tta, output=output)
+    except USER_ERRORS as exc:
+        fail(exc)
+    typer.echo(f"Wrote {target}")
 
 
 @app.command()

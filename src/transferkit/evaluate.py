@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support
+from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix, log_loss,
+                             precision_recall_fscore_support, roc_auc_score, top_k_accuracy_score)
 
 from .model import TransferModel, predict_labels
 
@@ -17,16 +20,22 @@ def to_batch(batch: np.ndarray, device) -> torch.Tensor:
     return x.to(device, torch.float32)
 
 
-def predict_inputs(model: TransferModel, inputs: np.ndarray, forward, batch_size: int = 64,
+def predict_logits(model: TransferModel, inputs: np.ndarray, forward, batch_size: int = 64,
                    device: torch.device | str = "cpu") -> np.ndarray:
-    """Class probabilities (N, C) of `forward` (inputs -> logits) in inference mode, by batch."""
+    """Logits (N, 1 or C) of `forward` (inputs -> logits) in inference mode, by batch."""
     model.eval()
     out = []
     with torch.inference_mode():
         for start in range(0, len(inputs), batch_size):
-            logits = forward(to_batch(inputs[start:start + batch_size], device))
-            out.append(model.probabilities(logits).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.num_classes), dtype=np.float32)
+            out.append(forward(to_batch(inputs[start:start + batch_size], device)).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.head.out_features), dtype=np.float32)
+
+
+def predict_inputs(model: TransferModel, inputs: np.ndarray, forward, batch_size: int = 64,
+                   device: torch.device | str = "cpu") -> np.ndarray:
+    """Class probabilities (N, C) of `forward` (inputs -> logits) in inference mode, by batch."""
+    logits = predict_logits(model, inputs, forward, batch_size, device)
+    return model.probabilities(torch.from_numpy(logits)).numpy()
 
 
 def predict_arrays(model: TransferModel, images: np.ndarray, batch_size: int = 64,
@@ -35,11 +44,58 @@ def predict_arrays(model: TransferModel, images: np.ndarray, batch_size: int = 6
     return predict_inputs(model, images, model, batch_size, device)
 
 
+def write_predictions(path, paths: list[str], labels: np.ndarray, probabilities: np.ndarray,
+                      classes: list[str]) -> None:
+    """One row per image: path, true class, the probability of every class."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", *[f"p_{c}" for c in classes]])
+        for p, y, row in zip(paths, labels, probabilities):
+            writer.writerow([p, classes[y], *[f"{v:.6g}" for v in row]])
+
+
+def read_predictions(path, classes: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """What `write_predictions` wrote: (paths, labels, probabilities)."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    labels = np.array([classes.index(r["label"]) for r in rows], dtype=np.int64)
+    probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows], dtype=np.float64).reshape(-1, len(classes))
+    return [r["path"] for r in rows], labels, probs
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion (sound near 0 and 1, unlike the normal one)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def expected_calibration_error(y_true: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE (Guo et al. 2017): the bin-size-weighted mean |accuracy - confidence| over
+    `bins` equal-width confidence bins."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    confidence = probabilities.max(1)
+    correct = probabilities.argmax(1) == np.asarray(y_true)
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            ece += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
+    return float(ece)
+
+
 def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str],
                            threshold: float = 0.5) -> dict:
-    """Accuracy, log loss, per-class precision/recall/F1/support, averages, confusion matrix."""
+    """Accuracy (with its 95 % Wilson interval), balanced accuracy, log loss, ECE, per-class
+    precision/recall/F1/support, averages, confusion matrix; ROC-AUC and average precision for
+    two classes (class 1 positive), top-k accuracy for more."""
     y_true = np.asarray(y_true)
-    y_pred = predict_labels(torch.from_numpy(np.asarray(probabilities)), threshold).numpy()
+    probabilities = np.asarray(probabilities)
+    y_pred = predict_labels(torch.from_numpy(probabilities), threshold).numpy()
     labels = list(range(len(classes)))
     clipped = np.clip(probabilities, 1e-7, 1.0)
     precision, recall, f1, support = precision_recall_fscore_support(
@@ -49,15 +105,31 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classe
         p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels,
                                                      average=average, zero_division=0)
         averages[average] = {"precision": float(p), "recall": float(r), "f1": float(f)}
-    return {
+    correct = int((y_pred == y_true).sum())
+    present = len(np.unique(y_true)) > 1
+    metrics = {
         "n": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
+        "accuracy_ci95": list(wilson_interval(correct, len(y_true))),
+        "balanced_accuracy": float(recall[support > 0].mean()) if support.any() else 0.0,
         "loss": float(log_loss(y_true, clipped / clipped.sum(1, keepdims=True), labels=labels)),
+        "ece": expected_calibration_error(y_true, probabilities),
         "threshold": threshold if len(classes) == 2 else None,
+    }
+    if len(classes) == 2:
+        metrics["roc_auc"] = float(roc_auc_score(y_true, probabilities[:, 1])) if present else None
+        metrics["average_precision"] = (float(average_precision_score(y_true, probabilities[:, 1]))
+                                        if present else None)
+        metrics["positive_class"] = classes[1]
+    else:
+        metrics["top_k_accuracy"] = {str(k): float(top_k_accuracy_score(y_true, probabilities, k=k, labels=labels))
+                                     for k in range(2, min(5, len(classes) - 1) + 1)}
+    metrics.update({
         "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i]),
                           "f1": float(f1[i]), "support": int(support[i])}
                       for i, c in enumerate(classes)},
         "averages": averages,
         "confusion_matrix": {"labels": list(classes),
                              "rows_true_cols_predicted": confusion_matrix(y_true, y_pred, labels=labels).tolist()},
-    }
+    })
+    return metrics

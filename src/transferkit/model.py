@@ -110,11 +110,18 @@ class TransferModel(nn.Module):
         x = self.normalize(self.augment(to_unit(x)))
         return self.head(self.dropout(self.features(x)))
 
-    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean BCE on the logit for two classes, cross-entropy for more."""
+    def loss(self, logits: torch.Tensor, target: torch.Tensor,
+             class_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """BCE on the logit for two classes, cross-entropy for more; the mean over the batch, or
+        with `class_weight` (one per class) the weighted mean, as PyTorch's `weight=`."""
         if self.binary:
-            return F.binary_cross_entropy_with_logits(logits[:, 0], target.float())
-        return F.cross_entropy(logits, target)
+            losses = F.binary_cross_entropy_with_logits(logits[:, 0], target.float(), reduction="none")
+        else:
+            losses = F.cross_entropy(logits, target, reduction="none")
+        if class_weight is None:
+            return losses.mean()
+        w = class_weight.to(losses.device)[target]
+        return (losses * w).sum() / w.sum()
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """(N, C) class probabilities of logits / temperature; one logit: p(class 1) = sigmoid."""

@@ -1,8 +1,12 @@
-"""The learning-curve figure users of the seed know: accuracy and loss, both phases."""
+"""Figures: the learning curves users of the seed know (accuracy and loss, both phases), the
+confusion matrix, ROC / precision-recall curves and the reliability diagram."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
 
 import matplotlib
 
@@ -11,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
-def learning_curves(history: list[dict], path: Path, fine_tune_start: float | None = None) -> None:
+def learning_curves(history: list[dict], path: Path | BinaryIO, fine_tune_start: float | None = None) -> None:
     """Training and validation accuracy (top) and loss (bottom) per epoch; a vertical line marks
     where fine-tuning starts."""
     epochs = [r["epoch"] for r in history]
@@ -27,6 +31,65 @@ def learning_curves(history: list[dict], path: Path, fine_tune_start: float | No
         ax.legend(loc="lower right" if key == "accuracy" else "upper right")
     axes[1].set_xlabel("epoch")
     axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def confusion_figure(matrix: list[list[int]], classes: list[str], path: Path | BinaryIO) -> None:
+    """Counts and row percentages (the recall of each true class), true classes as rows."""
+    counts = np.asarray(matrix)
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    side = 1.2 + 0.9 * len(classes)
+    fig, ax = plt.subplots(figsize=(side + 1.6, side))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{counts[i, j]}\n{share[i, j]:.0%}", ha="center", va="center", fontsize=10,
+                    color="white" if share[i, j] > 0.6 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=30 if len(classes) > 3 else 0, ha="right" if len(classes) > 3 else "center")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def binary_curves(y_true: np.ndarray, p1: np.ndarray, threshold: float, positive: str,
+                  path: Path | BinaryIO) -> None:
+    """ROC and precision-recall curves of p(positive) with the operating threshold marked, and the
+    reliability diagram of the top-label confidence."""
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+    fpr, tpr, _ = roc_curve(y_true, p1)
+    predicted = p1 >= threshold
+    pos, neg = y_true == 1, y_true == 0
+    op_tpr, op_fpr = predicted[pos].mean(), predicted[neg].mean()
+    axes[0].plot(fpr, tpr, lw=2, label=f"ROC (AUC {auc(fpr, tpr):.3f})")
+    axes[0].plot([0, 1], [0, 1], ":", color="grey", label="chance")
+    axes[0].plot([op_fpr], [op_tpr], "o", color="crimson", label=f"threshold {threshold:.3f}")
+    axes[0].set(xlabel="false positive rate", ylabel="true positive rate (recall)",
+                title=f"ROC, positive class: {positive}")
+    precision, recall, _ = precision_recall_curve(y_true, p1)
+    op_precision = pos[predicted].mean() if predicted.any() else 1.0
+    axes[1].plot(recall, precision, lw=2, label="precision-recall")
+    axes[1].axhline(pos.mean(), linestyle=":", color="grey", label=f"chance ({pos.mean():.2f})")
+    axes[1].plot([op_tpr], [op_precision], "o", color="crimson", label=f"threshold {threshold:.3f}")
+    axes[1].set(xlabel="recall", ylabel="precision", title=f"Precision-recall, positive: {positive}")
+    confidence = np.maximum(p1, 1 - p1)
+    correct = (p1 >= 0.5) == pos
+    bins = min(10, max(2, len(y_true) // 20))
+    frac, mean = calibration_curve(correct.astype(int), confidence, n_bins=bins, strategy="quantile")
+    axes[2].plot([0.5, 1], [0.5, 1], ":", color="grey", label="perfect calibration")
+    axes[2].plot(mean, frac, "o-", lw=2, label="this model")
+    axes[2].set(xlabel="confidence (top class)", ylabel="observed accuracy", title="Reliability")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

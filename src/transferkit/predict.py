@@ -85,21 +85,25 @@ class Classifier:
         model.to(device, memory_format=torch.channels_last)
         return cls(model, meta["classes"], meta)
 
-    def predict_proba(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """(N, C) probabilities for uint8 images (N, S, S, 3) of this model's size."""
-        return predict_arrays(self.model, images, batch_size, self.device)
+    def predict_proba(self, images: np.ndarray, batch_size: int = 64, tta: bool = False) -> np.ndarray:
+        """(N, C) calibrated probabilities for uint8 images (N, S, S, 3) of this model's size;
+        `tta`: the mean of the probabilities of each image and its horizontal mirror."""
+        probs = predict_arrays(self.model, images, batch_size, self.device)
+        if tta:
+            probs = (probs + predict_arrays(self.model, images[:, :, ::-1], batch_size, self.device)) / 2
+        return probs
 
     def labels(self, probabilities: np.ndarray) -> list[str]:
         index = predict_labels(torch.from_numpy(probabilities), self.threshold).tolist()
         return [self.classes[i] for i in index]
 
     def predict_files(self, paths: Iterable[str | Path], batch_size: int = 64,
-                      workers: int | None = None) -> Iterator[dict]:
+                      workers: int | None = None, tta: bool = False) -> Iterator[dict]:
         """Stream one record per file, in order: {path, label, probabilities} or {path, error}."""
         pending: list[tuple[str, np.ndarray]] = []
 
         def flush():
-            probs = self.predict_proba(np.stack([a for _, a in pending]), batch_size)
+            probs = self.predict_proba(np.stack([a for _, a in pending]), batch_size, tta)
             for (path, _), p, label in zip(pending, probs, self.labels(probs)):
                 yield {"path": path, "label": label,
                        "probabilities": {c: float(v) for c, v in zip(self.classes, p)}}
@@ -116,14 +120,15 @@ class Classifier:
         if pending:
             yield from flush()
 
-    def evaluate(self, source: str | Path, batch_size: int = 64) -> dict:
+    def evaluate(self, source: str | Path, batch_size: int = 64, tta: bool = False) -> dict:
         """Metrics on a labelled folder or CSV whose classes are among this model's."""
         data = decode(load_labelled(source, self.classes), self.image_size)
         if len(data) == 0:
             raise DataError(f"{source}: no usable images")
-        probs = self.predict_proba(data.images, batch_size)
+        probs = self.predict_proba(data.images, batch_size, tta)
         metrics = classification_metrics(data.labels, probs, self.classes, self.threshold)
-        metrics["skipped"] = [{"path": p, "reason": r} for p, r in data.skipped]
+        metrics.update(source=str(source), tta=tta,
+                       skipped=[{"path": p, "reason": r} for p, r in data.skipped])
         return metrics
 
 

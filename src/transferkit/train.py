@@ -16,15 +16,19 @@ import numpy as np
 import timm
 import torch
 
+from .balance import MODES as BALANCE_MODES, class_weights, epoch_order
 from .backbones import DEFAULT_BACKBONE, create_backbone, resolve_fine_tune_at
 from .cache import (FeatureStore, Views, boundary_layer, cache_bytes, cut_index, default_cache_dir, extract,
                     feature_chain, head_forward, run_chain, suffix_forward)
+from .calibrate import THRESHOLD_METRICS, choose_threshold, fit_temperature, nll
 from .data import (DataError, LabelledImages, check_trainable, decode, load_labelled, memory_budget,
                    stratified_split)
-from .evaluate import classification_metrics, predict_inputs, to_batch
+from .evaluate import (classification_metrics, expected_calibration_error, predict_inputs, predict_logits,
+                       to_batch, write_predictions)
 from .model import TransferModel, predict_labels
 from .predict import Classifier
 from .progress import Reporter
+from .report import write_report
 
 MONITORS = ("val_loss", "val_accuracy")
 
@@ -49,6 +53,10 @@ class TrainConfig:
     rotation: float = 0.05  # fraction of a full turn, as Keras's RandomRotation (the seed: 0.2)
     train_bn: bool = False
     monitor: str = "val_loss"  # which validation number picks the kept epoch
+    threshold_metric: str = "none"  # two classes: what a threshold chosen on validation maximises
+    threshold: float = 0.5  # two classes: the fixed threshold on p(class 1) when threshold_metric is "none"
+    class_weight: str = "balanced"  # loss weights n / (C * n_c); "none": plain mean (measured on ELPV)
+    sampler: str = "none"  # "balanced": each class drawn equally often in an epoch
     device: str = "auto"
     cache: bool = True  # train from cached frozen-layer outputs (False: the seed's plain loop)
     views: int = 2  # augmented views cached per image, besides the clean one
@@ -73,6 +81,11 @@ class TrainConfig:
             (0.0 <= self.rotation <= 0.5, "rotation is a fraction of a full turn in [0, 0.5]"),
             (self.image_size is None or 16 <= self.image_size <= 2048, "image_size must be 16..2048"),
             (self.monitor in MONITORS, f"monitor must be one of {MONITORS}"),
+            (self.threshold_metric in ("none", *THRESHOLD_METRICS),
+             f"threshold_metric must be one of {('none', *THRESHOLD_METRICS)}"),
+            (0.0 <= self.threshold <= 1.0, "threshold must be in [0, 1]"),
+            (self.class_weight in BALANCE_MODES, f"class_weight must be one of {BALANCE_MODES}"),
+            (self.sampler in BALANCE_MODES, f"sampler must be one of {BALANCE_MODES}"),
             (self.views >= 0, "views must be >= 0"),
             (self.cache_dtype in ("float16", "float32"), "cache_dtype must be float16 or float32"),
         ]
@@ -99,11 +112,13 @@ def seed_everything(seed: int) -> None:
 
 
 def train_epoch(model: TransferModel, views: Views, optimizer, batch_size: int,
-                rng: np.random.Generator, device, reporter: Reporter) -> tuple[float, float]:
-    """One pass in a seeded random order, one stored view per image; returns (loss, accuracy)."""
+                rng: np.random.Generator, device, reporter: Reporter, sampler: str = "none",
+                class_weight: torch.Tensor | None = None) -> tuple[float, float]:
+    """One pass in a seeded random order (class-balanced draws with `sampler="balanced"`), one
+    stored view per image; returns (loss, accuracy)."""
     model.train()
     n = len(views.labels)
-    order = rng.permutation(n)
+    order = epoch_order(views.labels, rng, sampler)
     pick = rng.integers(0, views.num_views, n) if views.num_views > 1 else np.zeros(n, dtype=np.int64)
     total_loss, correct = 0.0, 0
     for start in range(0, n, batch_size):
@@ -111,7 +126,7 @@ def train_epoch(model: TransferModel, views: Views, optimizer, batch_size: int,
         x = to_batch(views.inputs[pick[index], index], device)
         y = torch.from_numpy(views.labels[index]).to(device)
         logits = views.forward(x)
-        loss = model.loss(logits, y)
+        loss = model.loss(logits, y, class_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -240,6 +255,10 @@ def fit(model: TransferModel, train_data: LabelledImages, val_data: LabelledImag
     phases = [(1, config.epochs, len(model.layers), config.lr),
               (2, config.fine_tune_epochs, fine_tune_at, config.lr * config.fine_tune_lr_factor)]
     n_batches = -(-len(train_data) // config.batch_size)
+    weights = class_weights(train_data.labels, model.num_classes, config.class_weight)
+    if weights is not None or config.sampler != "none":
+        reporter.log(f"Imbalance: class weights {'off' if weights is None else [round(w, 3) for w in weights.tolist()]}"
+                     f", sampler {config.sampler}")
     for (phase, epochs, trainable_from, lr), (train_views, val_views) in zip(phases, views):
         if epochs == 0:
             continue
@@ -255,7 +274,7 @@ def fit(model: TransferModel, train_data: LabelledImages, val_data: LabelledImag
             reporter.start(f"phase {phase} epoch {epoch}", n_batches)
             try:
                 train_loss, train_acc = train_epoch(model, train_views, optimizer, config.batch_size,
-                                                    rng, device, reporter)
+                                                    rng, device, reporter, config.sampler, weights)
             finally:
                 reporter.stop()
             val = classification_metrics(val_views.labels, predict_views(
@@ -274,6 +293,25 @@ def fit(model: TransferModel, train_data: LabelledImages, val_data: LabelledImag
     model.unfreeze_from(len(model.layers))
     model.eval()
     return history, best, timings
+
+
+def calibrate(model: TransferModel, logits: np.ndarray, labels: np.ndarray,
+              config: TrainConfig) -> tuple[np.ndarray, dict, dict | None]:
+    """Fit the temperature (sets model.temperature) and, for two classes, the threshold on the
+    validation logits; returns the calibrated probabilities and what was fitted."""
+    model.temperature = 1.0
+    before = model.probabilities(torch.from_numpy(logits)).numpy()
+    model.temperature = fit_temperature(logits, labels)
+    probs = model.probabilities(torch.from_numpy(logits)).numpy()
+    calibration = {"temperature": model.temperature, "method": "temperature scaling on the validation set",
+                   "loss_before": nll(logits, labels), "loss_after": nll(logits, labels, model.temperature),
+                   "ece_before": expected_calibration_error(labels, before),
+                   "ece_after": expected_calibration_error(labels, probs)}
+    if not model.binary:
+        return probs, calibration, None
+    if config.threshold_metric == "none":
+        return probs, calibration, {"metric": "fixed", "threshold": config.threshold}
+    return probs, calibration, choose_threshold(labels, probs[:, 1], config.threshold_metric)
 
 
 def _decode(raw: LabelledImages, name: str, size: int, reporter: Reporter, spill_dir,
@@ -342,7 +380,15 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
     reporter.log(f"Kept epoch {best['epoch']} (phase {best['phase']}, best {config.monitor}); "
                  f"val_accuracy {best['val_accuracy']:.4f}; training took {seconds:.0f}s")
 
+    val_logits = predict_logits(model, val_set.images, model, config.batch_size, device)
+    val_probs, calibration, selection = calibrate(model, val_logits, val_set.labels, config)
+    reporter.log(f"Calibration on validation: temperature {calibration['temperature']:.3f}, ECE "
+                 f"{calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}"
+                 + (f"; threshold {selection['threshold']:.4f} ({selection['metric']})" if selection else ""))
     classifier = Classifier(model, everything.classes, {
+        "temperature": calibration["temperature"],
+        "threshold": selection["threshold"] if selection else 0.5,
+        "threshold_selection": selection,
         "backbone": backbone.name,
         "weights": backbone.weights,
         "weights_sha256": backbone.weights_sha256,
@@ -357,11 +403,13 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
         "timings": {k: round(v, 2) for k, v in timings.items()},
     })
     classifier.save(out)
-    val_probs = predict_views(model, plain_views(model, val_set), config.batch_size, device)
     metrics = classification_metrics(val_set.labels, val_probs, val_set.classes, classifier.threshold)
-    metrics.update(split="validation", best_epoch=best["epoch"], counts={
+    metrics.update(split="validation", best_epoch=best["epoch"], calibration=calibration,
+                   threshold_selection=selection, counts={
         "train": train_set.counts(), "validation": val_set.counts(), "skipped": len(skipped)})
     write_outputs(out, history, metrics, skipped, config.epochs)
+    write_predictions(out / "val_predictions.csv", val_set.paths, val_set.labels, val_probs, val_set.classes)
+    write_report(out, classifier, "validation", val_set.paths, val_set.labels, val_probs, val_set.images)
     if not config.keep_cache:
         shutil.rmtree(spill, ignore_errors=True)
     return classifier

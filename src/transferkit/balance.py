@@ -1,0 +1,28 @@
+"""Class imbalance: loss weights and a class-balanced order of training examples."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+MODES = ("balanced", "none")
+
+
+def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tensor | None:
+    """scikit-learn's "balanced" weights n / (C * n_c) per class; None for "none"."""
+    if mode == "none":
+        return None
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = len(labels) / (num_classes * np.maximum(counts, 1))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def epoch_order(labels: np.ndarray, rng: np.random.Generator, mode: str) -> np.ndarray:
+    """Indices of one epoch: a permutation ("none"), or as many draws with replacement where every
+    class is equally likely ("balanced", PyTorch's WeightedRandomSampler with 1 / n_c weights)."""
+    n = len(labels)
+    if mode == "none":
+        return rng.permutation(n)
+    counts = np.bincount(labels)
+    p = 1.0 / counts[labels]
+    return rng.choice(n, size=n, replace=True, p=p / p.sum())

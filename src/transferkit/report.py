@@ -1,0 +1,297 @@
+"""One self-contained HTML page per run: data, settings, learning curves, metrics with their
+interval, confusion matrix, ROC / precision-recall, and the most confident mistakes with Grad-CAM.
+Every figure is a PNG embedded as base64: the page opens from disk and loads nothing."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from pathlib import Path
+from string import Template
+
+import numpy as np
+import torch
+
+from .data import DataError, ImageError, decode, load_image, load_labelled
+from .evaluate import classification_metrics, read_predictions
+from .model import predict_labels
+from .predict import Classifier, RunError
+
+MISTAKES = 8  # most confident mistakes shown
+
+PAGE = Template("""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>transferkit report: $title</title>
+<style>
+:root { --ink: #1f2933; --muted: #616e7c; --line: #e4e7eb; --accent: #2f6fde; --bad: #c2362b; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--ink); background: #f5f7fa; }
+main { max-width: 1120px; margin: 0 auto; padding: 28px 24px 48px; }
+header h1 { margin: 0 0 4px; font-size: 26px; }
+header p { margin: 0; color: var(--muted); }
+section { background: #fff; border: 1px solid var(--line); border-radius: 10px; padding: 18px 22px; margin-top: 20px; }
+h2 { margin: 0 0 12px; font-size: 19px; }
+h3 { margin: 16px 0 8px; font-size: 15px; color: var(--muted); font-weight: 600; }
+.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(150px, 1fr)); gap: 12px; }
+.card { border: 1px solid var(--line); border-radius: 8px; padding: 10px 14px; }
+.card .label { color: var(--muted); font-size: 13px; }
+.card .value { font-size: 24px; font-weight: 650; }
+.card .sub { color: var(--muted); font-size: 12.5px; }
+.note { color: var(--muted); font-size: 13.5px; margin: 10px 0 0; }
+.warn { color: var(--bad); }
+table { border-collapse: collapse; width: 100%; font-size: 14px; }
+th, td { text-align: left; padding: 5px 10px; border-bottom: 1px solid var(--line); }
+th { color: var(--muted); font-weight: 600; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+.two { display: grid; grid-template-columns: 1fr 1fr; gap: 24px; }
+@media (max-width: 800px) { .two { grid-template-columns: 1fr; } }
+figure { margin: 0; }
+figure img { max-width: 100%; height: auto; display: block; margin: 0 auto; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(240px, 1fr)); gap: 14px; }
+.gallery figure { border: 1px solid var(--line); border-radius: 8px; overflow: hidden; }
+.gallery figcaption { padding: 8px 10px; font-size: 13px; }
+.gallery .file { color: var(--muted); word-break: break-all; }
+code { font-size: 13px; }
+</style></head>
+<body><main>
+<header><h1>$title</h1><p>$subtitle</p></header>
+<section><h2>$eval_heading</h2>$cards<p class="note">$eval_note</p></section>
+<section><h2>Data</h2><div class="two"><div>$counts</div><div>$skipped</div></div></section>
+<section><h2>Training</h2><div class="two"><div>$settings</div><div>$model_facts</div></div></section>
+<section><h2>Learning curves</h2><figure><img alt="learning curves" src="$learning_curves"></figure>
+<p class="note">$curves_note</p></section>
+<section><h2>Per-class metrics and confusion matrix</h2><div class="two"><div>$per_class</div>
+<figure><img alt="confusion matrix" src="$confusion"></figure></div></section>
+$curves
+<section><h2>Most confident mistakes</h2>$mistakes</section>
+<p class="note">Written by transferkit $version. Everything on this page is embedded; it loads nothing from the network.</p>
+</main></body></html>
+""")
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def figure_uri(draw) -> str:
+    """A figure drawn by `draw(file)` into memory, as a data URI."""
+    buffer = io.BytesIO()
+    draw(buffer)
+    return data_uri(buffer.getvalue())
+
+
+def image_uri(array: np.ndarray) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return data_uri(buffer.getvalue())
+
+
+def table(header: list[str], rows: list[list], numeric_from: int = 1) -> str:
+    """An HTML table; columns from `numeric_from` on are right-aligned."""
+    def cells(values, tag):
+        return "".join(f'<{tag}{" class=num" if i >= numeric_from else ""}>{html.escape(str(v))}</{tag}>'
+                       for i, v in enumerate(values))
+    body = "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rows)
+    return f"<table><thead><tr>{cells(header, 'th')}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def card(label: str, value: str, sub: str = "") -> str:
+    return (f'<div class="card"><div class="label">{html.escape(label)}</div>'
+            f'<div class="value">{html.escape(value)}</div><div class="sub">{html.escape(sub)}</div></div>')
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    with open(run_dir / "history.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return [{k: (int(v) if k in ("epoch", "phase") else float(v)) for k, v in r.items()} for r in rows]
+
+
+def confident_mistakes(labels: np.ndarray, probs: np.ndarray, predicted: np.ndarray, k: int,
+                       threshold: float = 0.5) -> np.ndarray:
+    """Indices of the `k` most confident wrong predictions: the highest probability of the
+    predicted class; for two classes, the longest way past the threshold towards certainty."""
+    wrong = np.flatnonzero(predicted != labels)
+    if probs.shape[1] == 2:
+        p1 = probs[wrong, 1]
+        confidence = np.where(predicted[wrong] == 1, (p1 - threshold) / max(1 - threshold, 1e-9),
+                              (threshold - p1) / max(threshold, 1e-9))
+    else:
+        confidence = probs[wrong, predicted[wrong]]
+    return wrong[np.argsort(-confidence, kind="stable")[:k]]
+
+
+def mistakes_html(classifier: Classifier, paths: list[str], labels: np.ndarray, probs: np.ndarray,
+                  predicted: np.ndarray, images: np.ndarray | None) -> str:
+    from .explain import gradcam, overlay
+
+    chosen = confident_mistakes(labels, probs, predicted, MISTAKES, classifier.threshold)
+    if len(chosen) == 0:
+        return '<p>No mistakes on this set.</p>'
+    found, arrays = [], []
+    for i in chosen:
+        try:
+            arrays.append(images[i] if images is not None else load_image(paths[i], classifier.image_size))
+            found.append(i)
+        except ImageError:
+            continue  # the file moved since training: counted below the gallery
+    figures = []
+    if found:
+        try:
+            cams, _, _ = gradcam(classifier.model, np.stack(arrays), target=predicted[found],
+                                 device=classifier.device)
+            pictures = [overlay(a, c) for a, c in zip(arrays, cams)]
+            note = "Grad-CAM: warm colours mark where the image holds the evidence for the (wrong) predicted class."
+        except ValueError as exc:  # not a CNN: show the images without heatmaps
+            cams = np.ones((len(arrays), *arrays[0].shape[:2]))
+            pictures, note = [overlay(a, c, alpha=0) for a, c in zip(arrays, cams)], str(exc)
+        binary = len(classifier.classes) == 2
+        for i, picture, cam in zip(found, pictures, cams):
+            true, guess = classifier.classes[labels[i]], classifier.classes[predicted[i]]
+            score = (f"p({html.escape(classifier.classes[1])}) = {probs[i, 1]:.3f}, threshold {classifier.threshold:.3f}"
+                     if binary else f"p = {probs[i, predicted[i]]:.3f}")
+            empty = "<br><i>no region supports this class</i>" if np.max(cam) <= 0 else ""
+            figures.append(
+                f'<figure><img alt="Grad-CAM of {html.escape(Path(paths[i]).name)}" src="{image_uri(picture)}">'
+                f'<figcaption><b>true {html.escape(true)}</b>, predicted {html.escape(guess)} ({score}){empty}'
+                f'<br><span class="file">{html.escape(paths[i])}</span></figcaption></figure>')
+    missing = len(chosen) - len(found)
+    extra = f'<p class="note warn">{missing} of these files can no longer be read.</p>' if missing else ""
+    return f'<p class="note">{note if found else ""}</p><div class="gallery">{"".join(figures)}</div>{extra}'
+
+
+def counts_html(metrics: dict, eval_counts: dict[str, int], eval_name: str, classes: list[str]) -> str:
+    counts = dict(metrics.get("counts", {}))
+    splits = [(name, counts[key]) for name, key in (("train", "train"), ("validation", "validation")) if key in counts]
+    if eval_name != "validation":
+        splits.append((eval_name, eval_counts))
+    rows = [[c, *[s[1].get(c, 0) for s in splits]] for c in classes]
+    rows.append(["total", *[sum(s[1].values()) for s in splits]])
+    return table(["class", *[s[0] for s in splits]], rows)
+
+
+def skipped_html(run_dir: Path, eval_skipped: list[tuple[str, str]]) -> str:
+    lines = [line.split("\t", 1) for line in (run_dir / "skipped.txt").read_text().splitlines() if line] \
+        if (run_dir / "skipped.txt").is_file() else []
+    lines += [list(item) for item in eval_skipped]
+    if not lines:
+        return "<h3>Skipped files</h3><p>None: every file was a usable image.</p>"
+    shown = "".join(f"<tr><td><code>{html.escape(p)}</code></td><td>{html.escape(r)}</td></tr>" for p, r in lines[:20])
+    more = f'<p class="note">and {len(lines) - 20} more (skipped.txt)</p>' if len(lines) > 20 else ""
+    return (f"<h3>Skipped files ({len(lines)})</h3><table><thead><tr><th>file</th><th>reason</th></tr></thead>"
+            f"<tbody>{shown}</tbody></table>{more}")
+
+
+def settings_html(meta: dict) -> str:
+    config = meta.get("config", {})
+    keys = ["backbone", "image_size", "epochs", "fine_tune_epochs", "lr", "fine_tune_lr_factor", "batch_size",
+            "dropout", "flip", "rotation", "class_weight", "sampler", "monitor", "threshold_metric", "threshold",
+            "cache", "views", "seed", "val_split"]
+    rows = [[k, json.dumps(config[k]) if not isinstance(config[k], str) else config[k]] for k in keys if k in config]
+    return "<h3>Settings</h3>" + table(["setting", "value"], rows, numeric_from=2)
+
+
+def facts_html(meta: dict, classes: list[str]) -> str:
+    fine = meta.get("fine_tune_at", {})
+    selection = meta.get("threshold_selection") or {}
+    rows = [["weights", meta.get("weights")],
+            ["input size", meta["preprocess"]["image_size"]],
+            ["fine-tuned from", f"layer {fine.get('index')} of {fine.get('num_layers')} ({fine.get('name')})"],
+            ["kept epoch", meta.get("best_epoch")],
+            ["training time", f"{meta.get('training_seconds', 0):.0f} s"],
+            ["temperature", f"{float(meta.get('temperature', 1.0)):.3f}"]]
+    if len(classes) == 2:
+        how = (f"chosen on validation for {selection.get('metric')}" if selection.get("metric") not in (None, "fixed")
+               else "fixed")
+        rows.append([f"threshold on p({classes[1]})", f"{float(meta.get('threshold', 0.5)):.4f} ({how})"])
+    return "<h3>Model</h3>" + table(["", ""], rows, numeric_from=2)
+
+
+def write_report(run_dir: str | Path, classifier: Classifier, eval_name: str, paths: list[str],
+                 labels: np.ndarray, probs: np.ndarray, images: np.ndarray | None = None,
+                 eval_skipped: list[tuple[str, str]] = (), tta: bool = False,
+                 output: str | Path | None = None) -> Path:
+    """Write the page for these predictions (`eval_name`: "validation" or the test set's name)."""
+    from .plots import binary_curves, confusion_figure, learning_curves
+
+    run_dir = Path(run_dir)
+    meta, classes = classifier.meta, classifier.classes
+    train_metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    metrics = classification_metrics(labels, probs, classes, classifier.threshold)
+    predicted = predict_labels(torch.from_numpy(np.asarray(probs)), classifier.threshold).numpy()
+    n, (low, high) = metrics["n"], metrics["accuracy_ci95"]
+    cards = [card("accuracy", f"{metrics['accuracy']:.1%}", f"95% CI {low:.1%} – {high:.1%}"),
+             card("balanced accuracy", f"{metrics['balanced_accuracy']:.1%}", "mean recall of the classes")]
+    if len(classes) == 2 and metrics.get("roc_auc") is not None:
+        cards += [card("ROC-AUC", f"{metrics['roc_auc']:.3f}", f"positive: {classes[1]}"),
+                  card("average precision", f"{metrics['average_precision']:.3f}", f"positive: {classes[1]}")]
+    for k, value in metrics.get("top_k_accuracy", {}).items():
+        cards.append(card(f"top-{k} accuracy", f"{value:.1%}"))
+    cards += [card("log loss", f"{metrics['loss']:.3f}"), card("ECE", f"{metrics['ece']:.3f}", "calibration error")]
+    optimistic = (" These are validation images: they chose the kept epoch, the temperature and the threshold, "
+                  "so the numbers are optimistic; run <code>transferkit report RUN TEST_DIR</code> for a held-out set."
+                  if eval_name == "validation" else "")
+    eval_note = (f"{n} images; one image is worth {1 / max(n, 1):.2%} of accuracy. The interval is the 95% Wilson "
+                 f"score interval of the accuracy." + (" Test-time augmentation: each image averaged with its mirror."
+                                                      if tta else "") + optimistic)
+    history = read_history(run_dir)
+    epochs = int(meta.get("config", {}).get("epochs", 0))
+    fine_start = epochs + 0.5 if any(r["phase"] == 2 for r in history) else None
+    per_class = table(["class", "precision", "recall", "F1", "support"],
+                      [[c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", m["support"]]
+                       for c, m in metrics["per_class"].items()]
+                      + [[f"{a} average", f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", n]
+                         for a, m in metrics["averages"].items()])
+    curves = ""
+    if len(classes) == 2 and metrics.get("roc_auc") is not None:
+        uri = figure_uri(lambda f: binary_curves(np.asarray(labels), np.asarray(probs)[:, 1], classifier.threshold,
+                                                 classes[1], f))
+        curves = (f'<section><h2>ROC, precision-recall and calibration</h2><figure><img alt="ROC and '
+                  f'precision-recall curves" src="{uri}"></figure><p class="note">The red dot is the operating '
+                  f'threshold {classifier.threshold:.3f} on p({html.escape(classes[1])}).</p></section>')
+    page = PAGE.substitute(
+        title=html.escape(run_dir.resolve().name),
+        subtitle=html.escape(f"{meta['backbone']} · {len(classes)} classes: {', '.join(classes)}"),
+        eval_heading=html.escape(f"Results on {eval_name}"), cards=f'<div class="cards">{"".join(cards)}</div>',
+        eval_note=eval_note,
+        counts="<h3>Images per class and split</h3>" + counts_html(
+            train_metrics, {c: int((np.asarray(labels) == i).sum()) for i, c in enumerate(classes)}, eval_name, classes),
+        skipped=skipped_html(run_dir, list(eval_skipped)),
+        settings=settings_html(meta), model_facts=facts_html(meta, classes),
+        learning_curves=figure_uri(lambda f: learning_curves(history, f, fine_tune_start=fine_start)),
+        curves_note=("The dashed line marks the start of fine-tuning (phase 2); the kept epoch is "
+                     f"{meta.get('best_epoch')}."),
+        per_class=per_class,
+        confusion=figure_uri(lambda f: confusion_figure(metrics["confusion_matrix"]["rows_true_cols_predicted"],
+                                                        classes, f)),
+        curves=curves,
+        mistakes=mistakes_html(classifier, list(paths), np.asarray(labels), np.asarray(probs), predicted, images),
+        version=html.escape(str(meta.get("versions", {}).get("transferkit", ""))))
+    target = Path(output) if output else run_dir / "report.html"
+    target.write_text(page, encoding="utf-8")
+    return target
+
+
+def report(run_dir: str | Path, data: str | Path | None = None, tta: bool = False, batch_size: int = 64,
+           output: str | Path | None = None) -> Path:
+    """The page for a run: on a labelled folder/CSV when given, else on the run's validation
+    predictions (val_predictions.csv)."""
+    run_dir = Path(run_dir)
+    classifier = Classifier.load(run_dir)
+    if data is not None:
+        decoded = decode(load_labelled(data, classifier.classes), classifier.image_size)
+        if len(decoded) == 0:
+            raise DataError(f"{data}: no usable images")
+        probs = classifier.predict_proba(decoded.images, batch_size, tta)
+        return write_report(run_dir, classifier, f"test set {data}", decoded.paths, decoded.labels, probs,
+                            decoded.images, decoded.skipped, tta, output)
+    saved = run_dir / "val_predictions.csv"
+    if not saved.is_file():
+        raise RunError(f"{saved}: not found; give a labelled folder: transferkit report {run_dir} DATA_DIR")
+    paths, labels, probs = read_predictions(saved, classifier.classes)
+    return write_report(run_dir, classifier, "validation", paths, labels, probs, output=output)
