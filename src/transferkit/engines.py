@@ -3,6 +3,7 @@ behind the same interface (predict_proba, labels, predict_files, evaluate)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -87,8 +88,6 @@ def stale_reason(onnx: OnnxClassifier, run_dir: Path) -> str | None:
 
 
 def load_meta(run_dir: Path) -> dict:
-    import json
-
     try:
         return json.loads((run_dir / "model.json").read_text())
     except (OSError, ValueError):
