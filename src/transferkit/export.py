@@ -141,17 +141,22 @@ def quantize(float_path: str | Path, out: str | Path, mode: str, calibration: np
                                           shape_inference)
 
     props = {p.key: p.value for p in onnx.load(str(float_path)).metadata_props}
-    with tempfile.TemporaryDirectory() as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        shape_inference.quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
-        target = Path(tmp) / "quantized.onnx"
-        if mode == "int8-dynamic":
-            quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8, per_channel=True)
-        else:
-            quantize_static(str(prepared), str(target), _Calibration("images", calibration),
-                            quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        proto = onnx.load(str(target))
+    root_level = logging.root.level
+    logging.root.setLevel(logging.ERROR)  # onnxruntime.quantization warns on the root logger
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            prepared = Path(tmp) / "prepared.onnx"
+            shape_inference.quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
+            target = Path(tmp) / "quantized.onnx"
+            if mode == "int8-dynamic":
+                quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8, per_channel=True)
+            else:
+                quantize_static(str(prepared), str(target), _Calibration("images", calibration),
+                                quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            proto = onnx.load(str(target))
+    finally:
+        logging.root.setLevel(root_level)
     set_metadata(proto, {**props, "quantization": mode})
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(out))
