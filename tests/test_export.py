@@ -124,6 +124,12 @@ def test_quantization_guard(exported, binary_run, lfw_split, tmp_path):
     forced = export(run, out=tmp_path / "forced.onnx", quantize_mode="int8", val_data=lfw_split[1], force=True)
     engine = OnnxClassifier(forced["path"])
     assert engine.meta["quantization"] == "int8" and engine.classes == binary_run[0].classes
+    graph = onnx.load(forced["path"]).graph
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    quantized_inputs = {producer.get(node.input[0]) for node in graph.node if node.op_type == "QuantizeLinear"}
+    assert "Conv" in {n.op_type for n in graph.node} and "QuantizeLinear" in {n.op_type for n in graph.node}
+    assert not quantized_inputs & {"Sigmoid", "Softmax"}  # probabilities stay float, not 8-bit steps
+    assert all(node.op_type != "QuantizeLinear" for node in graph.node if "images" in node.input)
     data = decode(load_labelled(lfw_split[1], engine.classes), engine.image_size)
     labels = np.array([engine.classes.index(c) for c in engine.labels(engine.predict_proba(data.images))])
     assert forced["quantized_accuracy"] == pytest.approx((labels == data.labels).mean() * 100)

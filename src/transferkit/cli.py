@@ -141,37 +141,36 @@ def predict(
         classifier = load_engine(run, engine.value, log=lambda m: typer.echo(m, err=True))
     except USER_ERRORS as exc:
         fail(exc)
-    paths = expand_inputs(inputs)
-    reporter = Reporter()
+    paths, stdout, reporter = expand_inputs(inputs), sys.stdout, Reporter()
     if reporter.live:  # a bar needs the total: list the files first (names only)
         paths = list(paths)
         reporter.start("predict", len(paths))
-    writer = csv.writer(sys.stdout)
+    # The bar redirects sys.stdout to the terminal; records piped to a file must not follow it.
+    stream = sys.stdout if stdout.isatty() else stdout
+    writer = csv.writer(stream)
     if format is Format.csv:
         writer.writerow(["path", "label", *[f"p_{c}" for c in classifier.classes], "error"])
     failures = 0
-    try:
-        for record in classifier.predict_files(paths, batch_size):
-            reporter.advance()
-            error = record.get("error")
-            failures += error is not None
-            probs = record.get("probabilities", {})
-            if format is Format.json:
-                line = json.dumps(record)
-            elif format is Format.csv:
-                writer.writerow([record["path"], record.get("label", ""),
-                                 *[f"{probs[c]:.6f}" if probs else "" for c in classifier.classes],
-                                 error or ""])
-                sys.stdout.flush()
-                continue
-            elif error:
-                line = f"{record['path']}\tERROR: {error}"
-            else:
-                line = f"{record['path']}\t{record['label']}\t" + "  ".join(
-                    f"{c}={p:.4f}" for c, p in probs.items())
-            typer.echo(line)
-    finally:
-        reporter.stop()
+    for record in classifier.predict_files(paths, batch_size):
+        reporter.advance()
+        error = record.get("error")
+        failures += error is not None
+        probs = record.get("probabilities", {})
+        if format is Format.json:
+            line = json.dumps(record)
+        elif format is Format.csv:
+            writer.writerow([record["path"], record.get("label", ""),
+                             *[f"{probs[c]:.6f}" if probs else "" for c in classifier.classes],
+                             error or ""])
+            stream.flush()
+            continue
+        elif error:
+            line = f"{record['path']}\tERROR: {error}"
+        else:
+            line = f"{record['path']}\t{record['label']}\t" + "  ".join(
+                f"{c}={p:.4f}" for c, p in probs.items())
+        typer.echo(line, file=stream)
+    reporter.stop()
     if failures:
         typer.echo(f"{failures} file(s) could not be classified (see their records)", err=True)
 

@@ -148,11 +148,13 @@ def quantize(float_path: str | Path, out: str | Path, mode: str, calibration: np
             prepared = Path(tmp) / "prepared.onnx"
             shape_inference.quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
             target = Path(tmp) / "quantized.onnx"
+            keep = float_ends(onnx.load(str(prepared)))
             if mode == "int8-dynamic":
-                quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8, per_channel=True)
+                quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                                 nodes_to_exclude=keep)
             else:
                 quantize_static(str(prepared), str(target), _Calibration("images", calibration),
-                                quant_format=QuantFormat.QDQ, per_channel=True,
+                                quant_format=QuantFormat.QDQ, per_channel=True, nodes_to_exclude=keep,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
             proto = onnx.load(str(target))
     finally:
@@ -161,6 +163,24 @@ def quantize(float_path: str | Path, out: str | Path, mode: str, calibration: np
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(out))
     return Path(out)
+
+
+def float_ends(proto) -> list[str]:
+    """Names of the nodes before the first convolution (input normalisation) and after the last
+    linear layer (temperature, sigmoid/softmax): kept in float so probabilities stay precise."""
+    nodes = list(proto.graph.node)  # topologically sorted
+    first = next(i for i, n in enumerate(nodes) if n.op_type == "Conv")
+    last = max(i for i, n in enumerate(nodes) if n.op_type in ("Gemm", "MatMul"))
+    keep, needed, produced = [], set(nodes[first].input), set(nodes[last].output)
+    for node in reversed(nodes[:first]):  # what feeds the first convolution
+        if needed & set(node.output):
+            keep.append(node.name)
+            needed.update(node.input)
+    for node in nodes[last + 1:]:  # what follows from the last linear layer
+        if produced & set(node.input):
+            keep.append(node.name)
+            produced.update(node.output)
+    return keep
 
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
