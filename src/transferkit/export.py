@@ -238,8 +238,9 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
         images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
     with tempfile.TemporaryDirectory() as tmp:
         float_path = export_onnx(classifier, run_dir, Path(tmp) / "float.onnx", layout)
+        spread = None if images is None else np.linspace(0, len(images) - 1, min(len(images), 256)).astype(int)
         q_path = quantize(float_path, Path(tmp) / "quantized.onnx", quantize_mode,
-                          None if images is None else images[:256])
+                          None if images is None else images[spread])  # every class, not the first
         report = {"path": str(out), "quantization": quantize_mode}
         if data is not None:
             for name, path in (("float", float_path), ("quantized", q_path)):
