@@ -15,6 +15,7 @@ from rich.table import Table
 
 from .backbones import BackboneError, DEFAULT_BACKBONE, available_backbones, create_backbone
 from .data import DataError
+from .engines import load_engine
 from .predict import RunError, expand_inputs, load
 from .progress import Reporter
 from .train import TrainConfig, train as train_run
@@ -148,25 +149,39 @@ def evaluate(
             out.print(f"  {item['path']}: {item['reason']}", markup=False)
 
 
+class Engine(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    onnx = "onnx"
+
+
 @app.command()
 def predict(
-    run: Path = typer.Argument(..., help="Run directory written by `train`."),
+    run: Path = typer.Argument(..., help="Run directory written by `train` (or an exported .onnx file)."),
     inputs: list[Path] = typer.Argument(..., help="Image files and/or folders."),
     format: Format = typer.Option(Format.table, "--format", help="table, json (JSON lines) or csv."),
     batch_size: int = typer.Option(64),
     tta: bool = typer.Option(False, help="Test-time augmentation: average each image with its mirror."),
+    engine: Engine = typer.Option(Engine.auto, help="auto: the run's model.onnx with ONNX Runtime when it exists, else PyTorch."),
 ):
-    """Classify images (calibrated probabilities; two classes use the run's threshold); unreadable
-    files get their own record with the reason."""
+    """Classify images (calibrated probabilities; two classes use the run's threshold), streaming
+    one line per file; unreadable files get their own record with the reason."""
     try:
-        classifier = load(run)
+        classifier = load_engine(run, engine.value, log=lambda m: typer.echo(m, err=True))
     except USER_ERRORS as exc:
         fail(exc)
-    writer = csv.writer(sys.stdout)
+    paths, stdout, reporter = expand_inputs(inputs), sys.stdout, Reporter()
+    if reporter.live:  # a bar needs the total: list the files first (names only)
+        paths = list(paths)
+        reporter.start("predict", len(paths))
+    # The bar redirects sys.stdout to the terminal; records piped to a file must not follow it.
+    stream = sys.stdout if stdout.isatty() else stdout
+    writer = csv.writer(stream)
     if format is Format.csv:
         writer.writerow(["path", "label", *[f"p_{c}" for c in classifier.classes], "error"])
     failures = 0
-    for record in classifier.predict_files(expand_inputs(inputs), batch_size, tta=tta):
+    for record in classifier.predict_files(paths, batch_size, tta=tta):
+        reporter.advance()
         error = record.get("error")
         failures += error is not None
         probs = record.get("probabilities", {})
@@ -176,14 +191,15 @@ def predict(
             writer.writerow([record["path"], record.get("label", ""),
                              *[f"{probs[c]:.6f}" if probs else "" for c in classifier.classes],
                              error or ""])
-            sys.stdout.flush()
+            stream.flush()
             continue
         elif error:
             line = f"{record['path']}\tERROR: {error}"
         else:
             line = f"{record['path']}\t{record['label']}\t" + "  ".join(
                 f"{c}={p:.4f}" for c, p in probs.items())
-        typer.echo(line)
+        typer.echo(line, file=stream)
+    reporter.stop()
     if failures:
         typer.echo(f"{failures} file(s) could not be classified (see their records)", err=True)
 
@@ -227,6 +243,54 @@ def report(
     except USER_ERRORS as exc:
         fail(exc)
     typer.echo(f"Wrote {target}")
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="Run directory written by `train`."),
+    format: str = typer.Option("onnx", "--format", help="onnx, or torch (a torch.export .pt2 program)."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="File to write (default: RUN/model.onnx or RUN/model.pt2)."),
+    quantize: Optional[str] = typer.Option(None, help="int8 (static, calibrated on --val-dir) or int8-dynamic."),
+    val_dir: Optional[Path] = typer.Option(None, help="Labelled folder/CSV: checks (and calibrates) a quantized model."),
+    tolerance: float = typer.Option(1.0, help="Largest validation accuracy drop (points) a quantized model may have."),
+    force: bool = typer.Option(False, help="Write the quantized model even if it fails the accuracy check."),
+    layout: str = typer.Option("nhwc", help="Input layout of the exported graph: nhwc or nchw (uint8 RGB)."),
+):
+    """Export for deployment: preprocessing inside, probabilities out, metadata in the file."""
+    from .export import export as export_run
+
+    try:
+        report = export_run(run, format, out_file, quantize, val_dir, tolerance, force, layout)
+    except USER_ERRORS as exc:
+        fail(exc)
+    if "drop" in report:
+        typer.echo(f"validation accuracy: float {report['float_accuracy']:.2f}%, {quantize} "
+                   f"{report['quantized_accuracy']:.2f}% (drop {report['drop']:.2f} points)", err=True)
+    typer.echo(f"Wrote {report['path']}", err=True)
+
+
+@app.command()
+def serve(
+    run: Path = typer.Argument(..., help="Run directory written by `train` (or an exported .onnx file)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (default: this machine only)."),
+    port: int = typer.Option(8000),
+    engine: Engine = typer.Option(Engine.auto, help="As for predict."),
+    max_upload_mb: float = typer.Option(10.0, help="Largest request body."),
+    max_pixels: int = typer.Option(40_000_000, help="Largest image (width x height), checked before decoding."),
+    timeout: float = typer.Option(10.0, help="Seconds a request may take (upload, decoding, prediction)."),
+):
+    """HTTP service: POST /predict, GET /health, and a web page at /."""
+    import uvicorn
+
+    from .serve import Limits, create_app
+
+    try:
+        limits = Limits(max_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels, timeout=timeout)
+        application = create_app(run, engine.value, limits, log=lambda m: typer.echo(m, err=True))
+    except USER_ERRORS as exc:
+        fail(exc)
+    typer.echo(f"Serving {run} on http://{host}:{port}/ (Ctrl-C stops)", err=True)
+    uvicorn.run(application, host=host, port=port, log_level="warning")
 
 
 @app.command()

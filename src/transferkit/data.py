@@ -151,14 +151,19 @@ def load_image(path: str | Path, size: int, draft: bool = True) -> np.ndarray:
     Raises ImageError with a one-line reason for anything that is not a usable image.
     """
     path = Path(path)
+    if not path.is_file():
+        raise ImageError("file not found")
+    if path.stat().st_size == 0:
+        raise ImageError("empty file")
+    return read_image(path, size, draft)
+
+
+def read_image(source, size: int, draft: bool = True) -> np.ndarray:
+    """`load_image` for a path or a binary file object (e.g. an upload)."""
     try:
-        if not path.is_file():
-            raise ImageError("file not found")
-        if path.stat().st_size == 0:
-            raise ImageError("empty file")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 if draft and image.format == "JPEG":
                     image.draft("RGB", (size * 2, size * 2))
                 image.load()

@@ -1,0 +1,203 @@
+"""The HTTP service: `POST /predict` (multipart field `file`, or raw image bytes), `GET /health`,
+and `GET /`, a self-contained web page to drop or pick an image.
+
+Every limit (upload size, image format, pixel count, request time) is enforced before or while
+the work happens; a violation is a 4xx JSON `{"error": "..."}`. Concurrent requests are classified
+together: one batch at a time goes through the model (micro-batching).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from io import BytesIO
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException
+
+from .data import ImageError, read_image
+from .engines import load_engine
+
+# Pillow format names accepted by /predict.
+ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = 10 * 2**20  # request body
+    max_pixels: int = 40_000_000  # width x height, read from the header before decoding
+    timeout: float = 10.0  # seconds for one request: upload, decoding and prediction
+    max_batch: int = 32  # requests classified together
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class Batcher:
+    """Queues images from concurrent requests; one worker runs them through the model in batches."""
+
+    def __init__(self, classifier, max_batch: int):
+        self.classifier, self.max_batch = classifier, max_batch
+        self.queue: asyncio.Queue | None = None
+
+    async def run(self) -> None:
+        self.queue = asyncio.Queue()
+        while True:
+            items = [await self.queue.get()]
+            while len(items) < self.max_batch and not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            items = [(image, future) for image, future in items if not future.done()]
+            if not items:
+                continue
+            batch = np.stack([image for image, _ in items])
+            try:
+                probs = await asyncio.to_thread(self.classifier.predict_proba, batch, len(batch))
+            except Exception as exc:  # noqa: BLE001 - handed to the waiting requests
+                probs = exc
+            for i, (_, future) in enumerate(items):
+                if not future.done():
+                    if isinstance(probs, Exception):
+                        future.set_exception(probs)
+                    else:
+                        future.set_result(probs[i])
+
+    async def predict(self, image: np.ndarray) -> np.ndarray:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((image, future))
+        return await future
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+    too_large = ApiError(413, f"upload too large (limit {limit} bytes)")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def upload_bytes(request: Request, body: bytes) -> bytes:
+    """The image bytes: the multipart field `file`, or the whole body."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("application/x-www-form-urlencoded"):
+        raise ApiError(415, "send the image as multipart/form-data (field 'file') or as the raw body")
+    if ctype.startswith("multipart/form-data"):
+        async def replay():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form()
+        except Exception as exc:  # noqa: BLE001 - starlette/python-multipart parse errors
+            raise ApiError(400, f"malformed multipart body ({getattr(exc, 'detail', exc)})") from None
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            fields = ", ".join(form.keys()) or "none"
+            raise ApiError(422, f"multipart form needs the image in the field 'file' (got: {fields})")
+        body = await upload.read()
+    if not body:
+        raise ApiError(400, "empty upload: send an image (multipart field 'file' or the raw body)")
+    return body
+
+
+def decode_upload(data: bytes, size: int, limits: Limits) -> np.ndarray:
+    """Check format and pixel count from the header, then decode as training does."""
+    try:
+        with Image.open(BytesIO(data)) as image:
+            fmt, (width, height) = image.format, image.size
+    except UnidentifiedImageError:
+        raise ApiError(415, "not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as exc:
+        raise ApiError(413, f"too many pixels (decompression bomb guard): {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ApiError(422, f"unreadable image ({exc})") from None
+    if fmt not in ALLOWED_FORMATS:
+        raise ApiError(415, f"image format {fmt} not allowed (allowed: {', '.join(ALLOWED_FORMATS)})")
+    if width * height > limits.max_pixels:
+        raise ApiError(413, f"too many pixels: {width}x{height} > {limits.max_pixels} "
+                            "(decompression bomb guard)")
+    try:
+        return read_image(BytesIO(data), size)
+    except ImageError as exc:
+        raise ApiError(422, str(exc)) from None
+
+
+def page() -> str:
+    return resources.files("transferkit").joinpath("page.html").read_text(encoding="utf-8")
+
+
+def create_app(run: str | Path, engine: str = "auto", limits: Limits = Limits(),
+               log: Callable[[str], None] | None = None) -> FastAPI:
+    """The service for one run directory (or exported .onnx file)."""
+    from .export import model_version
+
+    classifier = load_engine(run, engine, log)
+    kind = getattr(classifier, "engine", "torch")
+    version = classifier.version if kind == "onnx" else model_version(run)
+    batcher = Batcher(classifier, limits.max_batch)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        task = asyncio.create_task(batcher.run())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    app = FastAPI(title="transferkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request, exc: ApiError):
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request, exc: HTTPException):
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request, exc: RequestValidationError):
+        return JSONResponse({"error": str(exc.errors())}, status_code=422)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model_version": version, "engine": kind, "classes": classifier.classes,
+                "threshold": classifier.threshold, "image_size": classifier.image_size}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse(page(), headers={"Content-Security-Policy": (
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+            "img-src blob:; connect-src 'self'")})
+
+    async def classify(request: Request) -> dict:
+        data = await upload_bytes(request, await read_body(request, limits.max_bytes))
+        image = await asyncio.to_thread(decode_upload, data, classifier.image_size, limits)
+        probs = await batcher.predict(image)
+        return {"label": classifier.labels(probs[None])[0],
+                "probabilities": {c: float(p) for c, p in zip(classifier.classes, probs)},
+                "threshold": classifier.threshold, "model_version": version}
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        try:
+            return await asyncio.wait_for(classify(request), limits.timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"request took longer than {limits.timeout:g} s") from None
+
+    return app
