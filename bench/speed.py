@@ -2,7 +2,7 @@
 invocation on one machine; each pipeline runs in a fresh child process so that its peak RSS is its
 own. Prints a Markdown table.
 
-    python bench/speed.py [--epochs 10 --fine-tune-epochs 8 --views 2] [--sizes 500,1000,2000] [--no-main]
+    python bench/speed.py [--epochs 10 --fine-tune-epochs 8 --views 2] [--sizes 500,1000,1968] [--no-main]
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from prepare_elpv import write  # noqa: E402
 def subset(train_dir: Path, n: int, out: Path) -> Path:
     """A stratified subset of n training images, as symlinked class folders."""
     files = sorted(train_dir.glob("*/*.png"))
+    if n > len(files):
+        raise SystemExit(f"--sizes: {n} is more than the {len(files)} training images")
     labels = np.array([f.parent.name for f in files])
     rng = np.random.default_rng(0)
     keep = []
@@ -91,7 +93,7 @@ def main() -> None:
     parser.add_argument("--fine-tune-epochs", type=int, default=8)
     parser.add_argument("--views", type=int, default=2)
     parser.add_argument("--fine-tune-at", default=None, help="default: the backbone's")
-    parser.add_argument("--sizes", default="500,1000,2000", help="training-set sizes for the scaling rows ('' = skip)")
+    parser.add_argument("--sizes", default="500,1000,1968", help="training-set sizes for the scaling rows ('' = skip)")
     parser.add_argument("--no-main", action="store_true", help="only the scaling rows")
     args = parser.parse_args()
     write(args.data, split=True)
