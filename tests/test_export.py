@@ -53,7 +53,7 @@ def test_metadata_round_trip(exported, binary_run):
     classifier = binary_run[0]
     meta = read_metadata(run / "model.onnx")
     assert meta["classes"] == classifier.classes
-    assert meta["threshold"] == classifier.threshold and meta["temperature"] == 1.0
+    assert meta["threshold"] == classifier.threshold and meta["temperature"] == classifier.meta["temperature"]
     pre = meta["preprocess"]
     assert (pre["image_size"], pre["layout"], pre["dtype"]) == (64, "nhwc", "uint8")
     assert pre["mean"] == list(classifier.meta["preprocess"]["mean"])
