@@ -103,3 +103,6 @@ def check_page(tools: DevTools, server: str, image: Path, want: dict) -> None:
     for name, value in shown:
         assert value == f"{100 * want['probabilities'][name]:.1f} %"
     assert tools.evaluate("document.getElementById('meta').textContent").startswith("model ")
+    # then the Grad-CAM overlay of the predicted class, fetched from /explain
+    assert tools.wait_for("document.getElementById('cam').naturalWidth") >= 224
+    assert tools.evaluate("document.getElementById('cam-note').textContent").startswith("Grad-CAM")

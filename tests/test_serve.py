@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -71,6 +72,29 @@ def test_predict_multipart_and_raw_body(client, binary_run, images):
             assert body["model_version"] == model_version(binary_run[1])
             for c, p in record["probabilities"].items():
                 assert abs(body["probabilities"][c] - p) < 1e-5
+
+
+def test_explain_returns_the_gradcam_overlay_of_the_prediction(client, binary_run, images, tmp_path):
+    from transferkit.explain import explain_files
+
+    path = images[0]
+    response = client.post("/explain", files={"file": (path.name, path.read_bytes(), "image/png")})
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    served = np.asarray(Image.open(io.BytesIO(response.content)))
+    record = next(explain_files(binary_run[0], [str(path)], tmp_path))  # what `transferkit explain` writes
+    assert np.array_equal(served, np.asarray(Image.open(record["output"])))
+    assert client.get("/health").json()["explain"] is True
+    assert_error(client.post("/explain", content=b""), 400, "empty upload")
+    assert_error(client.post("/explain", content=b"not an image"), 415, "not an image")
+
+
+def test_explain_without_pytorch_weights_is_a_clear_4xx(binary_run, tmp_path):
+    from transferkit.export import export_onnx
+
+    onnx_file = export_onnx(binary_run[0], binary_run[1], tmp_path / "alone.onnx")
+    with TestClient(create_app(onnx_file, engine="onnx")) as alone:
+        assert alone.get("/health").json()["explain"] is False
+        assert_error(alone.post("/explain", content=encoded()), 404, "model.safetensors")
 
 
 def png_header_only(width: int, height: int) -> bytes:

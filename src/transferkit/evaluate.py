@@ -14,7 +14,7 @@ from .model import TransferModel, predict_labels
 
 def to_batch(batch: np.ndarray, device) -> torch.Tensor:
     """uint8 NHWC images become NCHW (channels-last memory); stored activations become float32."""
-    x = torch.from_numpy(np.ascontiguousarray(batch))
+    x = torch.from_numpy(np.require(batch, requirements=["C", "W"]))  # a writable, contiguous copy only if needed
     if x.dtype == torch.uint8:
         return x.permute(0, 3, 1, 2).to(device)
     return x.to(device, torch.float32)

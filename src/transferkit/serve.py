@@ -1,5 +1,6 @@
-"""The HTTP service: `POST /predict` (multipart field `file`, or raw image bytes), `GET /health`,
-and `GET /`, a self-contained web page to drop or pick an image.
+"""The HTTP service: `POST /predict` (multipart field `file`, or raw image bytes), `POST /explain`
+(the same upload; a PNG with the Grad-CAM heatmap of the predicted class), `GET /health`, and
+`GET /`, a self-contained web page to drop or pick an image.
 
 Every limit (upload size, image format, pixel count, request time) is enforced before or while
 the work happens; a violation is a 4xx JSON `{"error": "..."}`. Concurrent requests are classified
@@ -20,7 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from .data import ImageError, read_image
@@ -138,6 +139,28 @@ def decode_upload(data: bytes, size: int, limits: Limits) -> np.ndarray:
         raise ApiError(422, str(exc)) from None
 
 
+def explainer(run: str | Path, classifier):
+    """The PyTorch classifier Grad-CAM needs: the engine itself, or the run's weights beside an
+    ONNX engine; None when the service runs from a bare .onnx file."""
+    from .predict import Classifier
+
+    if isinstance(classifier, Classifier):
+        return classifier
+    run = Path(run)
+    return Classifier.load(run) if (run / "model.safetensors").is_file() else None
+
+
+def explain_png(classifier, image: np.ndarray) -> bytes:
+    """The image with the Grad-CAM heatmap of its predicted class over it, as PNG bytes."""
+    from .explain import gradcam, overlay
+
+    cams, _, _ = gradcam(classifier.model, image[None], threshold=classifier.threshold,
+                         device=classifier.device)
+    buffer = BytesIO()
+    Image.fromarray(overlay(image, cams[0])).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def page() -> str:
     return resources.files("transferkit").joinpath("page.html").read_text(encoding="utf-8")
 
@@ -151,6 +174,7 @@ def create_app(run: str | Path, engine: str = "auto", limits: Limits = Limits(),
     kind = getattr(classifier, "engine", "torch")
     version = classifier.version if kind == "onnx" else model_version(run)
     batcher = Batcher(classifier, limits.max_batch)
+    cam_model, cam_lock = explainer(run, classifier), asyncio.Lock()
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -177,7 +201,8 @@ def create_app(run: str | Path, engine: str = "auto", limits: Limits = Limits(),
     @app.get("/health")
     async def health():
         return {"status": "ok", "model_version": version, "engine": kind, "classes": classifier.classes,
-                "threshold": classifier.threshold, "image_size": classifier.image_size}
+                "threshold": classifier.threshold, "image_size": classifier.image_size,
+                "explain": cam_model is not None}
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
@@ -185,19 +210,38 @@ def create_app(run: str | Path, engine: str = "auto", limits: Limits = Limits(),
             "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
             "img-src blob:; connect-src 'self'")})
 
-    async def classify(request: Request) -> dict:
+    async def upload(request: Request) -> np.ndarray:
         data = await upload_bytes(request, await read_body(request, limits.max_bytes))
-        image = await asyncio.to_thread(decode_upload, data, classifier.image_size, limits)
+        return await asyncio.to_thread(decode_upload, data, classifier.image_size, limits)
+
+    async def classify(request: Request) -> dict:
+        image = await upload(request)
         probs = await batcher.predict(image)
         return {"label": classifier.labels(probs[None])[0],
                 "probabilities": {c: float(p) for c, p in zip(classifier.classes, probs)},
                 "threshold": classifier.threshold, "model_version": version}
 
-    @app.post("/predict")
-    async def predict(request: Request):
+    async def heatmap(request: Request) -> Response:
+        if cam_model is None:
+            raise ApiError(404, "Grad-CAM needs the run's PyTorch weights (model.safetensors); "
+                                "this service runs from an .onnx file alone")
+        image = await upload(request)
+        async with cam_lock:  # one at a time: each uses every core
+            png = await asyncio.to_thread(explain_png, cam_model, image)
+        return Response(png, media_type="image/png")
+
+    async def within_limit(work):
         try:
-            return await asyncio.wait_for(classify(request), limits.timeout)
+            return await asyncio.wait_for(work, limits.timeout)
         except asyncio.TimeoutError:
             raise ApiError(408, f"request took longer than {limits.timeout:g} s") from None
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        return await within_limit(classify(request))
+
+    @app.post("/explain")
+    async def explain(request: Request):
+        return await within_limit(heatmap(request))
 
     return app
