@@ -37,7 +37,7 @@ def validation_csv(run: Path, train: Path, out: Path) -> Path:
     with open(out, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "label"])
-        writer.writerows([data.paths[i], data.classes[data.labels[i]]] for i in val)
+        writer.writerows([str(Path(data.paths[i]).resolve()), data.classes[data.labels[i]]] for i in val)
     return out
 
 
