@@ -187,3 +187,12 @@ def test_concurrent_answers_equal_sequential(server, images):
     for s, c in zip(sequential + sequential, concurrent):
         assert c["label"] == s["label"]
         assert max(abs(c["probabilities"][k] - v) for k, v in s["probabilities"].items()) < 1e-5
+
+
+def test_batches_are_padded_to_a_few_shapes():
+    from transferkit.serve import padded
+
+    assert [len(padded(np.zeros((n, 2, 2, 3), np.uint8))) for n in (1, 2, 3, 5, 9, 32)] == [1, 2, 4, 8, 16, 32]
+    batch = np.arange(5 * 12, dtype=np.uint8).reshape(5, 2, 2, 3)
+    grown = padded(batch)
+    assert np.array_equal(grown[:5], batch) and all(np.array_equal(row, batch[-1]) for row in grown[5:])
