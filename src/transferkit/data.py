@@ -206,6 +206,26 @@ def iter_decoded(paths: Iterable[str], size: int, workers: int | None = None,
             yield from zip(batch, pool.map(_try_load, [(p, size) for p in batch]))
 
 
+def decoded_batches(paths: Iterable[str], size: int, batch_size: int, workers: int | None = None
+                    ) -> Iterator[list[tuple[str, np.ndarray]] | tuple[str, str]]:
+    """`iter_decoded` grouped for a model, in file order: a list of up to `batch_size` (path, array)
+    pairs, or (path, reason) for a file that could not be decoded (the images before it first)."""
+    pending: list[tuple[str, np.ndarray]] = []
+    for path, result in iter_decoded(paths, size, workers):
+        if isinstance(result, str):
+            if pending:
+                yield pending
+                pending = []
+            yield path, result
+            continue
+        pending.append((path, result))
+        if len(pending) == batch_size:
+            yield pending
+            pending = []
+    if pending:
+        yield pending
+
+
 def memory_budget() -> int:
     """Bytes we allow decoded images to take in RAM: a quarter of the memory available now."""
     try:

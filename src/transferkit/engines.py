@@ -40,14 +40,6 @@ class OnnxClassifier:
         self.input_name = self.session.get_inputs()[0].name
 
     @property
-    def threshold(self) -> float:
-        return float(self.meta["threshold"])
-
-    @property
-    def image_size(self) -> int:
-        return int(self.meta["preprocess"]["image_size"])
-
-    @property
     def version(self) -> str:
         return self.meta.get("model_version", "")
 
@@ -68,7 +60,9 @@ class OnnxClassifier:
             batch = batch.transpose(0, 3, 1, 2)
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})[0]
 
-    # The same labelling, streaming and metrics code as the PyTorch classifier.
+    # The same metadata, labelling, streaming and metrics code as the PyTorch classifier.
+    threshold = Classifier.threshold
+    image_size = Classifier.image_size
     labels = Classifier.labels
     predict_files = Classifier.predict_files
     evaluate = Classifier.evaluate

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import iter_decoded
+from .data import decoded_batches
 from .evaluate import to_batch
 from .model import TransferModel, predict_labels, to_unit
 
@@ -67,13 +67,14 @@ def explain_files(classifier, paths: Iterable[str | Path], out_dir: str | Path,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
-    pending: list[tuple[str, np.ndarray]] = []
-
-    def flush():
-        images = np.stack([a for _, a in pending])
+    for batch in decoded_batches(paths, classifier.image_size, batch_size):
+        if isinstance(batch, tuple):
+            yield {"path": batch[0], "error": batch[1]}
+            continue
+        images = np.stack([a for _, a in batch])
         cams, probs, chosen = gradcam(classifier.model, images, threshold=classifier.threshold,
                                       device=classifier.device)
-        for (path, image), cam, p, c in zip(pending, cams, probs, chosen):
+        for (path, image), cam, p, c in zip(batch, cams, probs, chosen):
             name = Path(path).stem
             while f"{name}.png" in used:
                 name += "_"
@@ -82,15 +83,3 @@ def explain_files(classifier, paths: Iterable[str | Path], out_dir: str | Path,
             Image.fromarray(overlay(image, cam)).save(target)
             yield {"path": path, "output": str(target), "label": classifier.classes[int(c)],
                    "probability": float(p[int(c)])}
-        pending.clear()
-
-    for path, result in iter_decoded(paths, classifier.image_size):
-        if isinstance(result, str):
-            yield from flush() if pending else ()
-            yield {"path": path, "error": result}
-            continue
-        pending.append((path, result))
-        if len(pending) == batch_size:
-            yield from flush()
-    if pending:
-        yield from flush()

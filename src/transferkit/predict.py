@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .backbones import Preprocess, timm_model
-from .data import IMAGE_SUFFIXES, DataError, decode, iter_decoded, load_labelled
+from .data import IMAGE_SUFFIXES, DataError, decode, decoded_batches, load_labelled
 from .evaluate import classification_metrics, predict_arrays
 from .model import TransferModel, predict_labels
 
@@ -100,25 +100,14 @@ class Classifier:
     def predict_files(self, paths: Iterable[str | Path], batch_size: int = 64,
                       workers: int | None = None, tta: bool = False) -> Iterator[dict]:
         """Stream one record per file, in order: {path, label, probabilities} or {path, error}."""
-        pending: list[tuple[str, np.ndarray]] = []
-
-        def flush():
-            probs = self.predict_proba(np.stack([a for _, a in pending]), batch_size, tta)
-            for (path, _), p, label in zip(pending, probs, self.labels(probs)):
+        for batch in decoded_batches(paths, self.image_size, batch_size, workers):
+            if isinstance(batch, tuple):
+                yield {"path": batch[0], "error": batch[1]}
+                continue
+            probs = self.predict_proba(np.stack([a for _, a in batch]), batch_size, tta)
+            for (path, _), p, label in zip(batch, probs, self.labels(probs)):
                 yield {"path": path, "label": label,
                        "probabilities": {c: float(v) for c, v in zip(self.classes, p)}}
-            pending.clear()
-
-        for path, result in iter_decoded(paths, self.image_size, workers):
-            if isinstance(result, str):
-                yield from flush() if pending else ()
-                yield {"path": path, "error": result}
-                continue
-            pending.append((path, result))
-            if len(pending) == batch_size:
-                yield from flush()
-        if pending:
-            yield from flush()
 
     def evaluate(self, source: str | Path, batch_size: int = 64, tta: bool = False) -> dict:
         """Metrics on a labelled folder or CSV whose classes are among this model's."""
