@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from prepare_elpv import write  # noqa: E402
 
 import transferkit  # noqa: E402
+from transferkit.config import from_arguments  # noqa: E402
 
 
 def main() -> None:
@@ -24,11 +25,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("data/elpv-split"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench-elpv"))
     args, rest = parser.parse_known_args()
-    overrides = {}
-    for key, value in zip(rest[::2], rest[1::2]):
-        overrides[key.lstrip("-").replace("-", "_")] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
+    config = from_arguments(rest)  # any train option, named and checked as on the command line
     write(args.data, split=True)
-    config = transferkit.TrainConfig(**overrides)
     start = time.perf_counter()
     classifier = transferkit.train(args.data / "train", args.out, config)
     train_seconds = time.perf_counter() - start
@@ -37,7 +35,7 @@ def main() -> None:
     header, rows = history[0], [dict(zip(history[0], r)) for r in history[1:]]
     phase = {p: sum(float(r["seconds"]) for r in rows if r["phase"] == p) for p in ("1", "2")}
     result = {
-        "config": {k: v for k, v in vars(config).items()},
+        "config": config.to_dict(),
         "test_accuracy": test["accuracy"],
         "test_accuracy_ci95": test["accuracy_ci95"],
         "test_balanced_accuracy": test["balanced_accuracy"],

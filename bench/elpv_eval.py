@@ -17,7 +17,8 @@ import torch
 import transferkit
 from transferkit.calibrate import choose_threshold, fit_temperature
 from transferkit.data import decode, load_labelled, stratified_split
-from transferkit.evaluate import classification_metrics, predict_logits
+from transferkit.inference import predict_logits
+from transferkit.metrics import classification_metrics
 
 KEYS = ("accuracy", "balanced_accuracy", "roc_auc", "average_precision", "loss", "ece")
 
@@ -38,9 +39,9 @@ def main() -> None:
         model, config = clf.model, clf.meta["config"]
         test = decode(load_labelled(args.data / "test", clf.classes), clf.image_size)
         raw = load_labelled(args.data / "train", clf.classes)
-        _, val_idx = stratified_split(raw.labels, config["val_split"], config["seed"], raw.classes)
+        _, val_idx = stratified_split(raw.labels, config["val_split"], config["seed"])
         val = decode(raw.subset(val_idx), clf.image_size)
-        logits = {name: predict_logits(model, images, model, 64) for name, images in (
+        logits = {name: predict_logits(model, images, batch_size=64) for name, images in (
             ("val", val.images), ("test", test.images), ("test_mirror", np.ascontiguousarray(test.images[:, :, ::-1])))}
         result = {"run": str(run), "stored_threshold": clf.threshold, "stored_temperature": clf.meta["temperature"]}
         for temperature, name in ((clf.meta["temperature"], "stored"),

@@ -24,16 +24,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from transferkit.data import decode, from_folder, load_labelled, stratified_split  # noqa: E402
-from transferkit.engines import OnnxClassifier  # noqa: E402
+from transferkit.onnx_engine import OnnxClassifier  # noqa: E402
 from transferkit.export import export  # noqa: E402
-from transferkit.predict import load  # noqa: E402
+from transferkit.run import load  # noqa: E402
 
 
 def validation_csv(run: Path, train: Path, out: Path) -> Path:
     """The run's validation split as a CSV (train.py's split: stratified, val_split, seed)."""
     config = json.loads((run / "model.json").read_text())["config"]
     data = from_folder(train)
-    _, val = stratified_split(data.labels, config["val_split"], config["seed"], data.classes)
+    _, val = stratified_split(data.labels, config["val_split"], config["seed"])
     with open(out, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "label"])

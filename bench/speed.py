@@ -22,6 +22,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from prepare_elpv import write  # noqa: E402
 
+from transferkit.config import default_of  # noqa: E402
+
 
 def subset(train_dir: Path, n: int, out: Path) -> Path:
     """A stratified subset of n training images, as symlinked class folders."""
@@ -89,9 +91,9 @@ def main_table(rows: dict, views: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("data/elpv-split"))
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--fine-tune-epochs", type=int, default=8)
-    parser.add_argument("--views", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=default_of("epochs"))
+    parser.add_argument("--fine-tune-epochs", type=int, default=default_of("fine_tune_epochs"))
+    parser.add_argument("--views", type=int, default=default_of("views"))
     parser.add_argument("--fine-tune-at", default=None, help="default: the backbone's")
     parser.add_argument("--sizes", default="500,1000,1968", help="training-set sizes for the scaling rows ('' = skip)")
     parser.add_argument("--no-main", action="store_true", help="only the scaling rows")

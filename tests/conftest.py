@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +69,69 @@ def binary_run(lfw_split, tmp_path_factory):
     classifier = transferkit.train(lfw_split[0], out, image_size=SIZE, epochs=3, fine_tune_epochs=2,
                                    batch_size=16, seed=1)
     return classifier, out
+
+
+@pytest.fixture(scope="module")
+def lfw_data():
+    """48 real LFW crops (24 backgrounds, 24 faces) decoded at the test size, without a folder."""
+    from transferkit.data import LabelledImages
+
+    images, labels = lfw_arrays()
+    pick = np.r_[0:24, 100:124]
+    big = np.stack([np.asarray(Image.fromarray(images[i]).convert("RGB").resize((SIZE, SIZE))) for i in pick])
+    return LabelledImages([str(i) for i in pick], labels[pick], ["background", "face"], images=big)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(binary_run):
+    """`transferkit serve` in its own process on loopback; yields its base URL."""
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    process = subprocess.Popen([sys.executable, "-m", "transferkit.cli", "serve", str(binary_run[1]),
+                                "--port", str(port), "--engine", "torch"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            assert process.poll() is None, process.stderr.read().decode()
+            time.sleep(0.2)
+    yield url
+    process.terminate()
+    process.wait(10)
+
+
+
+
+@pytest.fixture(scope="session")
+def exported(binary_run, tmp_path_factory):
+    """A copy of the shared run with a float ONNX export (NHWC) next to its weights."""
+    import shutil
+
+    from transferkit.export import export
+
+    run = tmp_path_factory.mktemp("export") / "run"
+    shutil.copytree(binary_run[1], run)
+    report = export(run)
+    return run, report
+
+
+SLOW_FIXTURES = {"binary_run", "exported", "server", "browser"}  # a training run, a service, chromium
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that need a trained run, a service or a browser are `slow`, as are those marked so."""
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)

@@ -12,8 +12,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from transferkit import backbones
-from transferkit.backbones import (BackboneError, WEIGHT_SOURCES, create_backbone, default_fine_tune_at,
-                                   resolve_fine_tune_at)
+from transferkit.adapters import adapter_for
+from transferkit.backbones import create_backbone, resolve_fine_tune_at
+from transferkit.errors import BackboneError
+from transferkit.sources import WEIGHT_SOURCES
 
 LITE0 = WEIGHT_SOURCES["tf_efficientnet_lite0"]
 
@@ -120,8 +122,9 @@ def test_layers_and_fine_tune_at_by_index_or_name():
 
 def test_default_fine_tune_at_is_a_block_start_in_the_last_quarter():
     for name in ("tf_efficientnet_lite0", "resnet18", "mobilenetv2_100"):
-        layers = create_backbone(name, weights="random").layers
-        index = resolve_fine_tune_at(layers, default_fine_tune_at(layers))
+        made = create_backbone(name, weights="random")
+        layers = made.layers
+        index = resolve_fine_tune_at(layers, adapter_for(made.model).default_fine_tune_at(layers))
         assert 0.75 <= index / len(layers) < 0.95, name
         prefix = lambda i: layers[i][0].rsplit(".", 1)[0]  # noqa: E731
         assert prefix(index) != prefix(index - 1), name

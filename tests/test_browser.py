@@ -18,7 +18,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_serve import server  # noqa: F401 - the real uvicorn fixture
 
 websockets = pytest.importorskip("websockets.sync.client")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from transferkit.cache import cut_index, feature_chain, run_chain, suffix_forward
+from transferkit.cache import SuffixForward, cut_index, feature_chain, run_chain
 from transferkit.backbones import create_backbone
 from transferkit.model import TransferModel
 from transferkit.progress import Reporter
-from transferkit.train import TrainConfig, fit, seed_everything
+from transferkit.config import TrainConfig
+from transferkit.recipe import fit, seed_everything
 
 from conftest import SIZE
-from test_model import lfw_data  # noqa: F401 (fixture)
 
 
 def model_and_config(**overrides):
@@ -33,7 +33,7 @@ def test_cached_and_plain_loops_give_the_same_weights_without_augmentation(lfw_d
         model, config = model_and_config(flip=False, rotation=0.0, cache=cache, epochs=3,
                                          fine_tune_epochs=fine_tune_epochs, cache_dtype="float32", bf16=False,
                                          monitor="val_accuracy")
-        history, _, _ = fit(model, train, val, config, 78, Reporter(live=False, quiet=True), torch.device("cpu"))
+        history = fit(model, train, val, config, 78, Reporter(live=False, quiet=True), torch.device("cpu")).history
         results.append((model.state_dict(), [r["train_loss"] for r in history]))
     (plain, plain_loss), (cached, cached_loss) = results
     assert np.allclose(plain_loss, cached_loss, rtol=1e-4)
@@ -57,7 +57,7 @@ def test_suffix_from_cached_boundary_has_the_full_models_gradients(lfw_data, sto
         if cached:
             with torch.no_grad():
                 boundary = run_chain(chain[:cut], model.normalize(x)).to(storage).float()
-            logits = suffix_forward(model, chain, cut)(boundary)
+            logits = SuffixForward(model, chain, cut)(boundary)
         else:
             logits = model(x)
         model.loss(logits, y).backward()
@@ -78,6 +78,7 @@ def test_chain_reproduces_forward_features_or_declines():
     assert feature_chain(create_backbone("vit_tiny_patch16_224", weights="random").model) is None
 
 
+@pytest.mark.slow  # trains several runs
 def test_views_are_reused_across_runs_with_identical_results(lfw_split, tmp_path):
     import transferkit
     from transferkit.cache import FeatureStore

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferkit.data import (DataError, ImageError, check_trainable, decode, from_csv, load_image,
+from transferkit.errors import DataError, ImageError
+from transferkit.data import (LabelledImages, check_labels, decode, from_csv, load_image,
                               load_labelled, stratified_split)
 
 from conftest import lfw_arrays
@@ -154,12 +155,12 @@ def test_unusable_datasets_fail_before_training(tmp_path, face):
     one.mkdir(parents=True)
     Image.fromarray(face).save(one / "a.png")
     with pytest.raises(DataError, match="only one class"):
-        check_trainable(decode(load_labelled(tmp_path / "one"), 16), "one")
+        check_labels(decode(load_labelled(tmp_path / "one"), 16), "one", split=False)
     root = make_folder(tmp_path / "zero", face)
     (root / "bird").mkdir()
     (root / "bird" / "x.png").write_bytes(b"junk")
     with pytest.raises(DataError, match=r"no usable images for class\(es\) \['bird'\]"):
-        check_trainable(decode(load_labelled(root), 16), "zero")
+        check_labels(decode(load_labelled(root), 16), "zero", split=False)
 
 
 def test_stratified_split_is_reproducible_and_stratified():
@@ -171,7 +172,8 @@ def test_stratified_split_is_reproducible_and_stratified():
     assert not np.array_equal(a[1], c[1])
     assert np.bincount(labels[a[1]]).tolist() == [20, 5]
     with pytest.raises(DataError, match="single usable image"):
-        stratified_split(np.array([0, 0, 0, 1]), 0.5, seed=0, classes=["a", "b"])
+        check_labels(LabelledImages(["a"] * 4, np.array([0, 0, 0, 1]), ["a", "b"], images=np.zeros((4, 1))), "x",
+                     split=True)
 
 
 def test_jpeg_draft_decodes_large_photos_at_reduced_scale_with_the_same_result(tmp_path):

@@ -11,7 +11,7 @@ import torch
 
 from transferkit.balance import class_weights, epoch_order
 from transferkit.calibrate import choose_threshold, fit_temperature, nll
-from transferkit.evaluate import classification_metrics, expected_calibration_error, wilson_interval
+from transferkit.metrics import classification_metrics, expected_calibration_error, wilson_interval
 
 # 4 negatives (3 right, p1 = 0.6 wrong) and 6 positives (4 right, 0.4 and 0.45 wrong)
 P1 = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.45, 0.7, 0.8, 0.9, 0.95])
@@ -149,7 +149,8 @@ def test_temperature_in_model_json_scales_probabilities(binary_run, lfw_split, t
 def test_calibrate_fits_temperature_and_threshold_or_keeps_a_fixed_one(binary_run):
     import copy
 
-    from transferkit.train import TrainConfig, calibrate
+    from transferkit.config import TrainConfig
+    from transferkit.recipe import calibrate
 
     model = copy.deepcopy(binary_run[0].model)
     logits = np.array([[-4.0], [-2.0], [1.0], [-0.5], [3.0], [5.0], [0.2], [-1.0]])

@@ -71,6 +71,7 @@ def test_heatmap_mass_is_in_the_half_with_the_pattern(pattern_run, side):
     assert cams.shape == (4, S, S) and cams.max() == pytest.approx(1.0)
 
 
+@pytest.mark.slow  # trains a run
 def test_explain_cli_writes_overlays_and_reports_bad_files(pattern_run, tmp_path):
     classifier, root = pattern_run
     rng = np.random.default_rng(5)

@@ -18,7 +18,9 @@ from typer.testing import CliRunner
 
 import transferkit
 from transferkit import keras
-from transferkit.backbones import WEIGHT_SOURCES, BackboneError, create_backbone, resolve_fine_tune_at
+from transferkit.backbones import create_backbone, resolve_fine_tune_at
+from transferkit.errors import BackboneError
+from transferkit.sources import WEIGHT_SOURCES
 from transferkit.cache import boundary_layer, cut_index, feature_chain
 from transferkit.cli import app
 from transferkit.model import TransferModel

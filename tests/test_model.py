@@ -7,22 +7,13 @@ import pytest
 import torch
 
 from transferkit.backbones import create_backbone, is_batchnorm
-from transferkit.data import LabelledImages
-from transferkit.model import Augment, TransferModel, predict_labels
+from transferkit.cache import Views
+from transferkit.metrics import predict_labels
+from transferkit.model import Augment, TransferModel
 from transferkit.progress import Reporter
-from transferkit.train import plain_views, train_epoch
+from transferkit.recipe import train_epoch
 
-from conftest import SIZE, lfw_arrays
-
-
-@pytest.fixture(scope="module")
-def lfw_data() -> LabelledImages:
-    from PIL import Image
-
-    images, labels = lfw_arrays()
-    pick = np.r_[0:24, 100:124]
-    big = np.stack([np.asarray(Image.fromarray(images[i]).convert("RGB").resize((SIZE, SIZE))) for i in pick])
-    return LabelledImages([str(i) for i in pick], labels[pick], ["background", "face"], images=big)
+from conftest import SIZE
 
 
 def make_model(train_bn=False, classes=2) -> TransferModel:
@@ -39,7 +30,7 @@ def snapshot(model: TransferModel) -> list[dict[str, torch.Tensor]]:
 def run_epoch(model, data, lr=1e-3):
     torch.manual_seed(0)
     params = [p for p in model.parameters() if p.requires_grad]
-    train_epoch(model, plain_views(model, data), torch.optim.Adam(params, lr), 16, np.random.default_rng(0), "cpu",
+    train_epoch(model, Views(data.images[None], data.labels, model), torch.optim.Adam(params, lr), 16, np.random.default_rng(0), "cpu",
                 Reporter(live=False, quiet=True))
 
 
@@ -95,11 +86,11 @@ def test_head_shape_loss_and_probabilities():
     probs = binary.probabilities(logits)
     assert torch.allclose(probs.sum(1), torch.ones(2))
     # p = sigmoid(0.2) = 0.55 is class 1: accuracy thresholds the probability, not the logit.
-    assert predict_labels(probs).tolist() == [1, 0]
+    assert predict_labels(probs.numpy()).tolist() == [1, 0]
     four = torch.tensor([[0.1, 2.0, 0.3, -1.0]])
     assert multi.loss(four, torch.tensor([1])).item() == pytest.approx(
         torch.nn.functional.cross_entropy(four, torch.tensor([1])).item())
-    assert predict_labels(multi.probabilities(four)).tolist() == [1]
+    assert predict_labels(multi.probabilities(four).numpy()).tolist() == [1]
 
 
 def test_augmentation_only_in_training_and_as_configured():

@@ -4,11 +4,7 @@ for concurrency and the web page in headless chromium."""
 from __future__ import annotations
 
 import io
-import os
-import socket
 import struct
-import subprocess
-import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -21,10 +17,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import transferkit.serve as serve
-from transferkit.export import model_version
+from transferkit.run import model_version
 from transferkit.serve import Limits, create_app
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 @pytest.fixture(scope="module")
@@ -145,34 +140,6 @@ def test_request_timeout(binary_run, images, monkeypatch):
     monkeypatch.setattr(serve, "decode_upload", slow)
     with TestClient(create_app(binary_run[1], engine="torch", limits=Limits(timeout=0.2))) as client:
         assert_error(client.post("/predict", content=images[0].read_bytes()), 408, "longer than 0.2 s")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(binary_run):
-    """`transferkit serve` in its own process on loopback; yields its base URL."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": SRC}
-    process = subprocess.Popen([sys.executable, "-m", "transferkit.cli", "serve", str(binary_run[1]),
-                                "--port", str(port), "--engine", "torch"], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            assert process.poll() is None, process.stderr.read().decode()
-            time.sleep(0.2)
-    yield url
-    process.terminate()
-    process.wait(10)
 
 
 def test_concurrent_answers_equal_sequential(server, images):

@@ -13,7 +13,9 @@ import pytest
 from PIL import Image
 
 import transferkit
-from transferkit.data import DataError, decode, load_labelled
+from transferkit.data import decode, load_labelled
+from transferkit.errors import DataError
+from transferkit.run import read_skipped
 
 from conftest import SIZE, lfw_arrays, texture_crops, write_folders
 
@@ -58,7 +60,7 @@ def test_run_directory_contents(binary_run):
     assert meta["temperature"] == calibration["temperature"] > 0
     assert set(metrics["per_class"]) == {"background", "face"}
     assert np.sum(metrics["confusion_matrix"]["rows_true_cols_predicted"]) == metrics["n"] == 28
-    assert (out / "skipped.txt").read_text() == ""
+    assert read_skipped(out / "skipped.csv") == []
     png = Image.open(out / "learning_curves.png")
     assert png.size[0] > 400 and np.asarray(png.convert("L")).std() > 10
 
@@ -111,8 +113,8 @@ def test_bad_files_in_training_data_are_skipped_and_listed(lfw_split, tmp_path):
     (root / "face" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
     (root / "background" / "empty.png").write_bytes(b"")
     transferkit.train(root, tmp_path / "run", image_size=SIZE, epochs=1, fine_tune_epochs=0)
-    skipped = (tmp_path / "run" / "skipped.txt").read_text().splitlines()
-    assert sorted(line.split("\t")[0] for line in skipped) == sorted(
+    skipped = read_skipped(tmp_path / "run" / "skipped.csv")
+    assert sorted(path for path, _ in skipped) == sorted(
         [str(root / "face" / "broken.jpg"), str(root / "background" / "empty.png")])
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["counts"]["skipped"] == 2

@@ -1,11 +1,26 @@
 """transferkit: a folder of labelled images to a good image classifier on a CPU, the
-transfer-learning way (pretrained backbone, frozen, new head, then fine-tuned)."""
+transfer-learning way (pretrained backbone, frozen, new head, then fine-tuned).
 
-__version__ = "0.1.0"
+The public names are imported on first use, so that `import transferkit` stays light (no torch
+until a model is needed)."""
 
-from .backbones import available_backbones, create_backbone, list_layers, register_weights  # noqa: E402
-from .predict import Classifier, load  # noqa: E402
-from .train import TrainConfig, train  # noqa: E402
+from importlib import import_module, metadata
 
-__all__ = ["Classifier", "TrainConfig", "available_backbones", "create_backbone", "list_layers",
-           "load", "register_weights", "train", "__version__"]
+try:
+    __version__ = metadata.version("transferkit")
+except metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "unknown"
+
+_PUBLIC = {
+    "TrainConfig": "config", "TransferkitError": "errors", "train": "recipe", "load": "run",
+    "load_engine": "run", "Classifier": "classifier", "available_backbones": "sources",
+    "register_weights": "sources", "WeightSource": "sources", "create_backbone": "backbones",
+    "list_layers": "adapters",
+}
+__all__ = [*_PUBLIC, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(import_module(f".{_PUBLIC[name]}", __name__), name)
+    raise AttributeError(f"module 'transferkit' has no attribute {name!r}")

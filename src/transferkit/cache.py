@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,34 +25,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import allocate
+from .adapters import adapter_for
+from .config import TrainConfig
+from .data import LabelledImages, allocate, memory_budget
+from .inference import to_batch
 from .model import TransferModel, to_unit
+from .progress import Reporter
 
 
 def feature_chain(backbone: nn.Module) -> list[tuple[str, nn.Module]] | None:
-    """The backbone's `forward_features` as a flat list of modules applied in turn, or None for
-    architectures we cannot split (they train phase 2 without a boundary cache)."""
-    from timm.models.efficientnet import EfficientNet
-    from timm.models.mobilenetv3 import MobileNetV3
-    from timm.models.resnet import ResNet
-
-    def blocks(prefix: str, stages) -> list[tuple[str, nn.Module]]:
-        return [(f"{prefix}.{i}.{j}", block) for i, stage in enumerate(stages)
-                for j, block in enumerate(stage)]
-
-    if isinstance(backbone, EfficientNet):
-        chain = [("conv_stem", backbone.conv_stem), ("bn1", backbone.bn1),
-                 *blocks("blocks", backbone.blocks), ("conv_head", backbone.conv_head), ("bn2", backbone.bn2)]
-    elif isinstance(backbone, MobileNetV3):
-        chain = [("conv_stem", backbone.conv_stem), ("bn1", backbone.bn1), *blocks("blocks", backbone.blocks)]
-    elif isinstance(backbone, ResNet):
-        chain = [(n, getattr(backbone, n)) for n in ("conv1", "bn1", "act1", "maxpool")]
-        chain += [(f"layer{i}.{j}", b) for i in range(1, 5) for j, b in enumerate(getattr(backbone, f"layer{i}"))]
-    else:
+    """The backbone's `forward_features` as a flat list of modules applied in turn (from its
+    adapter), or None for architectures we cannot split (they train phase 2 without a boundary
+    cache). A safety net checks that the chain reproduces `forward_features` exactly."""
+    make = adapter_for(backbone).chain
+    if make is None:
         return None
+    chain = make(backbone)
     was_training = backbone.training
     backbone.eval()
-    with torch.no_grad():  # a safety net: the chain must reproduce forward_features exactly
+    with torch.no_grad():
         x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # global RNG untouched
         ok = torch.allclose(run_chain(chain, x), backbone.forward_features(x), atol=1e-5)
     backbone.train(was_training)
@@ -69,7 +61,7 @@ def cut_index(chain: list[tuple[str, nn.Module]], layer_name: str) -> int:
     for i, (name, _) in enumerate(chain):
         if layer_name == name or layer_name.startswith(name + "."):
             return i
-    raise ValueError(f"layer {layer_name} is not in the backbone's feature chain")
+    raise LookupError(f"layer {layer_name} is not in the backbone's feature chain")
 
 
 def boundary_layer(backbone: nn.Module, layers: list[tuple[str, nn.Module]], index: int) -> str | None:
@@ -219,18 +211,144 @@ def extract(model: TransferModel, images: np.ndarray, views: int, cut: int | Non
     return arrays["pooled"], arrays.get("boundary")
 
 
-def head_forward(model: TransferModel) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Pooled features -> logits (phase 1)."""
-    return lambda f: model.head(model.dropout(f))
+class HeadForward:
+    """Phase 1's forward: pooled features -> logits (dropout and the new layer)."""
+
+    def __init__(self, model: TransferModel):
+        self.model = model
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.head(self.model.dropout(features))
 
 
-def suffix_forward(model: TransferModel, chain, cut: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Boundary activations -> logits through the trainable suffix (phase 2)."""
-    head = head_forward(model)
-    return lambda b: head(model.backbone.forward_head(run_chain(chain[cut:], b), pre_logits=True))
+class SuffixForward(HeadForward):
+    """Phase 2's forward: boundary activations -> the trainable suffix of the backbone -> pooling
+    -> the head."""
+
+    def __init__(self, model: TransferModel, chain: list[tuple[str, nn.Module]], cut: int):
+        super().__init__(model)
+        self.suffix = chain[cut:]
+
+    def __call__(self, boundary: torch.Tensor) -> torch.Tensor:
+        pooled = self.model.backbone.forward_head(run_chain(self.suffix, boundary), pre_logits=True)
+        return super().__call__(pooled)
 
 
 def cache_bytes(n_train: int, n_val: int, views: int, feature_dim: int, boundary_shape, itemsize=2) -> int:
     """Bytes the cache will take: pooled float32 plus boundary activations for all views."""
     per_view = feature_dim * 4 + (int(np.prod(boundary_shape)) * itemsize if boundary_shape else 0)
     return (n_train * views + n_val) * per_view
+
+
+def use_bf16(config: TrainConfig, device: torch.device) -> bool:
+    """bfloat16 extraction: as asked, else where the hardware runs it natively."""
+    if config.bf16 is not None:
+        return config.bf16
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@dataclass
+class CachePlan:
+    """What will be cached for a run, decided before anything is extracted."""
+
+    views: int  # per training image: the clean one + the augmented ones
+    chain: list[tuple[str, nn.Module]] | None
+    cut: int | None  # chain index of the first trainable block; None: phase 2 without a boundary cache
+    boundary_shape: tuple[int, ...] | None
+    bytes: int
+    in_ram: bool
+    bf16: bool
+    uncut: str | None  # the backbone's class when phase 2 must run the whole model (it cannot be cut)
+
+    def describe(self, fine_tune_at: int, spill_dir) -> list[str]:
+        lines = [f"Cache: {self.views} view(s) per training image (clean + {self.views - 1} augmented), "
+                 f"{self.bytes / 2**20:.0f} MiB; " + ("in RAM" if self.in_ram else f"over the RAM budget: memmap in "
+                 f"{spill_dir}") + f"; extraction in {'bfloat16' if self.bf16 else 'float32'}"]
+        if self.cut is not None:
+            lines.append(f"Phase 2 trains from the activations entering {self.chain[self.cut][0]} "
+                         f"(shape {self.boundary_shape}), the block that holds layer {fine_tune_at}")
+        elif self.uncut:
+            lines.append(f"Phase 2 runs the full model each epoch: {self.uncut} cannot be split into a chain of blocks")
+        return lines
+
+
+def plan(model: TransferModel, train_data: LabelledImages, n_val: int, config: TrainConfig,
+         fine_tune_at: int, device: torch.device) -> CachePlan:
+    """How many views, where the boundary is (the block holding the first trainable layer), and
+    whether the arrays fit the memory budget."""
+    chain = feature_chain(model.backbone)
+    layer = boundary_layer(model.backbone, model.layers, fine_tune_at)
+    cut = cut_index(chain, layer) if chain and config.fine_tune_epochs > 0 and layer else None
+    augmenting = model.augment.flip or model.augment.rotation > 0
+    views = 1 + (config.views if augmenting else 0)
+    boundary_shape = None
+    if cut is not None:
+        with torch.inference_mode():
+            probe = run_chain(chain[:cut], model.normalize(to_batch(train_data.images[:1], device)))
+        boundary_shape = tuple(probe.shape[1:])
+    need = cache_bytes(len(train_data), n_val, views, model.head.in_features, boundary_shape,
+                       np.dtype(config.cache_dtype).itemsize)
+    return CachePlan(views, chain, cut, boundary_shape, need, need <= memory_budget(config.cache_memory_gb),
+                     use_bf16(config, device),
+                     type(model.backbone).__name__ if config.fine_tune_epochs > 0 and layer and cut is None else None)
+
+
+def feature_store(config: TrainConfig, model: TransferModel, weights_sha256: str | None,
+                  boundary: str | None, image_size: int, bf16: bool) -> FeatureStore | None:
+    """The cross-run store for these extraction settings; None when off or the weights unknown."""
+    import timm
+
+    if config.cache_dir == "" or weights_sha256 is None:
+        return None
+    settings = {"backbone": config.backbone, "weights_sha256": weights_sha256,
+                "image_size": image_size, "flip": model.augment.flip,
+                "rotation": model.augment.rotation, "boundary": boundary, "dtype": config.cache_dtype,
+                "bf16": bf16, "torch": torch.__version__.split("+")[0], "timm": timm.__version__}
+    return FeatureStore(config.cache_dir or default_cache_dir(), settings, int(config.cache_cap_gb * 2**30))
+
+
+PhaseViews = tuple[Views, Views]  # (train, validation)
+
+
+def build_views(model: TransferModel, train_data: LabelledImages, val_data: LabelledImages, config: TrainConfig,
+                cache_plan: CachePlan, device: torch.device, spill_dir, weights_sha256: str | None,
+                reporter: Reporter) -> tuple[PhaseViews, PhaseViews]:
+    """(train, validation) views for each phase: the cached outputs of the frozen layers, read
+    from the cross-run store or computed once."""
+    chain, cut = cache_plan.chain, cache_plan.cut
+    boundary = chain[cut][0] if cut is not None else None
+    size = int(train_data.images.shape[1])
+    stores = [feature_store(config, model, weights_sha256, boundary, size, precision)
+              for precision in (cache_plan.bf16, False)]
+    started = time.perf_counter()
+    total = -(-len(train_data) // config.batch_size) * cache_plan.views + -(-len(val_data) // config.batch_size)
+    reporter.start("extracting features", total)
+    try:
+        common = dict(cut=cut, chain=chain, batch_size=config.batch_size, device=device,
+                      dtype=np.dtype(config.cache_dtype), in_ram=cache_plan.in_ram, spill_dir=spill_dir,
+                      keep=config.keep_cache, progress=reporter.advance)
+        pooled, boundaries = extract(model, train_data.images, cache_plan.views, autocast=cache_plan.bf16,
+                                     store=stores[0], **common)
+        # validation in float32: the numbers that pick the kept epoch are the deployed model's
+        val_pooled, val_boundaries = extract(model, val_data.images, 1, autocast=False, store=stores[1], **common)
+    finally:
+        reporter.stop()
+    hits = sum(s.hits for s in stores if s)
+    computed = cache_plan.views * len(train_data) + len(val_data) - hits
+    reporter.log(f"Extracted {computed} views in {time.perf_counter() - started:.1f}s"
+                 + (f"; reused {hits} from {stores[0].root}" if stores[0] else "; cross-run reuse off"))
+    if stores[0]:
+        stores[0].trim()
+    head = HeadForward(model)
+    phase1 = (Views(pooled, train_data.labels, head), Views(val_pooled, val_data.labels, head))
+    if cut is None:
+        return phase1, plain_views(model, train_data, val_data)
+    suffix = SuffixForward(model, chain, cut)
+    return phase1, (Views(boundaries, train_data.labels, suffix), Views(val_boundaries, val_data.labels, suffix))
+
+
+def plain_views(model: TransferModel, train_data: LabelledImages, val_data: LabelledImages) -> PhaseViews:
+    """The seed's loop: the whole model on decoded images, augmentation drawn afresh each time."""
+    return Views(train_data.images[None], train_data.labels, model), Views(val_data.images[None], val_data.labels, model)

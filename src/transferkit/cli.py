@@ -1,10 +1,18 @@
-"""The `transferkit` command: a thin layer over the Python API."""
+"""The `transferkit` command: a thin layer over the Python API.
+
+The train options are generated from the settings' declarations (config.py). This is the one error
+boundary: a `TransferkitError` (or an OSError about a named file) becomes a one-line `error: ...`
+with exit status 2; anything else is a bug and keeps its traceback. Modules that import torch are
+imported inside the commands that need them, so `--help` and `backbones` answer at once.
+"""
 
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import sys
+import traceback
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -12,24 +20,41 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
-from .backbones import BackboneError, DEFAULT_BACKBONE, available_backbones, create_backbone
-from .data import DataError
-from .engines import load_engine
-from .predict import RunError, expand_inputs, load
-from .progress import Reporter
-from .train import TrainConfig, train as train_run
+from .config import DEFAULT_BACKBONE, TrainConfig, option_name, read_settings, settings, shown
+from .errors import TransferkitError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+class Boundary(TyperGroup):
+    """User errors as one line (exit 2); a bug with its traceback and a request to report it."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (TyperException, typer.Exit, typer.Abort):  # usage errors, --help, exit codes
+            raise
+        except TransferkitError as exc:
+            fail(str(exc))
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            fail(f"{exc.filename}: {exc.strerror or exc}")
+        except Exception:  # noqa: BLE001 - the last resort: show it, ask for a report
+            traceback.print_exc()
+            typer.echo("This is a bug in transferkit, not a problem with your input: please report it "
+                       "with the traceback above.", err=True)
+            raise typer.Exit(1) from None
+
+
+def fail(message: str):
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+app = typer.Typer(cls=Boundary, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, evaluate and use image classifiers by transfer learning, on a CPU.")
 out = Console()
-USER_ERRORS = (DataError, BackboneError, RunError, ValueError, OSError)
-D = TrainConfig()  # the CLI's defaults are the library's
-
-
-def fail(exc: Exception) -> None:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(2)
 
 
 class Format(str, Enum):
@@ -38,95 +63,83 @@ class Format(str, Enum):
     csv = "csv"
 
 
-class Balance(str, Enum):
-    balanced = "balanced"
-    none = "none"
+class EngineName(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    onnx = "onnx"
 
 
-class ThresholdMetric(str, Enum):
-    none = "none"
-    balanced_accuracy = "balanced_accuracy"
-    f1 = "f1"
-    youden = "youden"
+METAVARS = {int: "INTEGER", float: "NUMBER", str: "TEXT", "layer": "INDEX|NAME"}
 
 
-class Monitor(str, Enum):
-    val_loss = "val_loss"
-    val_accuracy = "val_accuracy"
+def setting_parameters() -> list[inspect.Parameter]:
+    """One command-line option per setting, from its declaration. Every option defaults to None
+    ("not given"), so that a --config file's value holds unless the command line names it; values
+    arrive as text and are checked, converted and explained by TrainConfig, as in Python."""
+    params = []
+    for name, rule, default in settings():
+        flag = option_name(name)
+        is_flag = rule.kind is bool
+        decls = [f"{flag}/--no-{flag[2:]}"] if is_flag else [flag]
+        choices = f" ({' | '.join(rule.choices)})" if rule.choices else ""
+        option = typer.Option(None, *decls, help=f"{rule.help}{choices} [default: {shown(default)}]",
+                              show_default=False, rich_help_panel=f"Settings: {rule.group}",
+                              metavar=None if is_flag else METAVARS[rule.kind])
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=Optional[bool] if is_flag else Optional[str]))
+    return params
 
 
-@app.command()
-def train(
-    data: Path = typer.Argument(..., help="Class folders (one per class) or a CSV of path,label."),
-    out_dir: Path = typer.Option(..., "--out", help="Run directory to write."),
-    backbone: str = typer.Option(DEFAULT_BACKBONE, help="Any timm model name."),
-    weights: Optional[str] = typer.Option(None, help="Weights file (.safetensors/.pth), or 'random'."),
-    val_dir: Optional[Path] = typer.Option(None, help="Separate validation folder/CSV (else a split)."),
-    image_size: Optional[int] = typer.Option(None, help="Input size in pixels (default: the weights')."),
-    epochs: int = typer.Option(D.epochs, help="Phase 1 epochs (head only)."),
-    fine_tune_epochs: int = typer.Option(D.fine_tune_epochs, help="Phase 2 epochs (fine-tuning)."),
-    fine_tune_at: Optional[str] = typer.Option(None, help="First unfrozen layer: index or name."),
-    lr: float = typer.Option(D.lr, help="Base learning rate (phase 2 uses 0.1 x)."),
-    batch_size: int = typer.Option(D.batch_size),
-    val_split: float = typer.Option(D.val_split, help="Validation fraction when no --val-dir."),
-    seed: int = typer.Option(D.seed),
-    dropout: float = typer.Option(D.dropout),
-    flip: bool = typer.Option(D.flip, help="Random horizontal flip in training."),
-    rotation: float = typer.Option(D.rotation, help="Random rotation, fraction of a full turn (0 = off; the seed: 0.2)."),
-    train_bn: bool = typer.Option(False, help="Let unfrozen BatchNorm layers update their statistics."),
-    monitor: Monitor = typer.Option(Monitor.val_loss, help="Which validation number picks the kept epoch."),
-    threshold_metric: ThresholdMetric = typer.Option(D.threshold_metric, help="Two classes: choose the threshold on validation to maximise this (none: use --threshold)."),
-    threshold: float = typer.Option(D.threshold, help="Two classes: the fixed threshold on p(class 1)."),
-    class_weight: Balance = typer.Option(D.class_weight, help="Loss weights per class: balanced = n / (C * n_c)."),
-    sampler: Balance = typer.Option(D.sampler, help="balanced: every class drawn equally often per epoch."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
-    cache: bool = typer.Option(True, help="Train from cached frozen-layer outputs (--no-cache: the plain loop)."),
-    views: int = typer.Option(D.views, help="Augmented views cached per image, besides the clean one."),
-    cache_memory_gb: Optional[float] = typer.Option(None, help="RAM for the cache before it spills to disk."),
-    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bfloat16 autocast while extracting cached activations (default: where the hardware supports it)."),
-    cache_dir: Optional[str] = typer.Option(None, help="Views kept for later runs (default ~/.cache/transferkit; '' = off)."),
-    cache_cap_gb: float = typer.Option(D.cache_cap_gb, help="Size cap of --cache-dir; oldest files go first."),
-    keep_cache: bool = typer.Option(False, help="Keep arrays spilled to RUN/cache/ after training."),
-    quiet: bool = typer.Option(False, help="Only errors."),
-):
+def train(data: Path, out_dir: Path, config: Optional[Path], val_dir: Optional[Path], quiet: bool, **given):
     """Train a classifier: frozen backbone + new head, then fine-tune from --fine-tune-at."""
-    try:
-        config = TrainConfig(
-            backbone=backbone, weights=weights, image_size=image_size, epochs=epochs,
-            fine_tune_epochs=fine_tune_epochs, fine_tune_at=fine_tune_at, lr=lr,
-            batch_size=batch_size, val_split=val_split, seed=seed, dropout=dropout, flip=flip,
-            rotation=rotation, train_bn=train_bn, monitor=monitor.value, class_weight=class_weight.value,
-            threshold_metric=threshold_metric.value, threshold=threshold,
-            sampler=sampler.value, device=device,
-            cache=cache, views=views, cache_memory_gb=cache_memory_gb, bf16=bf16,
-            cache_dir=cache_dir, cache_cap_gb=cache_cap_gb, keep_cache=keep_cache)
-        train_run(data, out_dir, config, val_data=val_dir, reporter=Reporter(quiet=quiet))
-    except USER_ERRORS as exc:
-        fail(exc)
+    from .progress import Reporter
+    from .recipe import train as train_run
+
+    values = {**(read_settings(config) if config else {}), **{k: v for k, v in given.items() if v is not None}}
+    settings_ = TrainConfig.from_dict(values, str(config) if config else None)
+    train_run(data, out_dir, settings_, val_data=val_dir, reporter=Reporter(quiet=quiet))
     if not quiet:
         typer.echo(f"Wrote {out_dir}/ (model.safetensors, model.json, metrics.json, history.csv, "
-                   "learning_curves.png, skipped.txt, val_predictions.csv, report.html)", err=True)
+                   "learning_curves.png, skipped.csv, val_predictions.csv, report.html)", err=True)
+
+
+train.__signature__ = inspect.Signature([
+    inspect.Parameter("data", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path, default=typer.Argument(
+        ..., help="Class folders (one per class) or a CSV of path,label.")),
+    inspect.Parameter("out_dir", inspect.Parameter.KEYWORD_ONLY, annotation=Path, default=typer.Option(
+        ..., "--out", help="Run folder to write.")),
+    inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
+        None, "--config", help="Settings from a YAML/JSON file, or a run's model.json to rerun it; "
+                               "options on the command line win.")),
+    inspect.Parameter("val_dir", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
+        None, help="Separate validation folder/CSV (else a stratified split).")),
+    inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+        False, help="Only errors.")),
+    *setting_parameters(),
+])
+train.__annotations__ = {p.name: p.annotation for p in train.__signature__.parameters.values()}
+app.command()(train)
 
 
 @app.command()
 def evaluate(
-    run: Path = typer.Argument(..., help="Run directory written by `train`."),
+    run: Path = typer.Argument(..., help="Run folder written by `train`."),
     data: Path = typer.Argument(..., help="Labelled class folders or CSV."),
     output: Optional[Path] = typer.Option(None, "--output", help="Also write the metrics as JSON."),
     tta: bool = typer.Option(False, help="Test-time augmentation: average each image with its mirror."),
 ):
     """Metrics of a trained model on another labelled folder."""
-    try:
-        metrics = load(run).evaluate(data, tta=tta)
-    except USER_ERRORS as exc:
-        fail(exc)
+    from .files import write_text
+    from .run import load
+
+    metrics = load(run).evaluate(data, tta=tta)
     if output:
-        output.write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text(output, json.dumps(metrics, indent=2) + "\n")
     low, high = metrics["accuracy_ci95"]
     out.print(f"{data}: {metrics['n']} images{' (TTA)' if tta else ''}, accuracy {metrics['accuracy']:.4f} "
               f"(95% CI {low:.4f}-{high:.4f}), balanced accuracy {metrics['balanced_accuracy']:.4f}, "
               f"loss {metrics['loss']:.4f}, ECE {metrics['ece']:.4f}", markup=False, soft_wrap=True)
-    if "roc_auc" in metrics and metrics["roc_auc"] is not None:
+    if metrics.get("roc_auc") is not None:
         out.print(f"ROC-AUC {metrics['roc_auc']:.4f}, average precision {metrics['average_precision']:.4f} "
                   f"({metrics['positive_class']} positive), threshold {metrics['threshold']:.4f}",
                   markup=False, soft_wrap=True)
@@ -149,27 +162,24 @@ def evaluate(
             out.print(f"  {item['path']}: {item['reason']}", markup=False)
 
 
-class Engine(str, Enum):
-    auto = "auto"
-    torch = "torch"
-    onnx = "onnx"
-
-
 @app.command()
 def predict(
-    run: Path = typer.Argument(..., help="Run directory written by `train` (or an exported .onnx file)."),
+    run: Path = typer.Argument(..., help="Run folder written by `train` (or an exported .onnx file)."),
     inputs: list[Path] = typer.Argument(..., help="Image files and/or folders."),
     format: Format = typer.Option(Format.table, "--format", help="table, json (JSON lines) or csv."),
-    batch_size: int = typer.Option(64),
+    batch_size: int = typer.Option(64, min=1, help="Images per batch."),
     tta: bool = typer.Option(False, help="Test-time augmentation: average each image with its mirror."),
-    engine: Engine = typer.Option(Engine.auto, help="auto: the run's model.onnx with ONNX Runtime when it exists, else PyTorch."),
+    engine: EngineName = typer.Option(EngineName.auto, help="auto: the run's model.onnx with ONNX Runtime when it "
+                                                            "exists and matches the run, else PyTorch."),
 ):
     """Classify images (calibrated probabilities; two classes use the run's threshold), streaming
-    one line per file; unreadable files get their own record with the reason."""
-    try:
-        classifier = load_engine(run, engine.value, log=lambda m: typer.echo(m, err=True))
-    except USER_ERRORS as exc:
-        fail(exc)
+    one line per file; unreadable files get their own record with the reason. Exit status 1 when
+    no file could be classified."""
+    from .data import expand_inputs
+    from .progress import Reporter
+    from .run import load_engine
+
+    classifier = load_engine(run, engine.value, log=lambda m: typer.echo(m, err=True))
     paths, stdout, reporter = expand_inputs(inputs), sys.stdout, Reporter()
     if reporter.live:  # a bar needs the total: list the files first (names only)
         paths = list(paths)
@@ -179,58 +189,62 @@ def predict(
     writer = csv.writer(stream)
     if format is Format.csv:
         writer.writerow(["path", "label", *[f"p_{c}" for c in classifier.classes], "error"])
-    failures = 0
-    for record in classifier.predict_files(paths, batch_size, tta=tta):
-        reporter.advance()
-        error = record.get("error")
-        failures += error is not None
-        probs = record.get("probabilities", {})
-        if format is Format.json:
-            line = json.dumps(record)
-        elif format is Format.csv:
-            writer.writerow([record["path"], record.get("label", ""),
-                             *[f"{probs[c]:.6f}" if probs else "" for c in classifier.classes],
-                             error or ""])
-            stream.flush()
-            continue
-        elif error:
-            line = f"{record['path']}\tERROR: {error}"
-        else:
-            line = f"{record['path']}\t{record['label']}\t" + "  ".join(
-                f"{c}={p:.4f}" for c, p in probs.items())
-        typer.echo(line, file=stream)
-    reporter.stop()
+    failures = total = 0
+    try:
+        for record in classifier.predict_files(paths, batch_size, tta=tta):
+            reporter.advance()
+            total += 1
+            error = record.get("error")
+            failures += error is not None
+            probs = record.get("probabilities", {})
+            if format is Format.json:
+                line = json.dumps(record)
+            elif format is Format.csv:
+                writer.writerow([record["path"], record.get("label", ""),
+                                 *[f"{probs[c]:.6f}" if probs else "" for c in classifier.classes], error or ""])
+                stream.flush()
+                continue
+            elif error:
+                line = f"{record['path']}\tERROR: {error}"
+            else:
+                line = f"{record['path']}\t{record['label']}\t" + "  ".join(f"{c}={p:.4f}" for c, p in probs.items())
+            typer.echo(line, file=stream)
+    finally:
+        reporter.stop()
     if failures:
-        typer.echo(f"{failures} file(s) could not be classified (see their records)", err=True)
+        typer.echo(f"{failures} of {total} file(s) could not be classified (see their records)", err=True)
+    if total == 0:
+        fail(f"no image files in {', '.join(map(str, inputs))}")
+    if failures == total:
+        raise typer.Exit(1)
 
 
 @app.command()
 def explain(
-    run: Path = typer.Argument(..., help="Run directory written by `train`."),
+    run: Path = typer.Argument(..., help="Run folder written by `train`."),
     inputs: list[Path] = typer.Argument(..., help="Image files and/or folders."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for the heatmap overlays (PNG)."),
 ):
     """Grad-CAM heatmaps: where each image holds the evidence for its predicted class."""
+    from .data import expand_inputs
     from .explain import explain_files
+    from .run import load
 
-    try:
-        classifier = load(run)
-        failures = 0
-        for record in explain_files(classifier, expand_inputs(inputs), out_dir):
-            if "error" in record:
-                failures += 1
-                typer.echo(f"{record['path']}\tERROR: {record['error']}")
-            else:
-                typer.echo(f"{record['path']}\t{record['label']}\t{record['probability']:.4f}\t{record['output']}")
-    except USER_ERRORS as exc:
-        fail(exc)
+    classifier = load(run)
+    failures = 0
+    for record in explain_files(classifier, expand_inputs(inputs), out_dir):
+        if "error" in record:
+            failures += 1
+            typer.echo(f"{record['path']}\tERROR: {record['error']}")
+        else:
+            typer.echo(f"{record['path']}\t{record['label']}\t{record['probability']:.4f}\t{record['output']}")
     if failures:
         typer.echo(f"{failures} file(s) could not be explained (see their records)", err=True)
 
 
 @app.command()
 def report(
-    run: Path = typer.Argument(..., help="Run directory written by `train`."),
+    run: Path = typer.Argument(..., help="Run folder written by `train`."),
     data: Optional[Path] = typer.Argument(None, help="Labelled test folder/CSV (default: the run's validation set)."),
     output: Optional[Path] = typer.Option(None, "--output", help="Where to write (default RUN/report.html)."),
     tta: bool = typer.Option(False, help="Test-time augmentation: average each image with its mirror."),
@@ -238,16 +252,12 @@ def report(
     """A self-contained HTML report of a run (opens from disk, loads nothing from the network)."""
     from .report import report as write
 
-    try:
-        target = write(run, data, tta=tta, output=output)
-    except USER_ERRORS as exc:
-        fail(exc)
-    typer.echo(f"Wrote {target}")
+    typer.echo(f"Wrote {write(run, data, tta=tta, output=output)}")
 
 
 @app.command()
 def export(
-    run: Path = typer.Argument(..., help="Run directory written by `train`."),
+    run: Path = typer.Argument(..., help="Run folder written by `train`."),
     format: str = typer.Option("onnx", "--format", help="onnx, or torch (a torch.export .pt2 program)."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="File to write (default: RUN/model.onnx or RUN/model.pt2)."),
     quantize: Optional[str] = typer.Option(None, help="int8 (static, calibrated on --val-dir) or int8-dynamic."),
@@ -259,43 +269,39 @@ def export(
     """Export for deployment: preprocessing inside, probabilities out, metadata in the file."""
     from .export import export as export_run
 
-    try:
-        report = export_run(run, format, out_file, quantize, val_dir, tolerance, force, layout)
-    except USER_ERRORS as exc:
-        fail(exc)
-    if "drop" in report:
-        typer.echo(f"validation accuracy: float {report['float_accuracy']:.2f}%, {quantize} "
-                   f"{report['quantized_accuracy']:.2f}% (drop {report['drop']:.2f} points)", err=True)
-    typer.echo(f"Wrote {report['path']}", err=True)
+    result = export_run(run, format, out_file, quantize, val_dir, tolerance, force, layout)
+    if "drop" in result:
+        typer.echo(f"validation accuracy: float {result['float_accuracy']:.2%}, {quantize} "
+                   f"{result['quantized_accuracy']:.2%} (drop {result['drop'] * 100:.2f} points)", err=True)
+    typer.echo(f"Wrote {result['path']}", err=True)
 
 
 @app.command()
 def serve(
-    run: Path = typer.Argument(..., help="Run directory written by `train` (or an exported .onnx file)."),
+    run: Path = typer.Argument(..., help="Run folder written by `train` (or an exported .onnx file)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (default: this machine only)."),
-    port: int = typer.Option(8000),
-    engine: Engine = typer.Option(Engine.auto, help="As for predict."),
-    max_upload_mb: float = typer.Option(10.0, help="Largest request body."),
-    max_pixels: int = typer.Option(40_000_000, help="Largest image (width x height), checked before decoding."),
-    timeout: float = typer.Option(10.0, help="Seconds a request may take (upload, decoding, prediction)."),
+    port: int = typer.Option(8000, min=1, max=65535),
+    engine: EngineName = typer.Option(EngineName.auto, help="As for predict."),
+    max_upload_mb: float = typer.Option(10.0, min=0.001, help="Largest request body."),
+    max_pixels: int = typer.Option(40_000_000, min=1, help="Largest image (width x height), checked before decoding."),
+    timeout: float = typer.Option(10.0, min=0.001, help="Seconds a request may take (upload, decoding, prediction)."),
 ):
     """HTTP service: POST /predict, GET /health, and a web page at /."""
     import uvicorn
 
     from .serve import Limits, create_app
 
-    try:
-        limits = Limits(max_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels, timeout=timeout)
-        application = create_app(run, engine.value, limits, log=lambda m: typer.echo(m, err=True))
-    except USER_ERRORS as exc:
-        fail(exc)
+    limits = Limits(max_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels, timeout=timeout)
+    application = create_app(run, engine.value, limits, log=lambda m: typer.echo(m, err=True))
     typer.echo(f"Serving {run} on http://{host}:{port}/ (Ctrl-C stops)", err=True)
-    uvicorn.run(application, host=host, port=port, log_level="warning")
+    uvicorn.run(application, host=host, port=port, log_level="warning", timeout_keep_alive=5)
 
 
 @app.command()
 def backbones():
     """Backbones whose weights are available right now without a network, and from where."""
+    from .sources import available_backbones
+
     table = Table()
     for column in ("backbone", "weights", "status"):
         table.add_column(column)
@@ -312,10 +318,9 @@ def layers(
     weights: Optional[str] = typer.Option(None, help="As for train; 'random' needs no weights."),
 ):
     """The base model's layers with the indices that --fine-tune-at counts."""
-    try:
-        made = create_backbone(backbone, weights or "random")
-    except USER_ERRORS as exc:
-        fail(exc)
+    from .backbones import create_backbone
+
+    made = create_backbone(backbone, weights or "random")
     default = made.default_fine_tune_at
     out.print(f"Number of layers in the base model: {len(made.layers)}")
     for i, (name, module) in enumerate(made.layers):
@@ -332,10 +337,7 @@ def import_keras(
     """Convert a Keras MobileNetV2 file to timm weights with Keras numerics (no TensorFlow needed)."""
     from .keras import import_file
 
-    try:
-        config = import_file(file, out_dir)
-    except USER_ERRORS as exc:
-        fail(exc)
+    config = import_file(file, out_dir)
     head = f"; its head ({', '.join(config['head_not_imported'])}) is not imported" if config["head_not_imported"] else ""
     typer.echo(f"Wrote {out_dir}/backbone.safetensors and backbone.json: {config['backbone']} "
                f"({config['keras_model'] or 'bare MobileNetV2'}, {config['preprocess']['image_size']} px){head}. "

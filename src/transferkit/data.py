@@ -10,25 +10,17 @@ from __future__ import annotations
 import csv
 import os
 import tempfile
-import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error we report, not a grey smear
+from .errors import DataError, ImageError
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
-
-
-class DataError(ValueError):
-    """The data cannot be used for training; raised before any training starts."""
-
-
-class ImageError(ValueError):
-    """One file cannot be read as an image; the message is the reason."""
 
 
 @dataclass
@@ -124,6 +116,18 @@ def load_labelled(source: str | Path, classes: list[str] | None = None) -> Label
     return from_folder(source, classes)
 
 
+def expand_inputs(inputs: Iterable[str | Path]) -> Iterator[str]:
+    """Files as given; folders expanded (recursively, sorted) to the image files inside them."""
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            for child in sorted(path.rglob("*")):
+                if child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES:
+                    yield str(child)
+        else:
+            yield str(path)
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to RGB: alpha composited on white, 16-bit and float scaled, CMYK/P converted."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -158,24 +162,32 @@ def load_image(path: str | Path, size: int, draft: bool = True) -> np.ndarray:
     return read_image(path, size, draft)
 
 
-def read_image(source, size: int, draft: bool = True) -> np.ndarray:
-    """`load_image` for a path or a binary file object (e.g. an upload)."""
+def read_image(source, size: int, draft: bool = True, max_pixels: int | None = None,
+               formats: tuple[str, ...] | None = None) -> np.ndarray:
+    """`load_image` for a path or a binary file object (e.g. an upload). The format (`formats`, in
+    Pillow's names) and the pixel count (`max_pixels`, default Pillow's decompression-bomb limit)
+    are checked from the header, before decoding."""
+    max_pixels = max_pixels or Image.MAX_IMAGE_PIXELS
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as image:
-                if draft and image.format == "JPEG":
-                    image.draft("RGB", (size * 2, size * 2))
-                image.load()
-                image = ImageOps.exif_transpose(image)
-                rgb = _to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
-                return np.asarray(rgb, dtype=np.uint8)
+        with Image.open(source) as image:
+            if formats and image.format not in formats:
+                raise ImageError(f"image format {image.format} not allowed (allowed: {', '.join(formats)})", "format")
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(f"too many pixels: {width}x{height} > {max_pixels} (decompression bomb guard)",
+                                 "size")
+            if draft and image.format == "JPEG":
+                image.draft("RGB", (size * 2, size * 2))
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            rgb = _to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(rgb, dtype=np.uint8)
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError("not an image (unrecognised format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"too many pixels (decompression bomb guard): {exc}") from None
+        raise ImageError("not an image (unrecognised format)", "format") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"too many pixels (decompression bomb guard): {exc}", "size") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"unreadable image ({exc})") from None
 
@@ -226,8 +238,11 @@ def decoded_batches(paths: Iterable[str], size: int, batch_size: int, workers: i
         yield pending
 
 
-def memory_budget() -> int:
-    """Bytes we allow decoded images to take in RAM: a quarter of the memory available now."""
+def memory_budget(gigabytes: float | None = None) -> int:
+    """Bytes that decoded images and cached arrays may take in RAM before they spill to disk:
+    `gigabytes` when given, else a quarter of the memory available now."""
+    if gigabytes:
+        return int(gigabytes * 2**30)
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -278,27 +293,43 @@ def decode(data: LabelledImages, size: int, workers: int | None = None,
     )
 
 
-def check_trainable(data: LabelledImages, origin: str) -> None:
-    """Refuse data that cannot train a classifier, before any training starts."""
-    if len(data.classes) < 2:
+def decode_source(source: str | Path, size: int, classes: list[str] | None = None, **options) -> LabelledImages:
+    """A labelled folder or CSV decoded at `size` (`decode`'s options); an error when no image is
+    usable."""
+    data = decode(load_labelled(source, classes), size, **options)
+    if len(data) == 0:
+        raise DataError(f"{source}: no usable images" + (f" ({len(data.skipped)} skipped, first: "
+                        f"{data.skipped[0][0]}: {data.skipped[0][1]})" if data.skipped else ""))
+    return data
+
+
+def check_labels(data: LabelledImages, origin: str, split: bool, every_class: bool = True) -> None:
+    """Refuse data that cannot train (or validate) a classifier. Run on the listing, before any
+    file is decoded, and again on the usable images after decoding: files to read; for training
+    data two classes or more, each with an image (two for a validation split); for validation
+    data every class present."""
+    usable = "usable " if data.images is not None else ""
+    if len(data) == 0:
+        raise DataError(f"{origin}: no {usable}image files")
+    if every_class and len(data.classes) < 2:
         raise DataError(f"{origin}: only one class ({data.classes}); need at least two")
-    empty = [c for c, k in data.counts().items() if k == 0]
+    counts = data.counts()
+    empty = [c for c, k in counts.items() if k == 0]
     if empty:
-        raise DataError(f"{origin}: no usable images for class(es) {empty}")
+        raise DataError(f"{origin}: no {usable}images for class(es) {empty}" + (
+            "" if every_class else "; a validation set must hold every class the model learns"))
+    small = [c for c, k in counts.items() if k < 2]
+    if split and small:
+        raise DataError(f"{origin}: class(es) {small} have a single {usable}image; a validation split needs "
+                        "at least 2 per class (add images, or give a separate validation set)")
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int,
-                     classes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, val), stratified by label, reproducible for a seed."""
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val), stratified by label, reproducible for a seed (every class needs two
+    images: see `check_labels`)."""
     from sklearn.model_selection import train_test_split
 
-    if not 0.0 < fraction < 1.0:
-        raise DataError(f"val_split must be between 0 and 1 (got {fraction}); or pass a validation folder")
     counts = np.bincount(labels)
-    small = [classes[i] if classes else i for i, k in enumerate(counts) if 0 < k < 2]
-    if small:
-        raise DataError(f"class(es) {small} have a single usable image; a validation split needs "
-                        "at least 2 per class (add images, or pass a validation folder)")
     n_val = max(int(round(len(labels) * fraction)), int((counts > 0).sum()))
     index = np.arange(len(labels))
     train, val = train_test_split(index, test_size=n_val, stratify=labels, random_state=seed)

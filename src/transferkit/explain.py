@@ -11,8 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from .data import decoded_batches
-from .evaluate import to_batch
-from .model import TransferModel, predict_labels, to_unit
+from .errors import RunError
+from .files import write_bytes
+from .inference import to_batch
+from .metrics import predict_labels
+from .model import TransferModel, to_unit
 
 
 def gradcam(model: TransferModel, images: np.ndarray, target: np.ndarray | None = None,
@@ -27,14 +30,14 @@ def gradcam(model: TransferModel, images: np.ndarray, target: np.ndarray | None 
     with torch.no_grad():
         fmap = model.backbone.forward_features(model.normalize(to_unit(to_batch(images, device))))
     if fmap.ndim != 4:
-        raise ValueError(f"Grad-CAM needs a CNN backbone with a spatial feature map; "
+        raise RunError(f"Grad-CAM needs a CNN backbone with a spatial feature map; "
                          f"{type(model.backbone).__name__} gives shape {tuple(fmap.shape)}")
     fmap = fmap.detach().float().requires_grad_(True)
     with torch.enable_grad():
         logits = model.head(model.dropout(model.backbone.forward_head(fmap, pre_logits=True)))
         probs = model.probabilities(logits.detach())
-        chosen = (predict_labels(probs, threshold) if target is None
-                  else torch.as_tensor(target, device=logits.device))
+        chosen = torch.as_tensor(predict_labels(probs.cpu().numpy(), threshold) if target is None else target,
+                                 device=logits.device)
         if model.binary:
             score = logits[:, 0] * torch.where(chosen == 1, 1.0, -1.0)
         else:
@@ -58,12 +61,21 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, min_size: i
     return ((1 - alpha) * picture + alpha * colour).round().clip(0, 255).astype(np.uint8)
 
 
+def overlay_png(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> bytes:
+    """`overlay` as PNG bytes."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    buffer = BytesIO()
+    Image.fromarray(overlay(image, cam, alpha)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def explain_files(classifier, paths: Iterable[str | Path], out_dir: str | Path,
                   batch_size: int = 16) -> Iterator[dict]:
     """Write one overlay PNG per image (the evidence for its predicted class) into `out_dir`;
     yield {path, output, label, probability} or {path, error}, in order."""
-    from PIL import Image
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
@@ -80,6 +92,6 @@ def explain_files(classifier, paths: Iterable[str | Path], out_dir: str | Path,
                 name += "_"
             used.add(f"{name}.png")
             target = out_dir / f"{name}.png"
-            Image.fromarray(overlay(image, cam)).save(target)
+            write_bytes(target, overlay_png(image, cam))
             yield {"path": path, "output": str(target), "label": classifier.classes[int(c)],
                    "probability": float(p[int(c)])}

@@ -8,11 +8,12 @@ the model's size in, (N, C) class probabilities out, the same numbers as
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +21,17 @@ import torch
 from torch import nn
 
 from . import __version__
-from .data import DataError, decode, load_labelled
-from .predict import Classifier, RunError, load
+from .classifier import Classifier
+from .data import decode_source
+from .errors import ExportError
+from .files import atomic_path
+from .metrics import predict_labels
+from .onnx_engine import OnnxClassifier
+from .run import load, model_version
 
 LAYOUTS = ("nhwc", "nchw")
 QUANTIZE_MODES = ("int8", "int8-dynamic")  # int8 = static (calibrated) QDQ, the faster one
 OPSET = 18
-
-
-class ExportError(ValueError):
-    """An export cannot be written as asked; the message says why."""
 
 
 class InferenceGraph(nn.Module):
@@ -49,15 +51,6 @@ class InferenceGraph(nn.Module):
             images = images.permute(0, 3, 1, 2)
         model = self.model
         return model.probabilities(model.head(model.features(model.normalize(images))))
-
-
-def model_version(run_dir: str | Path) -> str:
-    """The first 16 hex digits of the weights file's SHA-256: names exactly one trained model."""
-    digest = hashlib.sha256()
-    with open(Path(run_dir) / "model.safetensors", "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def metadata(classifier: Classifier, run_dir: str | Path, layout: str, quantization: str = "none") -> dict[str, str]:
@@ -90,9 +83,8 @@ def export_onnx(classifier: Classifier, run_dir: str | Path, out: str | Path, la
     import onnx
 
     graph, out = InferenceGraph(classifier, layout), Path(out)
-    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
+    with warnings.catch_warnings(), quiet_logger("torch.onnx"), tempfile.TemporaryDirectory() as tmp:
         warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         raw = Path(tmp) / "model.onnx"
         torch.onnx.export(graph, (example_input(classifier, layout),), str(raw), dynamo=True,
                           input_names=["images"], output_names=["probabilities"], opset_version=OPSET,
@@ -100,8 +92,8 @@ def export_onnx(classifier: Classifier, run_dir: str | Path, out: str | Path, la
         proto = onnx.load(str(raw))
     set_metadata(proto, metadata(classifier, run_dir, layout))
     onnx.checker.check_model(proto, full_check=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(out))
+    with atomic_path(out) as tmp:  # an interrupted export never leaves a half-written model.onnx
+        onnx.save(proto, str(tmp))
     return out
 
 
@@ -113,15 +105,17 @@ def set_metadata(proto, values: dict[str, str]) -> None:
     proto.doc_string = "transferkit classifier: uint8 RGB images in, class probabilities out"
 
 
-def read_metadata(path: str | Path) -> dict:
-    """The metadata of an exported ONNX file, decoded (classes, threshold, preprocess as values)."""
-    import onnx
-
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    if "classes" not in props or "preprocess" not in props:
-        raise RunError(f"{path}: not a transferkit ONNX export (no classes/preprocess metadata)")
-    return {**props, "classes": json.loads(props["classes"]), "preprocess": json.loads(props["preprocess"]),
-            "threshold": float(props["threshold"]), "temperature": float(props["temperature"])}
+@contextmanager
+def quiet_logger(name: str | None = None) -> Iterator[None]:
+    """Only errors from one logger (the root logger for None) for the duration of a call; its level
+    is the caller's again afterwards."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class _Calibration:
@@ -141,27 +135,23 @@ def quantize(float_path: str | Path, out: str | Path, mode: str, calibration: np
                                           shape_inference)
 
     props = {p.key: p.value for p in onnx.load(str(float_path)).metadata_props}
-    root_level = logging.root.level
-    logging.root.setLevel(logging.ERROR)  # onnxruntime.quantization warns on the root logger
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            prepared = Path(tmp) / "prepared.onnx"
-            shape_inference.quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
-            target = Path(tmp) / "quantized.onnx"
-            keep = float_ends(onnx.load(str(prepared)))
-            if mode == "int8-dynamic":
-                quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                                 nodes_to_exclude=keep)
-            else:
-                quantize_static(str(prepared), str(target), _Calibration("images", calibration),
-                                quant_format=QuantFormat.QDQ, per_channel=True, nodes_to_exclude=keep,
-                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-            proto = onnx.load(str(target))
-    finally:
-        logging.root.setLevel(root_level)
+    with quiet_logger(), tempfile.TemporaryDirectory() as tmp:  # onnxruntime.quantization warns on the root logger
+        prepared = Path(tmp) / "prepared.onnx"
+        shape_inference.quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
+        target = Path(tmp) / "quantized.onnx"
+        keep = float_ends(onnx.load(str(prepared)))
+        if mode == "int8-dynamic":
+            quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                             nodes_to_exclude=keep)
+        else:
+            quantize_static(str(prepared), str(target), _Calibration("images", calibration),
+                            quant_format=QuantFormat.QDQ, per_channel=True, nodes_to_exclude=keep,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        proto = onnx.load(str(target))
     set_metadata(proto, {**props, "quantization": mode})
     onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(out))
+    with atomic_path(out) as tmp:
+        onnx.save(proto, str(tmp))
     return Path(out)
 
 
@@ -183,20 +173,15 @@ def float_ends(proto) -> list[str]:
     return keep
 
 
-def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
-    return float((predictions == labels).mean() * 100.0)
-
-
 def export_program(classifier: Classifier, run_dir: str | Path, out: str | Path, layout: str = "nhwc") -> Path:
     """`torch.export` program (.pt2): loads with `torch.export.load(path).module()`, torch only."""
     graph = InferenceGraph(classifier, layout)
     program = torch.export.export(graph, (example_input(classifier, layout),),
                                   dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), atomic_path(out) as tmp:
         warnings.simplefilter("ignore")
-        torch.export.save(program, str(out), extra_files={
+        torch.export.save(program, str(tmp), extra_files={
             "transferkit.json": json.dumps(metadata(classifier, run_dir, layout))})
     return out
 
@@ -207,10 +192,8 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
     """Export a run; returns {path, ...} with the validation accuracies when quantizing.
 
     A quantized model is written only if its accuracy on `val_data` is at most `tolerance`
-    points below the float model's, unless `force`.
+    percentage points below the float model's, unless `force`. Accuracies are fractions.
     """
-    from .engines import OnnxClassifier
-
     run_dir = Path(run_dir)
     classifier = load(run_dir)
     if format == "torch":
@@ -222,17 +205,13 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
     if quantize_mode is None:
         return {"path": str(export_onnx(classifier, run_dir, out, layout))}
     if quantize_mode not in QUANTIZE_MODES:
-        raise ExportError(f"--quantize must be one of {QUANTIZE_MODES}, got {quantize_mode!r}")
+        raise ExportError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize_mode!r}")
     if val_data is None and not force:
-        raise ExportError("quantization needs validation data to check the accuracy: pass --val-dir "
-                          "(class folders or CSV), or --force to skip the check")
-    data = None
-    if val_data is not None:
-        data = decode(load_labelled(val_data, classifier.classes), classifier.image_size)
-        if len(data) == 0:
-            raise DataError(f"{val_data}: no usable images")
+        raise ExportError("quantization needs validation data to check the accuracy (val_data; --val-dir "
+                          "on the command line), or force to skip the check")
+    data = None if val_data is None else decode_source(val_data, classifier.image_size, classifier.classes)
     if quantize_mode == "int8" and data is None:
-        raise ExportError("static int8 quantization calibrates on images: pass --val-dir")
+        raise ExportError("static int8 quantization calibrates on images: give validation data (--val-dir)")
     images = None if data is None else data.images
     if images is not None and layout == "nchw":
         images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
@@ -245,15 +224,14 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
         if data is not None:
             for name, path in (("float", float_path), ("quantized", q_path)):
                 engine = OnnxClassifier(path)
-                probs = engine.predict_proba(data.images)
-                report[f"{name}_accuracy"] = accuracy(np.asarray([engine.classes.index(c) for c in
-                                                                  engine.labels(probs)]), data.labels)
+                predicted = predict_labels(engine.predict_proba(data.images), engine.threshold)
+                report[f"{name}_accuracy"] = float((predicted == data.labels).mean())
             report["drop"] = report["float_accuracy"] - report["quantized_accuracy"]
-            if report["drop"] > tolerance and not force:
+            if report["drop"] * 100 > tolerance and not force:
                 raise ExportError(
-                    f"quantized model refused: validation accuracy {report['quantized_accuracy']:.2f}% vs "
-                    f"{report['float_accuracy']:.2f}% float (drop {report['drop']:.2f} points > tolerance "
-                    f"{tolerance:g}); nothing written (--force writes it anyway)")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(Path(q_path).read_bytes())
+                    f"quantized model refused: validation accuracy {report['quantized_accuracy']:.2%} vs "
+                    f"{report['float_accuracy']:.2%} float (drop {report['drop'] * 100:.2f} points > tolerance "
+                    f"{tolerance:g}); nothing written (force writes it anyway)")
+        with atomic_path(out) as target:
+            target.write_bytes(Path(q_path).read_bytes())
     return report

@@ -19,6 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import BackboneError
+from .files import atomic_path, sha256_of, write_text
+
 TIMM_KWARGS = {"pad_type": "same", "bn_eps": 1e-3}
 MEAN = STD = (0.5, 0.5, 0.5)  # (x / 255 - 0.5) / 0.5 == x / 127.5 - 1
 DEFAULT_FINE_TUNE_AT = "block_13_depthwise"  # the seed's fine_tune_at = 120
@@ -28,7 +31,7 @@ WIDTHS = {112: "mobilenetv2_035", 160: "mobilenetv2_050", 240: "mobilenetv2_075"
           320: "mobilenetv2_100", 448: "mobilenetv2_140"}
 
 
-class KerasError(ValueError):
+class KerasError(BackboneError):
     """A Keras file that is not a usable MobileNetV2; the message names the file and the layer."""
 
 
@@ -259,23 +262,22 @@ def import_file(path: str | Path, out: str | Path) -> dict:
     """Convert a Keras MobileNetV2 .h5 file to `out`/backbone.safetensors (timm names) plus
     `out`/backbone.json (backbone, timm kwargs, preprocessing, Keras layer names); returns the JSON.
     Train on it with `--backbone <backbone> --weights <out>`."""
-    import hashlib
-
     from safetensors.torch import save_file
 
     model, found = load(path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / IMPORTED))
+    with atomic_path(out / IMPORTED) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     config = {
         "backbone": found.backbone,
         "timm_kwargs": TIMM_KWARGS,
         "preprocess": {"image_size": found.image_size or 224, "mean": list(MEAN), "std": list(STD)},
         "source": str(found.path),
-        "source_sha256": hashlib.sha256(found.path.read_bytes()).hexdigest(),
+        "source_sha256": sha256_of(found.path),
         "keras_model": found.model_name,
         "head_not_imported": found.head,
         "layers": [name for name, _ in keras_layers(model)],
     }
-    (out / IMPORTED).with_suffix(".json").write_text(json.dumps(config, indent=2) + "\n")
+    write_text((out / IMPORTED).with_suffix(".json"), json.dumps(config, indent=2) + "\n")
     return config

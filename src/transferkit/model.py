@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import Preprocess, is_batchnorm, list_layers
+from .adapters import list_layers
+from .backbones import Preprocess, is_batchnorm
+from .errors import ConfigError
 
 
 class Augment(nn.Module):
@@ -23,7 +25,7 @@ class Augment(nn.Module):
     def __init__(self, flip: bool = True, rotation: float = 0.2):
         super().__init__()
         if not 0.0 <= rotation <= 0.5:
-            raise ValueError(f"rotation is a fraction of a full turn in [0, 0.5], got {rotation}")
+            raise ConfigError(f"rotation must be a fraction of a full turn in [0, 0.5], got {rotation}")
         self.flip, self.rotation = flip, rotation
 
     def forward(self, x: torch.Tensor, seeds: list[int] | None = None) -> torch.Tensor:
@@ -64,7 +66,7 @@ class TransferModel(nn.Module):
                  train_bn: bool = False):
         super().__init__()
         if num_classes < 2:
-            raise ValueError(f"need at least two classes, got {num_classes}")
+            raise ConfigError(f"need at least two classes, got {num_classes}")
         self.num_classes, self.train_bn = num_classes, train_bn
         self.temperature = 1.0  # calibration: probabilities use logits / temperature
         self.augment = Augment(flip, rotation)
@@ -135,10 +137,3 @@ class TransferModel(nn.Module):
 def to_unit(x: torch.Tensor) -> torch.Tensor:
     """uint8 images to floats in [0, 1]; floats pass through."""
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x
-
-
-def predict_labels(probabilities: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Class indices; two classes use p(class 1) >= threshold (not the logit, unlike Keras)."""
-    if probabilities.shape[1] == 2:
-        return (probabilities[:, 1] >= threshold).long()
-    return probabilities.argmax(dim=1)

@@ -7,19 +7,28 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-import matplotlib
+# Figures are made with matplotlib's object API (Figure, not pyplot), which needs no backend: the
+# caller's backend and pyplot state stay untouched. Files are PNG whatever their name.
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+def figure(figsize: tuple[float, float], rows: int = 1, cols: int = 1, **kwargs):
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, **kwargs)
+
+
+def save(fig: Figure, path: Path | BinaryIO) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")
 
 
 def learning_curves(history: list[dict], path: Path | BinaryIO, fine_tune_start: float | None = None) -> None:
     """Training and validation accuracy (top) and loss (bottom) per epoch; a vertical line marks
     where fine-tuning starts."""
     epochs = [r["epoch"] for r in history]
-    fig, axes = plt.subplots(2, 1, figsize=(8, 8), sharex=True)
+    fig, axes = figure((8, 8), 2, 1, sharex=True)
     for ax, key, title in ((axes[0], "accuracy", "Accuracy"), (axes[1], "loss", "Loss")):
         ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", label=f"Training {key}")
         ax.plot(epochs, [r[f"val_{key}"] for r in history], "o-", label=f"Validation {key}")
@@ -31,9 +40,7 @@ def learning_curves(history: list[dict], path: Path | BinaryIO, fine_tune_start:
         ax.legend(loc="lower right" if key == "accuracy" else "upper right")
     axes[1].set_xlabel("epoch")
     axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def confusion_figure(matrix: list[list[int]], classes: list[str], path: Path | BinaryIO) -> None:
@@ -41,7 +48,7 @@ def confusion_figure(matrix: list[list[int]], classes: list[str], path: Path | B
     counts = np.asarray(matrix)
     share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     side = 1.2 + 0.9 * len(classes)
-    fig, ax = plt.subplots(figsize=(side + 1.6, side))
+    fig, ax = figure((side + 1.6, side))
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(classes)):
         for j in range(len(classes)):
@@ -52,9 +59,7 @@ def confusion_figure(matrix: list[list[int]], classes: list[str], path: Path | B
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def binary_curves(y_true: np.ndarray, p1: np.ndarray, threshold: float, positive: str,
@@ -64,7 +69,7 @@ def binary_curves(y_true: np.ndarray, p1: np.ndarray, threshold: float, positive
     from sklearn.calibration import calibration_curve
     from sklearn.metrics import auc, precision_recall_curve, roc_curve
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+    fig, axes = figure((13, 4.2), 1, 3)
     fpr, tpr, _ = roc_curve(y_true, p1)
     predicted = p1 >= threshold
     pos, neg = y_true == 1, y_true == 0
@@ -90,6 +95,4 @@ def binary_curves(y_true: np.ndarray, p1: np.ndarray, threshold: float, positive
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)

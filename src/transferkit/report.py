@@ -13,12 +13,14 @@ from pathlib import Path
 from string import Template
 
 import numpy as np
-import torch
 
-from .data import DataError, ImageError, decode, load_image, load_labelled
-from .evaluate import classification_metrics, read_predictions
-from .model import predict_labels
-from .predict import Classifier, RunError
+from .classifier import Classifier
+from .config import GROUPS, settings, shown
+from .data import decode_source, load_image
+from .errors import ImageError, RunError, TransferkitError
+from .files import write_text
+from .metrics import classification_metrics, predict_labels
+from .run import load, read_predictions, read_skipped
 
 MISTAKES = 8  # most confident mistakes shown
 
@@ -84,19 +86,12 @@ def figure_uri(draw) -> str:
     return data_uri(buffer.getvalue())
 
 
-def image_uri(array: np.ndarray) -> str:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return data_uri(buffer.getvalue())
-
-
-def table(header: list[str], rows: list[list], numeric_from: int = 1) -> str:
-    """An HTML table; columns from `numeric_from` on are right-aligned."""
+def table(header: list[str], rows: list[list], numeric_from: int = 1, escape: bool = True) -> str:
+    """An HTML table; columns from `numeric_from` on are right-aligned; cells escaped unless they
+    are HTML already (`escape=False`)."""
     def cells(values, tag):
-        return "".join(f'<{tag}{" class=num" if i >= numeric_from else ""}>{html.escape(str(v))}</{tag}>'
-                       for i, v in enumerate(values))
+        return "".join(f'<{tag}{" class=num" if i >= numeric_from else ""}>'
+                       f'{html.escape(str(v)) if escape or tag == "th" else v}</{tag}>' for i, v in enumerate(values))
     body = "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rows)
     return f"<table><thead><tr>{cells(header, 'th')}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -128,7 +123,7 @@ def confident_mistakes(labels: np.ndarray, probs: np.ndarray, predicted: np.ndar
 
 def mistakes_html(classifier: Classifier, paths: list[str], labels: np.ndarray, probs: np.ndarray,
                   predicted: np.ndarray, images: np.ndarray | None) -> str:
-    from .explain import gradcam, overlay
+    from .explain import gradcam, overlay_png
 
     chosen = confident_mistakes(labels, probs, predicted, MISTAKES, classifier.threshold)
     if len(chosen) == 0:
@@ -145,11 +140,11 @@ def mistakes_html(classifier: Classifier, paths: list[str], labels: np.ndarray, 
         try:
             cams, _, _ = gradcam(classifier.model, np.stack(arrays), target=predicted[found],
                                  device=classifier.device)
-            pictures = [overlay(a, c) for a, c in zip(arrays, cams)]
+            pictures = [overlay_png(a, c) for a, c in zip(arrays, cams)]
             note = "Grad-CAM: warm colours mark where the image holds the evidence for the (wrong) predicted class."
-        except ValueError as exc:  # not a CNN: show the images without heatmaps
+        except TransferkitError as exc:  # not a CNN: show the images without heatmaps
             cams = np.ones((len(arrays), *arrays[0].shape[:2]))
-            pictures, note = [overlay(a, c, alpha=0) for a, c in zip(arrays, cams)], str(exc)
+            pictures, note = [overlay_png(a, c, alpha=0) for a, c in zip(arrays, cams)], str(exc)
         binary = len(classifier.classes) == 2
         for i, picture, cam in zip(found, pictures, cams):
             true, guess = classifier.classes[labels[i]], classifier.classes[predicted[i]]
@@ -157,7 +152,7 @@ def mistakes_html(classifier: Classifier, paths: list[str], labels: np.ndarray, 
                      if binary else f"p = {probs[i, predicted[i]]:.3f}")
             empty = "<br><i>no region supports this class</i>" if np.max(cam) <= 0 else ""
             figures.append(
-                f'<figure><img alt="Grad-CAM of {html.escape(Path(paths[i]).name)}" src="{image_uri(picture)}">'
+                f'<figure><img alt="Grad-CAM of {html.escape(Path(paths[i]).name)}" src="{data_uri(picture)}">'
                 f'<figcaption><b>true {html.escape(true)}</b>, predicted {html.escape(guess)} ({score}){empty}'
                 f'<br><span class="file">{html.escape(paths[i])}</span></figcaption></figure>')
     missing = len(chosen) - len(found)
@@ -176,24 +171,29 @@ def counts_html(metrics: dict, eval_counts: dict[str, int], eval_name: str, clas
 
 
 def skipped_html(run_dir: Path, eval_skipped: list[tuple[str, str]]) -> str:
-    lines = [line.split("\t", 1) for line in (run_dir / "skipped.txt").read_text().splitlines() if line] \
-        if (run_dir / "skipped.txt").is_file() else []
-    lines += [list(item) for item in eval_skipped]
+    lines = read_skipped(run_dir / "skipped.csv") if (run_dir / "skipped.csv").is_file() else []
+    lines += list(eval_skipped)
     if not lines:
         return "<h3>Skipped files</h3><p>None: every file was a usable image.</p>"
     shown = "".join(f"<tr><td><code>{html.escape(p)}</code></td><td>{html.escape(r)}</td></tr>" for p, r in lines[:20])
-    more = f'<p class="note">and {len(lines) - 20} more (skipped.txt)</p>' if len(lines) > 20 else ""
+    more = f'<p class="note">and {len(lines) - 20} more (skipped.csv)</p>' if len(lines) > 20 else ""
     return (f"<h3>Skipped files ({len(lines)})</h3><table><thead><tr><th>file</th><th>reason</th></tr></thead>"
             f"<tbody>{shown}</tbody></table>{more}")
 
 
 def settings_html(meta: dict) -> str:
+    """Every setting of the run, by group, from the settings' declarations; the ones changed from
+    the defaults are marked."""
     config = meta.get("config", {})
-    keys = ["backbone", "image_size", "epochs", "fine_tune_epochs", "lr", "fine_tune_lr_factor", "batch_size",
-            "dropout", "flip", "rotation", "class_weight", "sampler", "monitor", "threshold_metric", "threshold",
-            "cache", "views", "seed", "val_split"]
-    rows = [[k, json.dumps(config[k]) if not isinstance(config[k], str) else config[k]] for k in keys if k in config]
-    return "<h3>Settings</h3>" + table(["setting", "value"], rows, numeric_from=2)
+    rows = []
+    for group in GROUPS:
+        for name, rule, default in settings():
+            if rule.group == group and name in config:
+                changed = config[name] != default
+                rows.append([group, f"<b>{name}</b>" if changed else name, html.escape(shown(config[name]))
+                             + (f" <span class=\"note\">(default {html.escape(shown(default))})</span>" if changed else "")])
+    return ("<h3>Settings</h3>" + table(["group", "setting", "value"], rows, numeric_from=3, escape=False)
+            + '<p class="note">Bold: changed from the default.</p>')
 
 
 def facts_html(meta: dict, classes: list[str]) -> str:
@@ -223,7 +223,7 @@ def write_report(run_dir: str | Path, classifier: Classifier, eval_name: str, pa
     meta, classes = classifier.meta, classifier.classes
     train_metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     metrics = classification_metrics(labels, probs, classes, classifier.threshold)
-    predicted = predict_labels(torch.from_numpy(np.asarray(probs)), classifier.threshold).numpy()
+    predicted = predict_labels(probs, classifier.threshold)
     n, (low, high) = metrics["n"], metrics["accuracy_ci95"]
     cards = [card("accuracy", f"{metrics['accuracy']:.1%}", f"95% CI {low:.1%} – {high:.1%}"),
              card("balanced accuracy", f"{metrics['balanced_accuracy']:.1%}", "mean recall of the classes")]
@@ -273,7 +273,7 @@ def write_report(run_dir: str | Path, classifier: Classifier, eval_name: str, pa
         mistakes=mistakes_html(classifier, list(paths), np.asarray(labels), np.asarray(probs), predicted, images),
         version=html.escape(str(meta.get("versions", {}).get("transferkit", ""))))
     target = Path(output) if output else run_dir / "report.html"
-    target.write_text(page, encoding="utf-8")
+    write_text(target, page)
     return target
 
 
@@ -282,11 +282,9 @@ def report(run_dir: str | Path, data: str | Path | None = None, tta: bool = Fals
     """The page for a run: on a labelled folder/CSV when given, else on the run's validation
     predictions (val_predictions.csv)."""
     run_dir = Path(run_dir)
-    classifier = Classifier.load(run_dir)
+    classifier = load(run_dir)
     if data is not None:
-        decoded = decode(load_labelled(data, classifier.classes), classifier.image_size)
-        if len(decoded) == 0:
-            raise DataError(f"{data}: no usable images")
+        decoded = decode_source(data, classifier.image_size, classifier.classes)
         probs = classifier.predict_proba(decoded.images, batch_size, tta)
         return write_report(run_dir, classifier, f"test set {data}", decoded.paths, decoded.labels, probs,
                             decoded.images, decoded.skipped, tta, output)

@@ -18,14 +18,15 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from .data import ImageError, read_image
-from .engines import load_engine
+from .data import read_image
+from .engine import Engine
+from .errors import ImageError
+from .run import load_engine
 
 # Pillow format names accepted by /predict.
 ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
@@ -126,47 +127,31 @@ async def upload_bytes(request: Request, body: bytes) -> bytes:
 
 
 def decode_upload(data: bytes, size: int, limits: Limits) -> np.ndarray:
-    """Check format and pixel count from the header, then decode as training does."""
+    """Decode as training does, after checking the format and the pixel count from the header."""
     try:
-        with Image.open(BytesIO(data)) as image:
-            fmt, (width, height) = image.format, image.size
-    except UnidentifiedImageError:
-        raise ApiError(415, "not an image (unrecognised format)") from None
-    except Image.DecompressionBombError as exc:
-        raise ApiError(413, f"too many pixels (decompression bomb guard): {exc}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ApiError(422, f"unreadable image ({exc})") from None
-    if fmt not in ALLOWED_FORMATS:
-        raise ApiError(415, f"image format {fmt} not allowed (allowed: {', '.join(ALLOWED_FORMATS)})")
-    if width * height > limits.max_pixels:
-        raise ApiError(413, f"too many pixels: {width}x{height} > {limits.max_pixels} "
-                            "(decompression bomb guard)")
-    try:
-        return read_image(BytesIO(data), size)
+        return read_image(BytesIO(data), size, max_pixels=limits.max_pixels, formats=ALLOWED_FORMATS)
     except ImageError as exc:
-        raise ApiError(422, str(exc)) from None
+        raise ApiError({"format": 415, "size": 413}.get(exc.kind, 422), str(exc)) from None
 
 
-def explainer(run: str | Path, classifier):
+def explainer(run: str | Path, classifier: Engine):
     """The PyTorch classifier Grad-CAM needs: the engine itself, or the run's weights beside an
     ONNX engine; None when the service runs from a bare .onnx file."""
-    from .predict import Classifier
+    from .run import WEIGHTS, load
 
-    if isinstance(classifier, Classifier):
+    if classifier.name == "torch":
         return classifier
     run = Path(run)
-    return Classifier.load(run) if (run / "model.safetensors").is_file() else None
+    return load(run) if (run / WEIGHTS).is_file() else None
 
 
 def explain_png(classifier, image: np.ndarray) -> bytes:
     """The image with the Grad-CAM heatmap of its predicted class over it, as PNG bytes."""
-    from .explain import gradcam, overlay
+    from .explain import gradcam, overlay_png
 
     cams, _, _ = gradcam(classifier.model, image[None], threshold=classifier.threshold,
                          device=classifier.device)
-    buffer = BytesIO()
-    Image.fromarray(overlay(image, cams[0])).save(buffer, "PNG")
-    return buffer.getvalue()
+    return overlay_png(image, cams[0])
 
 
 def page() -> str:
@@ -176,11 +161,8 @@ def page() -> str:
 def create_app(run: str | Path, engine: str = "auto", limits: Limits = Limits(),
                log: Callable[[str], None] | None = None) -> FastAPI:
     """The service for one run directory (or exported .onnx file)."""
-    from .export import model_version
-
     classifier = load_engine(run, engine, log)
-    kind = getattr(classifier, "engine", "torch")
-    version = classifier.version if kind == "onnx" else model_version(run)
+    kind, version = classifier.name, classifier.version
     batcher = Batcher(classifier, limits.max_batch)
     cam_model, cam_lock = explainer(run, classifier), asyncio.Lock()
 

@@ -1,66 +1,19 @@
-"""Metrics of a model on labelled images (the arithmetic is scikit-learn's)."""
+"""Every metric of a model on labelled images (the arithmetic is scikit-learn's), its interval and
+its calibration error, and the decision rule that turns probabilities into labels. No torch."""
 
 from __future__ import annotations
 
-import csv
-
 import numpy as np
-import torch
 from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix, log_loss,
                              precision_recall_fscore_support, roc_auc_score, top_k_accuracy_score)
 
-from .model import TransferModel, predict_labels
 
-
-def to_batch(batch: np.ndarray, device) -> torch.Tensor:
-    """uint8 NHWC images become NCHW (channels-last memory); stored activations become float32."""
-    x = torch.from_numpy(np.require(batch, requirements=["C", "W"]))  # a writable, contiguous copy only if needed
-    if x.dtype == torch.uint8:
-        return x.permute(0, 3, 1, 2).to(device)
-    return x.to(device, torch.float32)
-
-
-def predict_logits(model: TransferModel, inputs: np.ndarray, forward, batch_size: int = 64,
-                   device: torch.device | str = "cpu") -> np.ndarray:
-    """Logits (N, 1 or C) of `forward` (inputs -> logits) in inference mode, by batch."""
-    model.eval()
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(inputs), batch_size):
-            out.append(forward(to_batch(inputs[start:start + batch_size], device)).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.head.out_features), dtype=np.float32)
-
-
-def predict_inputs(model: TransferModel, inputs: np.ndarray, forward, batch_size: int = 64,
-                   device: torch.device | str = "cpu") -> np.ndarray:
-    """Class probabilities (N, C) of `forward` (inputs -> logits) in inference mode, by batch."""
-    logits = predict_logits(model, inputs, forward, batch_size, device)
-    return model.probabilities(torch.from_numpy(logits)).numpy()
-
-
-def predict_arrays(model: TransferModel, images: np.ndarray, batch_size: int = 64,
-                   device: torch.device | str = "cpu") -> np.ndarray:
-    """Class probabilities (N, C) of the whole model for uint8 NHWC images."""
-    return predict_inputs(model, images, model, batch_size, device)
-
-
-def write_predictions(path, paths: list[str], labels: np.ndarray, probabilities: np.ndarray,
-                      classes: list[str]) -> None:
-    """One row per image: path, true class, the probability of every class."""
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "label", *[f"p_{c}" for c in classes]])
-        for p, y, row in zip(paths, labels, probabilities):
-            writer.writerow([p, classes[y], *[f"{v:.6g}" for v in row]])
-
-
-def read_predictions(path, classes: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """What `write_predictions` wrote: (paths, labels, probabilities)."""
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    labels = np.array([classes.index(r["label"]) for r in rows], dtype=np.int64)
-    probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows], dtype=np.float64).reshape(-1, len(classes))
-    return [r["path"] for r in rows], labels, probs
+def predict_labels(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Class indices; two classes use p(class 1) >= threshold (not the logit, unlike Keras)."""
+    probabilities = np.asarray(probabilities)
+    if probabilities.shape[1] == 2:
+        return (probabilities[:, 1] >= threshold).astype(np.int64)
+    return probabilities.argmax(axis=1)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -95,7 +48,7 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classe
     two classes (class 1 positive), top-k accuracy for more."""
     y_true = np.asarray(y_true)
     probabilities = np.asarray(probabilities)
-    y_pred = predict_labels(torch.from_numpy(probabilities), threshold).numpy()
+    y_pred = predict_labels(probabilities, threshold)
     labels = list(range(len(classes)))
     clipped = np.clip(probabilities, 1e-7, 1.0)
     precision, recall, f1, support = precision_recall_fscore_support(

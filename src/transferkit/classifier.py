@@ -1,0 +1,27 @@
+"""The PyTorch engine: a trained TransferModel with its class names and metadata (model.json)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .engine import Engine
+from .inference import predict_proba
+from .model import TransferModel
+
+
+class Classifier(Engine):
+    """What `predict` needs: the model, its class names and the metadata of `model.json`."""
+
+    name = "torch"
+
+    def __init__(self, model: TransferModel, classes: list[str], meta: dict):
+        self.model, self.classes, self.meta = model.eval(), list(classes), dict(meta)
+        self.model.temperature = float(self.meta["temperature"])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _proba(self, images: np.ndarray, batch_size: int) -> np.ndarray:
+        return predict_proba(self.model, images, batch_size=batch_size, device=self.device)

@@ -1,0 +1,79 @@
+"""The engine interface (scikit-learn's ClassifierMixin idea): an engine implements one method,
+`_proba` (probabilities of a batch of uint8 images); everything else, the threshold, labels,
+test-time augmentation, streaming over files and metrics, is written once here. Imports no torch:
+the ONNX engine runs without it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .data import decode_source, decoded_batches
+from .errors import RunError
+from .metrics import classification_metrics, predict_labels
+
+
+class Engine(ABC):
+    """A trained classifier behind one interface. `meta` holds at least classes, threshold,
+    temperature and preprocess (model.json, or an ONNX file's metadata)."""
+
+    name = "engine"
+    meta: dict
+    classes: list[str]
+
+    @abstractmethod
+    def _proba(self, images: np.ndarray, batch_size: int) -> np.ndarray:
+        """(N, C) calibrated probabilities of uint8 images (N, S, S, 3) of this model's size."""
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta["threshold"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["preprocess"]["image_size"])
+
+    @property
+    def version(self) -> str:
+        """Names exactly one trained model: the first 16 hex digits of its weights' SHA-256."""
+        return str(self.meta.get("model_version", ""))
+
+    def predict_proba(self, images: np.ndarray, batch_size: int = 64, tta: bool = False) -> np.ndarray:
+        """(N, C) probabilities; `tta`: the mean of each image's and its horizontal mirror's."""
+        images = np.asarray(images)
+        if len(images) == 0:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        probs = self._proba(images, batch_size)
+        if tta:
+            probs = (probs + self._proba(np.ascontiguousarray(images[:, :, ::-1]), batch_size)) / 2
+        if not np.isfinite(probs).all():  # never a label computed from NaN
+            raise RunError("the model computed NaN or infinite probabilities (damaged weights or settings)")
+        return probs
+
+    def labels(self, probabilities: np.ndarray) -> list[str]:
+        return [self.classes[i] for i in predict_labels(probabilities, self.threshold)]
+
+    def predict_files(self, paths: Iterable[str | Path], batch_size: int = 64,
+                      workers: int | None = None, tta: bool = False) -> Iterator[dict]:
+        """Stream one record per file, in order: {path, label, probabilities} or {path, error}."""
+        for batch in decoded_batches(paths, self.image_size, batch_size, workers):
+            if isinstance(batch, tuple):
+                yield {"path": batch[0], "error": batch[1]}
+                continue
+            probs = self.predict_proba(np.stack([a for _, a in batch]), batch_size, tta)
+            for (path, _), p, label in zip(batch, probs, self.labels(probs)):
+                yield {"path": path, "label": label,
+                       "probabilities": {c: float(v) for c, v in zip(self.classes, p)}}
+
+    def evaluate(self, source: str | Path, batch_size: int = 64, tta: bool = False) -> dict:
+        """Metrics on a labelled folder or CSV whose classes are among this model's."""
+        data = decode_source(source, self.image_size, self.classes)
+        probs = self.predict_proba(data.images, batch_size, tta)
+        metrics = classification_metrics(data.labels, probs, self.classes, self.threshold)
+        metrics.update(source=str(source), tta=tta,
+                       skipped=[{"path": p, "reason": r} for p, r in data.skipped])
+        return metrics
+

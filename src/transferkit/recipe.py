@@ -1,0 +1,371 @@
+"""The seed's two-phase recipe: train the new head on a frozen backbone, then fine-tune the layers
+from `fine_tune_at` on at a tenth of the learning rate; keep the best epoch of both phases.
+
+`train()` reads in the order it runs: check the data, build the backbone, prepare the data, build
+the model, fit the head, fine-tune, calibrate and save the run.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import run
+from .backbones import Backbone, create_backbone, resolve_fine_tune_at
+from .balance import class_weights, epoch_order
+from .cache import PhaseViews, Views, build_views, plain_views, plan
+from .calibrate import choose_threshold, fit_temperature, nll
+from .classifier import Classifier
+from .config import TrainConfig
+from .data import (LabelledImages, check_labels, decode, load_labelled, memory_budget,
+                   stratified_split)
+from .errors import ConfigError
+from .files import atomic_path, write_text
+from .inference import predict_logits, predict_proba, to_batch
+from .metrics import classification_metrics, expected_calibration_error, predict_labels
+from .model import TransferModel
+from .progress import Reporter
+
+
+def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
+          val_data: str | Path | None = None, reporter: Reporter | None = None,
+          **overrides) -> Classifier:
+    """Train a classifier on `data` (class folders or a CSV) and write the run to `out`.
+
+    `val_data`: a separate labelled set for validation; otherwise a stratified `val_split` of
+    `data`. Keyword overrides change single settings: `train("data", "runs/x", epochs=3)`.
+    """
+    config = TrainConfig.from_dict({**(config or TrainConfig()).to_dict(), **overrides})
+    reporter = reporter or Reporter()
+    out = Path(out)
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    listing = list_data(data, val_data)  # every check that needs no decoding, before anything loads
+
+    backbone, fine_tune_at = build_backbone(config, reporter)
+    train_set, val_set, skipped = prepare_data(listing, data, val_data, backbone.preprocess.image_size,
+                                               config, out / "cache", reporter)
+    model = build_model(backbone, len(train_set.classes), config, device)
+
+    started = time.perf_counter()
+    trainer = fit(model, train_set, val_set, config, fine_tune_at, reporter, device, out / "cache",
+                  backbone.weights_sha256)
+    seconds = time.perf_counter() - started
+    best = trainer.best
+    reporter.log(f"Kept epoch {best['epoch']} (phase {best['phase']}, best {config.monitor}); "
+                 f"val_accuracy {best['val_accuracy']:.4f}; training took {seconds:.0f}s")
+
+    return save_run(out, model, backbone, fine_tune_at, config, trainer, seconds, train_set, val_set, skipped,
+                    reporter)
+
+
+def fit(model: TransferModel, train_set: LabelledImages, val_set: LabelledImages, config: TrainConfig,
+        fine_tune_at: int, reporter: Reporter, device: torch.device, spill_dir: Path | None = None,
+        weights_sha256: str | None = None) -> "Trainer":
+    """The two phases as the seed runs them; the model ends with the best epoch's weights."""
+    started = time.perf_counter()
+    trainer = Trainer(model, train_set, config, reporter, device)
+    head_views, suffix_views = cached_views(model, train_set, val_set, config, fine_tune_at, spill_dir,
+                                            weights_sha256, reporter, device)
+    trainer.timings["extract_seconds"] = time.perf_counter() - started
+    trainer.fit_head(*head_views)
+    trainer.fine_tune(*suffix_views, fine_tune_at)
+    trainer.keep_best()
+    return trainer
+
+
+# -- the steps ---------------------------------------------------------------------------------
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device for a `device` setting; an error naming what is available otherwise."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            have = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(count)])
+            raise ConfigError(f"device {device!r} is not available on this machine (available: {have})")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps' is not available on this machine (available: cpu)")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Listing:
+    """The labelled files before decoding: training (and validation) sources."""
+
+    train: LabelledImages
+    val: LabelledImages | None
+
+
+def list_data(data: str | Path, val_data: str | Path | None) -> Listing:
+    """List the files and check the labels: two classes or more, enough images per class for a
+    split; a separate validation set with the same classes."""
+    listing = Listing(load_labelled(data), None)
+    check_labels(listing.train, str(data), split=val_data is None)
+    if val_data is not None:
+        listing.val = load_labelled(val_data, listing.train.classes)
+        check_labels(listing.val, str(val_data), split=False, every_class=False)
+    return listing
+
+
+def build_backbone(config: TrainConfig, reporter: Reporter) -> tuple[Backbone, int]:
+    """The pretrained backbone and the index of the first layer fine-tuning unfreezes."""
+    backbone = create_backbone(config.backbone, config.weights, config.image_size)
+    layers = backbone.layers
+    fine_tune_at = resolve_fine_tune_at(
+        layers, config.fine_tune_at if config.fine_tune_at is not None else backbone.default_fine_tune_at)
+    reporter.log(f"Backbone {backbone.name}: weights {backbone.weights}")
+    reporter.log(f"Number of layers in the base model: {len(layers)}")
+    reporter.log(f"fine_tune_at = {fine_tune_at} ({layers[fine_tune_at][0] if fine_tune_at < len(layers) else 'none'})")
+    return backbone, fine_tune_at
+
+
+def prepare_data(listing: Listing, data, val_data, size: int, config: TrainConfig, spill_dir: Path,
+                 reporter: Reporter) -> tuple[LabelledImages, LabelledImages, list[tuple[str, str]]]:
+    """Decode every image once; split off the validation set (stratified) unless one was given."""
+    everything = _decode(listing.train, "data", size, config, spill_dir, reporter)
+    check_labels(everything, str(data), split=listing.val is None)
+    if listing.val is None:
+        train_idx, val_idx = stratified_split(everything.labels, config.val_split, config.seed)
+        train_set, val_set = everything.subset(train_idx), everything.subset(val_idx)
+        skipped = everything.skipped
+    else:
+        train_set = everything
+        val_set = _decode(listing.val, "validation data", size, config, spill_dir, reporter)
+        check_labels(val_set, str(val_data), split=False, every_class=False)
+        skipped = everything.skipped + val_set.skipped
+    if skipped:
+        reporter.log(f"Skipped {len(skipped)} unusable file(s); listed in skipped.csv")
+    reporter.log(f"Training on {len(train_set)} images, validating on {len(val_set)}; "
+                 f"classes {everything.counts()}")
+    return train_set, val_set, skipped
+
+
+def _decode(raw: LabelledImages, name: str, size: int, config: TrainConfig, spill_dir: Path,
+            reporter: Reporter) -> LabelledImages:
+    reporter.start(f"decoding {name}", len(raw))
+    try:
+        return decode(raw, size, spill_dir=spill_dir, budget=memory_budget(config.cache_memory_gb),
+                      keep=config.keep_cache, progress=lambda i, n: reporter.advance())
+    finally:
+        reporter.stop()
+
+
+def build_model(backbone: Backbone, num_classes: int, config: TrainConfig, device: torch.device) -> TransferModel:
+    """The seed's model: augmentation -> preprocessing -> frozen backbone -> GAP -> dropout -> linear."""
+    model = TransferModel(backbone.model, num_classes, backbone.preprocess, config.dropout, config.flip,
+                          config.rotation, config.train_bn)
+    return model.to(device, memory_format=torch.channels_last)
+
+
+def cached_views(model: TransferModel, train_set: LabelledImages, val_set: LabelledImages, config: TrainConfig,
+                 fine_tune_at: int, spill_dir: Path | None, weights_sha256: str | None, reporter: Reporter,
+                 device: torch.device) -> tuple[PhaseViews, PhaseViews]:
+    """What each phase trains on: the frozen layers' outputs, computed once (the cache), or the
+    decoded images through the whole model each epoch (`cache=False`, the seed's plain loop)."""
+    if not config.cache:
+        reporter.log("Cache off (--no-cache): every epoch runs the full model on every image")
+        plain = plain_views(model, train_set, val_set)
+        return plain, plain
+    cache_plan = plan(model, train_set, len(val_set), config, fine_tune_at, device)
+    for line in cache_plan.describe(fine_tune_at, spill_dir):
+        reporter.log(line)
+    return build_views(model, train_set, val_set, config, cache_plan, device, spill_dir, weights_sha256, reporter)
+
+
+class Trainer:
+    """Runs the epochs of both phases, keeps the history and the best epoch's weights."""
+
+    def __init__(self, model: TransferModel, train_set: LabelledImages, config: TrainConfig,
+                 reporter: Reporter, device: torch.device):
+        self.model, self.config, self.reporter, self.device = model, config, reporter, device
+        self.classes = train_set.classes
+        self.n_batches = -(-len(train_set) // config.batch_size)
+        self.rng = np.random.default_rng(config.seed)
+        self.history: list[dict] = []
+        self.best: dict | None = None
+        self.best_state: dict | None = None
+        self.timings: dict[str, float] = {}
+        self.class_weight = class_weights(train_set.labels, model.num_classes, config.class_weight)
+        if self.class_weight is not None or config.sampler != "none":
+            weights = "off" if self.class_weight is None else [round(w, 3) for w in self.class_weight.tolist()]
+            reporter.log(f"Imbalance: class weights {weights}, sampler {config.sampler}")
+
+    def fit_head(self, train_views: Views, val_views: Views) -> None:
+        """Phase 1: the new head only, the whole backbone frozen, at the base learning rate."""
+        self.phase(1, self.config.epochs, len(self.model.layers), self.config.lr, train_views, val_views)
+
+    def fine_tune(self, train_views: Views, val_views: Views, fine_tune_at: int) -> None:
+        """Phase 2: layers from `fine_tune_at` on, at lr x fine_tune_lr_factor."""
+        self.phase(2, self.config.fine_tune_epochs, fine_tune_at,
+                   self.config.lr * self.config.fine_tune_lr_factor, train_views, val_views)
+
+    def phase(self, phase: int, epochs: int, trainable_from: int, lr: float, train_views: Views,
+              val_views: Views) -> None:
+        if epochs == 0:
+            return
+        started = time.perf_counter()
+        self.model.unfreeze_from(trainable_from)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=lr)
+        self.reporter.log(f"Phase {phase}: {'head only' if phase == 1 else f'fine-tuning layers {trainable_from}..'}"
+                          f", {sum(p.numel() for p in params):,} trainable parameters, lr {lr:g}")
+        for _ in range(epochs):
+            self.epoch(phase, lr, optimizer, train_views, val_views)
+        self.timings[f"phase{phase}_seconds"] = time.perf_counter() - started
+
+    def epoch(self, phase: int, lr: float, optimizer, train_views: Views, val_views: Views) -> None:
+        epoch, start = len(self.history) + 1, time.perf_counter()
+        self.reporter.start(f"phase {phase} epoch {epoch}", self.n_batches)
+        try:
+            train_loss, train_acc = train_epoch(self.model, train_views, optimizer, self.config.batch_size,
+                                                self.rng, self.device, self.reporter, self.config.sampler,
+                                                self.class_weight)
+        finally:
+            self.reporter.stop()
+        if not np.isfinite(train_loss):
+            raise ConfigError(f"training diverged in epoch {epoch} (loss {train_loss}); lower lr (now {lr:g})")
+        val = classification_metrics(val_views.labels, predict_proba(
+            self.model, val_views.inputs[0], val_views.forward, self.config.batch_size, self.device), self.classes)
+        row = {"epoch": epoch, "phase": phase, "lr": lr, "train_loss": train_loss, "train_accuracy": train_acc,
+               "val_loss": val["loss"], "val_accuracy": val["accuracy"], "seconds": time.perf_counter() - start}
+        self.history.append(row)
+        if is_better(row, self.best, self.config.monitor):
+            self.best, self.best_state = row, copy.deepcopy(self.model.state_dict())
+        self.reporter.log(f"epoch {epoch:>3} phase {phase}  loss {train_loss:.4f}  acc {train_acc:.4f}"
+                          f"  val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}"
+                          f"  {row['seconds']:.1f}s" + ("  *" if self.best is row else ""))
+
+    def keep_best(self) -> dict:
+        """The model ends frozen, in inference mode, with the best epoch's weights."""
+        self.model.load_state_dict(self.best_state)
+        self.model.unfreeze_from(len(self.model.layers))
+        self.model.eval()
+        return self.best
+
+
+def train_epoch(model: TransferModel, views: Views, optimizer, batch_size: int,
+                rng: np.random.Generator, device, reporter: Reporter, sampler: str = "none",
+                class_weight: torch.Tensor | None = None) -> tuple[float, float]:
+    """One pass in a seeded random order (class-balanced draws with `sampler="balanced"`), one
+    stored view per image; returns (loss, accuracy)."""
+    model.train()
+    n = len(views.labels)
+    order = epoch_order(views.labels, rng, sampler)
+    pick = rng.integers(0, views.num_views, n) if views.num_views > 1 else np.zeros(n, dtype=np.int64)
+    total_loss, correct = 0.0, 0
+    for start in range(0, n, batch_size):
+        index = order[start:start + batch_size]
+        x = to_batch(views.inputs[pick[index], index], device)
+        y = torch.from_numpy(views.labels[index]).to(device)
+        logits = views.forward(x)
+        loss = model.loss(logits, y, class_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(y)
+        correct += int((predict_labels(model.probabilities(logits.detach()).cpu().numpy()) == views.labels[index]).sum())
+        seen = start + len(index)
+        reporter.advance(f"loss {total_loss / seen:.4f} acc {correct / seen:.3f}")
+    return total_loss / n, correct / n
+
+
+def is_better(row: dict, best: dict | None, monitor: str) -> bool:
+    if best is None:
+        return True
+    if monitor == "val_accuracy":
+        return (row["val_accuracy"], -row["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
+    return row["val_loss"] < best["val_loss"]
+
+
+def calibrate(model: TransferModel, logits: np.ndarray, labels: np.ndarray,
+              config: TrainConfig) -> tuple[np.ndarray, dict, dict | None]:
+    """Fit the temperature (sets model.temperature) and, for two classes, the threshold on the
+    validation logits; returns the calibrated probabilities and what was fitted."""
+    model.temperature = 1.0
+    before = model.probabilities(torch.from_numpy(logits)).numpy()
+    model.temperature = fit_temperature(logits, labels)
+    probs = model.probabilities(torch.from_numpy(logits)).numpy()
+    calibration = {"temperature": model.temperature, "method": "temperature scaling on the validation set",
+                   "loss_before": nll(logits, labels), "loss_after": nll(logits, labels, model.temperature),
+                   "ece_before": expected_calibration_error(labels, before),
+                   "ece_after": expected_calibration_error(labels, probs)}
+    if not model.binary:
+        return probs, calibration, None
+    if config.threshold_metric == "none":
+        return probs, calibration, {"metric": "fixed", "threshold": config.threshold}
+    return probs, calibration, choose_threshold(labels, probs[:, 1], config.threshold_metric)
+
+
+def save_run(out: Path, model: TransferModel, backbone: Backbone, fine_tune_at: int, config: TrainConfig,
+             trainer: Trainer, seconds: float, train_set: LabelledImages, val_set: LabelledImages,
+             skipped: list[tuple[str, str]], reporter: Reporter) -> Classifier:
+    """Calibrate on validation, then write the run folder: weights, model.json, metrics, history,
+    curves, the skipped files, the validation predictions and the report."""
+    from .report import write_report
+
+    val_logits = predict_logits(model, val_set.images, batch_size=config.batch_size, device=trainer.device)
+    val_probs, calibration, selection = calibrate(model, val_logits, val_set.labels, config)
+    reporter.log(f"Calibration on validation: temperature {calibration['temperature']:.3f}, ECE "
+                 f"{calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}"
+                 + (f"; threshold {selection['threshold']:.4f} ({selection['metric']})" if selection else ""))
+    layers = backbone.layers
+    classifier = Classifier(model, train_set.classes, {
+        "temperature": calibration["temperature"],
+        "threshold": selection["threshold"] if selection else 0.5,
+        "threshold_selection": selection,
+        "backbone": backbone.name,
+        "weights": backbone.weights,
+        "weights_sha256": backbone.weights_sha256,
+        "timm_kwargs": backbone.timm_kwargs,
+        "preprocess": {"image_size": backbone.preprocess.image_size, "mean": list(backbone.preprocess.mean),
+                       "std": list(backbone.preprocess.std)},
+        "fine_tune_at": {"index": fine_tune_at, "name": layers[fine_tune_at][0] if fine_tune_at < len(layers) else None,
+                         "num_layers": len(layers)},
+        "config": config.to_dict(),
+        "best_epoch": trainer.best["epoch"],
+        "training_seconds": round(seconds, 1),
+        "timings": {k: round(v, 2) for k, v in trainer.timings.items()},
+    })
+    run.save(classifier, out)
+    metrics = classification_metrics(val_set.labels, val_probs, val_set.classes, classifier.threshold)
+    metrics.update(split="validation", best_epoch=trainer.best["epoch"], calibration=calibration,
+                   threshold_selection=selection, counts={
+        "train": train_set.counts(), "validation": val_set.counts(), "skipped": len(skipped)})
+    write_outputs(out, trainer.history, metrics, skipped, config.epochs)
+    run.write_predictions(out / "val_predictions.csv", val_set.paths, val_set.labels, val_probs, val_set.classes)
+    write_report(out, classifier, "validation", val_set.paths, val_set.labels, val_probs, val_set.images)
+    if not config.keep_cache:
+        shutil.rmtree(out / "cache", ignore_errors=True)
+    return classifier
+
+
+def write_outputs(out: Path, history: list[dict], metrics: dict, skipped: list, epochs: int) -> None:
+    """history.csv, metrics.json, skipped.csv and learning_curves.png."""
+    from .plots import learning_curves
+
+    with atomic_path(out / "history.csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    run.write_skipped(out / "skipped.csv", skipped)
+    with atomic_path(out / "learning_curves.png") as tmp:
+        learning_curves(history, tmp, fine_tune_start=epochs + 0.5 if any(r["phase"] == 2 for r in history) else None)

@@ -1,0 +1,147 @@
+"""The shape of the code: imports one way, torch only where needed, no global side effects, one
+error boundary."""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "transferkit"
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports, at the top or inside a function."""
+    graph = {}
+    for path in PACKAGE.glob("*.py"):
+        name = path.stem
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    edges.add(node.module.split(".")[0])
+                else:
+                    edges.update(a.name for a in node.names if (PACKAGE / f"{a.name}.py").is_file())
+        graph[name] = edges - {name, "__init__"}
+    return graph
+
+
+def test_no_import_cycle_even_through_lazy_imports():
+    graph = import_graph()
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph.get(node, ()):
+            assert state.get(nxt) != 1, "import cycle: " + " -> ".join(path + [nxt])
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for module in graph:
+        if module not in state:
+            visit(module, [module])
+    assert not graph["__init__"], "the package __init__ imports its modules lazily"
+
+
+def modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["backbones"]])
+def test_help_and_backbones_answer_without_torch(argv):
+    loaded = modules_after("import sys\nfrom transferkit.cli import app\n"
+                           f"try:\n    app({argv!r})\nexcept SystemExit:\n    pass")
+    assert not {"torch", "timm", "torchvision"} & loaded
+
+
+def test_onnx_engine_predicts_without_torch(exported, lfw_split):
+    exported_onnx = exported[0] / "model.onnx"
+    image = next((lfw_split[1] / "face").iterdir())
+    loaded = modules_after("from transferkit.cli import app\n"
+                           f"try:\n    app(['predict', {str(exported_onnx)!r}, {str(image)!r}, '--engine', 'onnx'])\n"
+                           "except SystemExit as e:\n    assert e.code in (0, None), e.code")
+    assert "onnxruntime" in loaded
+    assert not {"torch", "timm", "torchvision"} & loaded
+
+
+def test_onnx_service_starts_without_torch(exported):
+    exported_onnx = exported[0] / "model.onnx"
+    loaded = modules_after(f"from transferkit.serve import create_app\ncreate_app({str(exported_onnx)!r}, 'onnx')")
+    assert not {"torch", "timm", "torchvision"} & loaded
+
+
+def test_library_calls_leave_global_state_alone(binary_run, tmp_path):
+    import matplotlib
+    from PIL import ImageFile
+
+    from transferkit.plots import confusion_figure, learning_curves
+
+    backend, truncated = matplotlib.get_backend(), ImageFile.LOAD_TRUNCATED_IMAGES
+    levels = {name: logging.getLogger(name).level for name in ("", "torch.onnx")}
+    filters = list(warnings.filters)
+    learning_curves([{"epoch": 1, "train_accuracy": 0.5, "val_accuracy": 0.5, "train_loss": 1, "val_loss": 1,
+                      "phase": 1}], tmp_path / "c.png")
+    confusion_figure([[1, 0], [0, 1]], ["a", "b"], tmp_path / "m.png")
+    from transferkit.export import export_onnx
+
+    export_onnx(binary_run[0], binary_run[1], tmp_path / "m.onnx")
+    assert matplotlib.get_backend() == backend and ImageFile.LOAD_TRUNCATED_IMAGES == truncated
+    assert {name: logging.getLogger(name).level for name in levels} == levels
+    assert warnings.filters == filters
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, tmp_path):
+    import transferkit.cli as cli
+    from transferkit.errors import DataError
+
+    runner = CliRunner()
+    result = runner.invoke(cli.app, ["evaluate", str(tmp_path / "nothing"), str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and result.output.startswith("error: ")
+
+    def broken(*args, **kwargs):
+        raise KeyError("an internal mistake")
+
+    monkeypatch.setattr("transferkit.run.load", broken)
+    result = runner.invoke(cli.app, ["evaluate", str(tmp_path), str(tmp_path)])
+    assert result.exit_code == 1
+    assert "Traceback" in result.output and "KeyError: 'an internal mistake'" in result.output
+    assert "This is a bug in transferkit" in result.output
+
+    def user_mistake(*args, **kwargs):
+        raise DataError("x.csv: no images") from OSError("cause")
+
+    monkeypatch.setattr("transferkit.run.load", user_mistake)
+    result = runner.invoke(cli.app, ["evaluate", str(tmp_path), str(tmp_path)])
+    assert (result.exit_code, result.output) == (2, "error: x.csv: no images\n")
+
+
+def test_data_checks_that_need_no_decoding_run_before_the_backbone_is_built(tmp_path, monkeypatch):
+    import transferkit
+    import transferkit.recipe as recipe
+    from transferkit.errors import DataError
+
+    monkeypatch.setattr(recipe, "create_backbone", lambda *a, **k: pytest.fail("backbone built before the check"))
+    (tmp_path / "one" / "cats").mkdir(parents=True)
+    (tmp_path / "one" / "cats" / "a.png").write_bytes(b"not even decoded")
+    with pytest.raises(DataError, match="only one class"):
+        transferkit.train(tmp_path / "one", tmp_path / "run")
+    (tmp_path / "two" / "cats").mkdir(parents=True)
+    (tmp_path / "two" / "dogs").mkdir(parents=True)
+    for name in ("cats/a.png", "cats/b.png", "dogs/a.png"):
+        (tmp_path / "two" / name).write_bytes(b"x")
+    with pytest.raises(DataError, match=r"class\(es\) \['dogs'\] have a single image"):
+        transferkit.train(tmp_path / "two", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
