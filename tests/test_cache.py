@@ -11,7 +11,8 @@ from transferkit.backbones import create_backbone
 from transferkit.model import TransferModel
 from transferkit.progress import Reporter
 from transferkit.config import TrainConfig
-from transferkit.recipe import fit, seed_everything
+from transferkit.recipe import fit
+from transferkit.runtime import seed_everything
 
 from conftest import SIZE
 

@@ -25,7 +25,8 @@ BAD = {
     "seed": "x", "dropout": 1.0, "monitor": "val_f1", "flip": "maybe", "rotation": 0.7, "train_bn": 2,
     "class_weight": "heavy", "sampler": "sometimes", "threshold_metric": "recall", "threshold": 7,
     "cache": "yes", "views": -2, "cache_dtype": "int8", "cache_memory_gb": 0, "cache_dir": 5,
-    "cache_cap_gb": -1, "keep_cache": None, "bf16": "on", "device": "banana",
+    "cache_cap_gb": -1, "keep_cache": None, "bf16": "on", "device": "banana", "patience": 0, "threads": 0,
+    "log_to": "wandb",
 }
 
 
@@ -123,3 +124,22 @@ def test_bench_scripts_take_any_setting_as_the_cli_names_it():
         from_arguments(["--epoch", "3"])
     with pytest.raises(ConfigError, match="rotation must be a finite number in"):
         from_arguments(["--rotation", "2"])
+
+
+@pytest.mark.slow  # two tiny training runs
+def test_a_runs_model_json_reruns_it_to_the_same_model(tmp_path):
+    from conftest import lfw_arrays, write_folders
+
+    images, _ = lfw_arrays()
+    data = write_folders(tmp_path / "data", {"face": list(images[:12]), "background": list(images[100:112])})
+    runner = CliRunner()
+    first = runner.invoke(app, ["train", str(data), "--out", str(tmp_path / "a"), "--image-size", "32", "--epochs",
+                                "2", "--fine-tune-epochs", "1", "--rotation", "0.2", "--seed", "7", "--threads", "1",
+                                "--cache-dir", "", "--quiet"])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, ["train", str(data), "--out", str(tmp_path / "b"), "--config",
+                                str(tmp_path / "a" / "model.json"), "--quiet"])
+    assert again.exit_code == 0, again.output
+    a, b = (json.loads((tmp_path / run / "model.json").read_text()) for run in ("a", "b"))
+    assert a["config"] == b["config"] and a["config"]["seed"] == 7 and a["config"]["rotation"] == 0.2
+    assert a["model_sha256"] == b["model_sha256"]

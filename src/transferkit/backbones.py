@@ -9,6 +9,9 @@ MobileNetV2 files (.h5, see `keras.py`) give a timm MobileNetV2 with Keras numer
 from __future__ import annotations
 
 import json
+import os
+import socket
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,12 +117,47 @@ def map_state(model: nn.Module, state: dict[str, torch.Tensor], mapping: str, or
     return mapped
 
 
-def timm_model(name: str, **kwargs) -> nn.Module:
+def check_name(name: str) -> None:
+    """A timm model name, or an error listing similar ones (no network, no model built)."""
     if name not in timm.list_models():
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         hint = f" Similar: {', '.join(close)}." if close else ""
         raise BackboneError(f"unknown backbone {name!r} (not a timm model).{hint}")
-    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def timm_model(name: str, **kwargs) -> nn.Module:
+    check_name(name)
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as exc:  # an option this architecture does not take (e.g. dynamic_img_size)
+        raise BackboneError(f"{name}: cannot be built with {kwargs} ({exc})") from None
+
+
+def size_kwargs(name: str, image_size: int | None) -> dict:
+    """Models with a fixed input size (vision transformers) run at another size with timm's
+    `dynamic_img_size` (position embeddings interpolated)."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    if image_size is None or cfg is None or not cfg.fixed_input_size or cfg.input_size[-1] == image_size:
+        return {}
+    return {"dynamic_img_size": True}
+
+
+def online(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether the weights hub answers within `timeout` seconds (DNS included): an offline machine
+    fails fast instead of retrying for a minute. HF_HUB_OFFLINE=1 says offline without asking."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    answered = threading.Event()
+
+    def probe():
+        try:
+            socket.create_connection((host, 443), timeout).close()
+            answered.set()
+        except OSError:
+            pass
+
+    threading.Thread(target=probe, daemon=True).start()
+    return answered.wait(timeout)
 
 
 def create_backbone(
@@ -133,7 +171,8 @@ def create_backbone(
     `weights`: None resolves automatically (known package, then timm download); a path loads that
     file; "random" keeps random initialisation (explicit opt-in).
     """
-    kwargs = dict(timm_kwargs or {})
+    check_name(name)
+    kwargs = {**size_kwargs(name, image_size), **(timm_kwargs or {})}
     source = WEIGHT_SOURCES.get(name)
     preprocess = None
     if weights == RANDOM:
@@ -214,17 +253,18 @@ def imported_config(path: Path, name: str) -> dict:
 
 
 def _timm_download(name: str, source: WeightSource | None, kwargs: dict) -> nn.Module:
-    timm_model(name)  # validates the name first
+    check_name(name)
+    have = ", ".join(f"{r['backbone']} ({r['status']})" for r in available_backbones())
+    fix = (f"Fix:{f' {source.install}, or' if source else ''} pass --weights FILE, or --weights random to "
+           f"train from scratch. Available offline: {have or 'none'}")
+    if not online():
+        raise BackboneError(f"no pretrained weights for {name!r}: none installed offline, and the weights hub "
+                            f"cannot be reached (offline). {fix}")
     try:
         return timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
     except Exception as exc:  # noqa: BLE001 - network, hub and missing-weights errors alike
-        have = ", ".join(f"{r['backbone']} ({r['status']})" for r in available_backbones())
-        hint = f" {source.install}, or" if source else ""
-        raise BackboneError(
-            f"no pretrained weights for {name!r}: none installed offline, and timm's download "
-            f"failed ({type(exc).__name__}; are you offline?). Fix:{hint} pass --weights FILE, "
-            f"or --weights random to train from scratch. Available offline: {have or 'none'}"
-        ) from None
+        raise BackboneError(f"no pretrained weights for {name!r}: none installed offline, and timm's download "
+                            f"failed ({type(exc).__name__}). {fix}") from None
 
 
 def resolve_fine_tune_at(layers: list[tuple[str, nn.Module]], value: int | str) -> int:

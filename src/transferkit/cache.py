@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -27,7 +26,8 @@ from torch import nn
 
 from .adapters import adapter_for
 from .config import TrainConfig
-from .data import LabelledImages, allocate, memory_budget
+from .data import LabelledImages, allocate, image_key, memory_budget
+from .files import atomic_path, write_text
 from .inference import to_batch
 from .model import TransferModel, to_unit
 from .progress import Reporter
@@ -91,10 +91,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "transferkit"
 
 
-def image_key(image: np.ndarray) -> str:
-    return hashlib.sha256(image.tobytes()).hexdigest()[:32]
-
-
 def view_seed(key: str, view: int) -> int:
     """Augmentation seed of one view of one image: a function of its content and the view index,
     so the same image gets the same views in every run (and cached views can be reused)."""
@@ -104,51 +100,65 @@ def view_seed(key: str, view: int) -> int:
 class FeatureStore:
     """Views computed by earlier runs, on disk, shared between runs: one .npz per image and view,
     in a folder keyed by everything that determines them (backbone, weights, size, augmentation,
-    cut point, storage type). Writes are atomic (safe when runs share it); the oldest files are
-    evicted past `cap_bytes`. Loaded with allow_pickle=False."""
+    cut point, storage type). Writes are atomic (safe when runs share it); an entry of the wrong
+    shape or with non-finite values is computed again; the oldest files are evicted past
+    `cap_bytes`, and temporary files left by killed runs are removed. Loaded with
+    allow_pickle=False."""
 
     VERSION = 1
+    STALE_TMP_SECONDS = 3600  # a temporary file older than this belongs to a run that died
 
-    def __init__(self, root: str | Path, settings: dict, cap_bytes: int = 20 << 30):
-        self.root, self.cap_bytes = Path(root), cap_bytes
+    def __init__(self, root: str | Path, settings: dict, cap_bytes: int = 20 << 30,
+                 shapes: tuple[tuple[int, ...], tuple[int, ...] | None] | None = None):
+        self.root, self.cap_bytes, self.shapes = Path(root), cap_bytes, shapes
         digest = hashlib.sha256(json.dumps({**settings, "v": self.VERSION}, sort_keys=True).encode())
         self.dir = self.root / digest.hexdigest()[:24]
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True))
+        write_text(self.dir / "settings.json", json.dumps(settings, indent=2, sort_keys=True))
         self.hits = 0
 
     def _path(self, key: str, view: int) -> Path:
         return self.dir / f"{key}-{view}.npz"
 
     def load(self, key: str, view: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """The stored (pooled, boundary) of one view, or None when absent or unusable."""
         try:
             with np.load(self._path(key, view), allow_pickle=False) as f:
                 found = f["pooled"], (f["boundary"] if "boundary" in f else None)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return None
+        if self.shapes is not None:
+            pooled_shape, boundary_shape = self.shapes
+            if found[0].shape != pooled_shape or (boundary_shape is not None and (
+                    found[1] is None or found[1].shape != boundary_shape)):
+                return None
+        if not all(np.isfinite(a).all() for a in found if a is not None):
             return None
         self.hits += 1
         return found
 
     def save(self, key: str, view: int, pooled: np.ndarray, boundary: np.ndarray | None) -> None:
         arrays = {"pooled": pooled} if boundary is None else {"pooled": pooled, "boundary": boundary}
-        fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as fh:
+            with atomic_path(self._path(key, view)) as tmp, open(tmp, "wb") as fh:
                 np.savez(fh, **arrays)
-            os.replace(tmp, self._path(key, view))
         except OSError:
-            Path(tmp).unlink(missing_ok=True)  # a full disk costs reuse, never the run
+            pass  # a full disk costs reuse, never the run
 
     def trim(self) -> int:
-        """Delete the least recently written files until the whole cache fits the cap."""
-        files = []
-        for path in self.root.glob("*/*.npz"):
+        """Delete stale temporary files, then the least recently written files until the whole
+        cache (temporary files included) fits the cap; returns how many files went."""
+        files, removed, now = [], 0, time.time()
+        for path in [*self.root.glob("*/*.npz"), *self.root.glob("*/*.tmp")]:
             try:
                 stat = path.stat()
             except OSError:
                 continue
+            if path.suffix == ".tmp" and now - stat.st_mtime > self.STALE_TMP_SECONDS:
+                path.unlink(missing_ok=True)
+                removed += 1
+                continue
             files.append((stat.st_mtime, stat.st_size, path))
-        total, removed = sum(f[1] for f in files), 0
+        total = sum(f[1] for f in files)
         for _, size, path in sorted(files):
             if total <= self.cap_bytes:
                 break
@@ -296,17 +306,25 @@ def plan(model: TransferModel, train_data: LabelledImages, n_val: int, config: T
 
 
 def feature_store(config: TrainConfig, model: TransferModel, weights_sha256: str | None,
-                  boundary: str | None, image_size: int, bf16: bool) -> FeatureStore | None:
-    """The cross-run store for these extraction settings; None when off or the weights unknown."""
+                  boundary: str | None, image_size: int, bf16: bool,
+                  shapes: tuple[tuple[int, ...], tuple[int, ...] | None] | None = None,
+                  local: Path | None = None) -> FeatureStore | None:
+    """The cross-run store for these extraction settings. When it is off (cache_dir "") or the
+    weights are unknown, a store in the run's own folder (`local`), so that an interrupted
+    extraction resumes; None without either."""
     import timm
 
     if config.cache_dir == "" or weights_sha256 is None:
+        root = local
+    else:
+        root = Path(config.cache_dir or default_cache_dir())
+    if root is None:
         return None
     settings = {"backbone": config.backbone, "weights_sha256": weights_sha256,
                 "image_size": image_size, "flip": model.augment.flip,
                 "rotation": model.augment.rotation, "boundary": boundary, "dtype": config.cache_dtype,
                 "bf16": bf16, "torch": torch.__version__.split("+")[0], "timm": timm.__version__}
-    return FeatureStore(config.cache_dir or default_cache_dir(), settings, int(config.cache_cap_gb * 2**30))
+    return FeatureStore(root, settings, int(config.cache_cap_gb * 2**30), shapes)
 
 
 PhaseViews = tuple[Views, Views]  # (train, validation)
@@ -320,7 +338,9 @@ def build_views(model: TransferModel, train_data: LabelledImages, val_data: Labe
     chain, cut = cache_plan.chain, cache_plan.cut
     boundary = chain[cut][0] if cut is not None else None
     size = int(train_data.images.shape[1])
-    stores = [feature_store(config, model, weights_sha256, boundary, size, precision)
+    shapes = ((model.head.in_features,), cache_plan.boundary_shape)
+    local = None if spill_dir is None else Path(spill_dir) / "views"
+    stores = [feature_store(config, model, weights_sha256, boundary, size, precision, shapes, local)
               for precision in (cache_plan.bf16, False)]
     started = time.perf_counter()
     total = -(-len(train_data) // config.batch_size) * cache_plan.views + -(-len(val_data) // config.batch_size)
@@ -338,7 +358,7 @@ def build_views(model: TransferModel, train_data: LabelledImages, val_data: Labe
     hits = sum(s.hits for s in stores if s)
     computed = cache_plan.views * len(train_data) + len(val_data) - hits
     reporter.log(f"Extracted {computed} views in {time.perf_counter() - started:.1f}s"
-                 + (f"; reused {hits} from {stores[0].root}" if stores[0] else "; cross-run reuse off"))
+                 + (f"; reused {hits} from {stores[0].root}" if stores[0] else "; no view store"))
     if stores[0]:
         stores[0].trim()
     head = HeadForward(model)

@@ -23,8 +23,13 @@ from rich.table import Table
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover - older typer on click
+    from click.exceptions import NoArgsIsHelpError, UsageError
+
 from .config import DEFAULT_BACKBONE, TrainConfig, option_name, read_settings, settings, shown
-from .errors import TransferkitError
+from .errors import Interrupted, TransferkitError
 
 class Boundary(TyperGroup):
     """User errors as one line (exit 2); a bug with its traceback and a request to report it."""
@@ -32,7 +37,14 @@ class Boundary(TyperGroup):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (TyperException, typer.Exit, typer.Abort):  # usage errors, --help, exit codes
+        except Interrupted as exc:  # Ctrl-C or SIGTERM during a run: it was left resumable
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except NoArgsIsHelpError:
+            raise
+        except UsageError as exc:  # a missing argument, a value out of range: one line as well
+            fail(f"{exc.format_message()} (see {exc.ctx.command_path if exc.ctx else 'transferkit'} --help)")
+        except (TyperException, typer.Exit, typer.Abort):  # --help, exit codes
             raise
         except TransferkitError as exc:
             fail(str(exc))
@@ -90,14 +102,19 @@ def setting_parameters() -> list[inspect.Parameter]:
     return params
 
 
-def train(data: Path, out_dir: Path, config: Optional[Path], val_dir: Optional[Path], quiet: bool, **given):
+def train(data: Path, out_dir: Path, config: Optional[Path], val_dir: Optional[Path], resume: bool, overwrite: bool,
+          quiet: bool, **given):
     """Train a classifier: frozen backbone + new head, then fine-tune from --fine-tune-at."""
     from .progress import Reporter
     from .recipe import train as train_run
 
     values = {**(read_settings(config) if config else {}), **{k: v for k, v in given.items() if v is not None}}
     settings_ = TrainConfig.from_dict(values, str(config) if config else None)
-    train_run(data, out_dir, settings_, val_data=val_dir, reporter=Reporter(quiet=quiet))
+    asked = {k: getattr(settings_, k) for k in values}  # only what was asked for; resume checks it
+    if resume:
+        train_run(data, out_dir, val_data=val_dir, reporter=Reporter(quiet=quiet), resume=True, **asked)
+    else:
+        train_run(data, out_dir, settings_, val_data=val_dir, reporter=Reporter(quiet=quiet), overwrite=overwrite)
     if not quiet:
         typer.echo(f"Wrote {out_dir}/ (model.safetensors, model.json, metrics.json, history.csv, "
                    "learning_curves.png, skipped.csv, val_predictions.csv, report.html)", err=True)
@@ -113,6 +130,12 @@ train.__signature__ = inspect.Signature([
                                "options on the command line win.")),
     inspect.Parameter("val_dir", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
         None, help="Separate validation folder/CSV (else a stratified split).")),
+    inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+        False, "--resume", help="Continue the interrupted (or killed) run in --out from its last epoch, with its own "
+                                "settings.")),
+    inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+        False, "--overwrite", help="Replace the run in --out (a complete one stays usable until the new one "
+                                   "completes).")),
     inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
         False, help="Only errors.")),
     *setting_parameters(),
@@ -289,12 +312,13 @@ def serve(
     """HTTP service: POST /predict, GET /health, and a web page at /."""
     import uvicorn
 
-    from .serve import Limits, create_app
+    from .serve import Limits, create_app, header_timeout_protocol
 
     limits = Limits(max_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels, timeout=timeout)
     application = create_app(run, engine.value, limits, log=lambda m: typer.echo(m, err=True))
     typer.echo(f"Serving {run} on http://{host}:{port}/ (Ctrl-C stops)", err=True)
-    uvicorn.run(application, host=host, port=port, log_level="warning", timeout_keep_alive=5)
+    uvicorn.run(application, host=host, port=port, log_level="warning", timeout_keep_alive=5,
+                http=header_timeout_protocol(timeout))
 
 
 @app.command()

@@ -22,6 +22,7 @@ MONITORS = ("val_loss", "val_accuracy")
 THRESHOLD_METRICS = ("balanced_accuracy", "f1", "youden")
 BALANCE_MODES = ("balanced", "none")
 CACHE_DTYPES = ("float16", "float32")
+LOGGERS = ("none", "tensorboard", "mlflow")
 GROUPS = ("backbone", "recipe", "augmentation", "decisions", "cache", "runtime")
 
 
@@ -134,6 +135,9 @@ class TrainConfig:
     dropout: float = setting(0.2, "Dropout before the new layer.", "recipe", float, low=0, high=1, high_open=True)
     monitor: str = setting("val_loss", "Which validation number picks the kept epoch.", "recipe", str,
                            choices=MONITORS)
+    patience: int | None = setting(
+        None, "Early stopping: a phase ends after this many epochs without a better monitored number "
+        "(phase 1 then moves on to phase 2); default: off.", "recipe", int, low=1, optional=True)
     flip: bool = setting(True, "Random horizontal flip in training.", "augmentation", bool)
     rotation: float = setting(0.05, "Random rotation, a fraction of a full turn (0: off; the seed: 0.2).",
                               "augmentation", float, low=0, high=0.5)
@@ -164,6 +168,11 @@ class TrainConfig:
     bf16: bool | None = setting(None, "bfloat16 while extracting cached views; default: where the hardware "
                                 "supports it.", "runtime", bool, optional=True)
     device: str = setting("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N.", "runtime", str)
+    threads: int | None = setting(
+        None, "CPU threads; default: the cores free when each phase starts (fewer on a busy machine).",
+        "runtime", int, low=1, optional=True)
+    log_to: str = setting("none", "Also log epochs, settings and metrics to TensorBoard (RUN/tensorboard) or "
+                          "MLflow (MLFLOW_TRACKING_URI, else MLflow's default ./mlflow.db).", "runtime", str, choices=LOGGERS)
 
     def __post_init__(self):
         for f in fields(self):
@@ -276,7 +285,7 @@ def option_name(name: str) -> str:
 def shown(value) -> str:
     """A value as the tables show it."""
     if value is None:
-        return "(auto)"
+        return "none"
     if isinstance(value, bool):
         return str(value).lower()
     return str(value) if isinstance(value, (str, int)) else f"{value:g}"

@@ -8,6 +8,8 @@ skipped with their reason and reported, never a crash mid-epoch.
 from __future__ import annotations
 
 import csv
+import errno
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -25,13 +27,15 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".g
 
 @dataclass
 class LabelledImages:
-    """Image paths with integer labels into `classes`, plus the files that were skipped."""
+    """Image paths with integer labels into `classes`, plus the files that were skipped and notes
+    on what was changed (merged duplicates)."""
 
     paths: list[str]
     labels: np.ndarray
     classes: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     images: np.ndarray | None = None  # decoded (N, S, S, 3) uint8, once `decode` has run
+    notes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -52,6 +56,53 @@ def _visible(name: str) -> bool:
     return not name.startswith(".")
 
 
+def _link_problem(path: Path) -> str:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop"
+        return f"dangling symlink (target {os.readlink(path)} not found)" if path.is_symlink() else str(exc.strerror)
+    return "not a regular file"
+
+
+def walk_files(folder: Path, skipped: list[tuple[str, str]]) -> list[Path]:
+    """Every visible file below `folder`, in sorted order. Symlinked folders are followed like any
+    other, each real folder once; a link to a folder already listed or to one above `folder` is a
+    loop; dangling and looping links are added to `skipped` with their reason."""
+    files: list[Path] = []
+    seen: set[str] = set()
+    top = os.path.realpath(folder)
+
+    def walk(directory: Path) -> None:
+        real = os.path.realpath(directory)
+        if real in seen or top.startswith(real + os.sep):  # an ancestor: listing it again never ends
+            skipped.append((str(directory), "symlink loop (a folder already listed, or one above it)"))
+            return
+        seen.add(real)
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as exc:
+            skipped.append((str(directory), f"unreadable folder ({exc.strerror})"))
+            return
+        for entry in entries:
+            if not _visible(entry.name):
+                continue
+            path = Path(entry.path)
+            try:
+                if entry.is_dir():
+                    walk(path)
+                elif entry.is_file():
+                    files.append(path)
+                else:
+                    skipped.append((str(path), _link_problem(path)))
+            except OSError as exc:
+                skipped.append((str(path), _link_problem(path) if entry.is_symlink() else str(exc.strerror)))
+
+    walk(folder)
+    return sorted(files)
+
+
 def from_folder(root: str | Path, classes: list[str] | None = None) -> LabelledImages:
     """One sub-folder per class (the folder name is the class); files in nested folders count."""
     root = Path(root)
@@ -66,44 +117,58 @@ def from_folder(root: str | Path, classes: list[str] | None = None) -> LabelledI
         raise DataError(f"{root}: classes {unknown} are not among the model's classes {classes}")
     paths, labels, skipped = [], [], []
     for path in sorted(root.iterdir()):
-        if path.is_file() and _visible(path.name):
-            skipped.append((str(path), "not inside a class folder"))
+        if _visible(path.name) and not path.is_dir():
+            skipped.append((str(path), "not inside a class folder" if path.is_file() else _link_problem(path)))
     for index, name in enumerate(classes):
         folder = root / name
         if not folder.is_dir():
             continue
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and all(_visible(p) for p in path.relative_to(folder).parts):
-                paths.append(str(path))
-                labels.append(index)
+        for path in walk_files(folder, skipped):
+            paths.append(str(path))
+            labels.append(index)
     return LabelledImages(paths, np.asarray(labels, dtype=np.int64), list(classes), skipped)
 
 
 def from_csv(csv_path: str | Path, classes: list[str] | None = None) -> LabelledImages:
-    """A CSV with a header `path,label`; relative paths are relative to the CSV's folder."""
+    """A CSV with a header `path,label`; relative paths are relative to the CSV's folder. A path
+    listed again with the same label is merged (with a note); with another label it is refused."""
     csv_path = Path(csv_path)
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh))
+            reader = csv.DictReader(fh)
+            reader.fieldnames = [(name or "").strip() for name in reader.fieldnames or []]
+            rows = [(reader.line_num, row) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{csv_path}: cannot read CSV ({exc})") from None
-    if not rows or not {"path", "label"} <= set(rows[0]):
-        raise DataError(f"{csv_path}: expected a header with columns 'path' and 'label'")
-    names = sorted({(r["label"] or "").strip() for r in rows} - {""})
+    if not {"path", "label"} <= set(reader.fieldnames):
+        raise DataError(f"{csv_path}: expected a header with columns 'path' and 'label', got {reader.fieldnames}")
+    if not rows:
+        raise DataError(f"{csv_path}: no rows after the header")
+    names = sorted({(r["label"] or "").strip() for _, r in rows} - {""})
     classes = classes or names
     unknown = sorted(set(names) - set(classes))
     if unknown:
         raise DataError(f"{csv_path}: labels {unknown} are not among the model's classes {classes}")
-    paths, labels, skipped = [], [], []
-    for line, row in enumerate(rows, start=2):
+    paths, labels, skipped, where = [], [], [], {}
+    repeats = 0
+    for line, row in rows:
         raw, label = (row["path"] or "").strip(), (row["label"] or "").strip()
         if not raw or not label:
             skipped.append((f"{csv_path}:{line}", "empty path or label"))
             continue
-        path = Path(raw) if Path(raw).is_absolute() else csv_path.parent / raw
-        paths.append(str(path))
+        path = os.path.normpath(Path(raw) if Path(raw).is_absolute() else csv_path.parent / raw)
+        if path in where:
+            first_line, first_label = where[path]
+            if first_label != label:
+                raise DataError(f"{csv_path}:{line}: {raw} is labelled {label!r} here and {first_label!r} on "
+                                f"line {first_line}; one image, one label")
+            repeats += 1
+            continue
+        where[path] = (line, label)
+        paths.append(path)
         labels.append(classes.index(label))
-    return LabelledImages(paths, np.asarray(labels, dtype=np.int64), list(classes), skipped)
+    notes = [f"{csv_path}: {repeats} repeated row(s) of the same path and label merged"] if repeats else []
+    return LabelledImages(paths, np.asarray(labels, dtype=np.int64), list(classes), skipped, notes=notes)
 
 
 def load_labelled(source: str | Path, classes: list[str] | None = None) -> LabelledImages:
@@ -290,7 +355,46 @@ def decode(data: LabelledImages, size: int, workers: int | None = None,
         classes=data.classes,
         skipped=skipped,
         images=store[: len(kept)],
+        notes=data.notes,
     )
+
+
+def image_key(image: np.ndarray) -> str:
+    """A decoded image's identity: the SHA-256 of its pixels (the same file under two names, or two
+    byte-different files that decode to the same pixels, get one key)."""
+    return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()[:32]
+
+
+def merge_duplicates(data: LabelledImages, origin: str) -> LabelledImages:
+    """One copy of each image: copies with the same label are merged (the extra copies are listed
+    as skipped, naming the kept one); copies with different labels are refused. Done before the
+    split, so that no image can be on both sides of it."""
+    first: dict[str, int] = {}
+    keep, merged = [], []
+    for i, image in enumerate(data.images):
+        key = image_key(image)
+        j = first.setdefault(key, i)
+        if j == i:
+            keep.append(i)
+        elif data.labels[j] != data.labels[i]:
+            raise DataError(f"{origin}: the same image is labelled {data.classes[data.labels[j]]!r} "
+                            f"({data.paths[j]}) and {data.classes[data.labels[i]]!r} ({data.paths[i]}); "
+                            "one image, one label")
+        else:
+            merged.append((data.paths[i], f"same image as {data.paths[j]} (merged)"))
+    if not merged:
+        return data
+    result = data.subset(np.asarray(keep))
+    result.skipped = data.skipped + merged
+    result.notes = data.notes + [f"{origin}: {len(merged)} duplicate image(s) with the same label merged "
+                                 "(listed in skipped.csv)"]
+    return result
+
+
+def shared_images(a: LabelledImages, b: LabelledImages) -> list[tuple[str, str]]:
+    """Pairs of paths (in a, in b) that hold the same image."""
+    keys = {image_key(image): path for image, path in zip(a.images, a.paths)}
+    return [(keys[k], path) for image, path in zip(b.images, b.paths) if (k := image_key(image)) in keys]
 
 
 def decode_source(source: str | Path, size: int, classes: list[str] | None = None, **options) -> LabelledImages:

@@ -5,6 +5,7 @@ the ONNX engine runs without it."""
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -14,6 +15,34 @@ import numpy as np
 from .data import decode_source, decoded_batches
 from .errors import RunError
 from .metrics import classification_metrics, predict_labels
+
+
+def check_meta(meta: dict, where) -> None:
+    """The values a prediction depends on (model.json, or an exported file's metadata): classes,
+    threshold, temperature, input size and normalisation; RunError naming the first bad one."""
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            raise RunError(f"{where}: {message}")
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    for key in ("classes", "threshold", "temperature", "preprocess"):
+        check(key in meta, f"no {key!r}")
+    classes, t, th, pre = meta["classes"], meta["temperature"], meta["threshold"], meta["preprocess"]
+    check(isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)
+          and len(set(classes)) == len(classes), f"classes must be two or more distinct names, got {classes!r}")
+    check(number(t) and t > 0, f"temperature must be a finite number > 0, got {t!r}")
+    check(number(th) and 0 <= th <= 1, f"threshold must be a number in [0, 1], got {th!r}")
+    check(isinstance(pre, dict), "preprocess must be an object")
+    size = pre.get("image_size")
+    check(isinstance(size, int) and not isinstance(size, bool) and 16 <= size <= 2048,
+          f"preprocess.image_size must be an integer in [16, 2048], got {size!r}")
+    for key in ("mean", "std"):
+        values = pre.get(key)
+        check(isinstance(values, list) and len(values) == 3 and all(number(v) and (key == "mean" or v > 0)
+                                                                    for v in values),
+              f"preprocess.{key} must be three finite numbers{' > 0' if key == 'std' else ''}, got {values!r}")
 
 
 class Engine(ABC):

@@ -39,3 +39,16 @@ class RunError(TransferkitError):
 
 class ExportError(TransferkitError):
     """An export cannot be written as asked."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM at a step boundary; its folder is left `interrupted` and
+    resumable. A KeyboardInterrupt, so that Python code sees what Ctrl-C always gives."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message or f"interrupted by signal {signum}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # 130 for SIGINT, 143 for SIGTERM, as shells report them

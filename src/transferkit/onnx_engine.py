@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import Engine
+from .engine import Engine, check_meta
 from .errors import RunError
 
 
@@ -23,10 +23,12 @@ def read_metadata(path: str | Path) -> dict:
     if "classes" not in props or "preprocess" not in props:
         raise RunError(f"{path}: not a transferkit ONNX export (no classes/preprocess metadata)")
     try:
-        return {**props, "classes": json.loads(props["classes"]), "preprocess": json.loads(props["preprocess"]),
+        meta = {**props, "classes": json.loads(props["classes"]), "preprocess": json.loads(props["preprocess"]),
                 "threshold": float(props["threshold"]), "temperature": float(props["temperature"])}
     except (KeyError, ValueError) as exc:
         raise RunError(f"{path}: damaged transferkit metadata ({exc}); export it again") from None
+    check_meta(meta, path)
+    return meta
 
 
 class OnnxClassifier(Engine):

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .errors import Interrupted
 
 
 def interactive() -> bool:
@@ -25,6 +28,7 @@ class Reporter:
         self._log = log
         self._progress: Progress | None = None
         self._task = None
+        self.interrupt = threading.Event()  # set by a signal (runtime.stop_on_signals): work ends at its next step
 
     def log(self, message: str) -> None:
         if self._log:
@@ -44,8 +48,15 @@ class Reporter:
         self._task = self._progress.add_task(description, total=total, stats="")
 
     def advance(self, stats: str = "") -> None:
+        """One step done (a batch, a file); the point where a requested stop takes effect."""
         if self._progress is not None:
             self._progress.update(self._task, advance=1, stats=stats)
+        self.check()
+
+    def check(self) -> None:
+        """Raise Interrupted if a stop was requested."""
+        if self.interrupt.is_set():
+            raise Interrupted(getattr(self.interrupt, "signum", 2))
 
     def stop(self) -> None:
         if self._progress is not None:

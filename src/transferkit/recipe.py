@@ -2,7 +2,9 @@
 from `fine_tune_at` on at a tenth of the learning rate; keep the best epoch of both phases.
 
 `train()` reads in the order it runs: check the data, build the backbone, prepare the data, build
-the model, fit the head, fine-tune, calibrate and save the run.
+the model, fit the head, fine-tune, calibrate and save the run. The run folder says where it is
+(model.json's status); after every epoch a checkpoint lets `resume=True` continue a killed or
+interrupted run to exactly the result the uninterrupted run gives.
 """
 
 from __future__ import annotations
@@ -26,57 +28,101 @@ from .cache import PhaseViews, Views, build_views, plain_views, plan
 from .calibrate import choose_threshold, fit_temperature, nll
 from .classifier import Classifier
 from .config import TrainConfig
-from .data import (LabelledImages, check_labels, decode, load_labelled, memory_budget,
-                   stratified_split)
-from .errors import ConfigError
+from .data import (LabelledImages, check_labels, decode, load_labelled, memory_budget, merge_duplicates,
+                   shared_images, stratified_split)
+from .errors import ConfigError, DataError, Interrupted
+from .experiment import open_log
 from .files import atomic_path, write_text
 from .inference import predict_logits, predict_proba, to_batch
 from .metrics import classification_metrics, expected_calibration_error, predict_labels
 from .model import TransferModel
 from .progress import Reporter
+from .runtime import resolve_device, seed_everything, set_threads, stop_on_signals
+
+DIVERGED = 3.0  # a training loss this many times the first epoch's: the run diverged (warned)
 
 
 def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
           val_data: str | Path | None = None, reporter: Reporter | None = None,
-          **overrides) -> Classifier:
+          resume: bool = False, overwrite: bool = False, **overrides) -> Classifier:
     """Train a classifier on `data` (class folders or a CSV) and write the run to `out`.
 
     `val_data`: a separate labelled set for validation; otherwise a stratified `val_split` of
     `data`. Keyword overrides change single settings: `train("data", "runs/x", epochs=3)`.
+    `out` holding a complete run is refused unless `overwrite` (the old run stays until the new
+    one completes); `resume` continues an interrupted run with its own settings.
     """
-    config = TrainConfig.from_dict({**(config or TrainConfig()).to_dict(), **overrides})
-    reporter = reporter or Reporter()
     out = Path(out)
+    work = run.prepare(out, resume, overwrite)  # refuses before any work
+    config = resumed_config(work, config, overrides) if resume else TrainConfig.from_dict(
+        {**(config or TrainConfig()).to_dict(), **overrides})
+    reporter = reporter or Reporter()
     device = resolve_device(config.device)
     seed_everything(config.seed)
     listing = list_data(data, val_data)  # every check that needs no decoding, before anything loads
 
+    record = {"config": config.to_dict(), "data": str(data), "val_data": None if val_data is None else str(val_data)}
+    run.start(work, record)
+    with stop_on_signals(reporter.interrupt):
+        try:
+            classifier = train_steps(listing, data, val_data, work, config, reporter, device)
+        except Interrupted as exc:
+            run.set_status(work, run.INTERRUPTED)
+            raise Interrupted(exc.signum, f"interrupted; {out} is left interrupted, resumable: "
+                                          f"{run.resume_command(record, out)}") from None
+        except BaseException:
+            if not (work / run.CHECKPOINT).is_file():  # nothing worth resuming: leave no half run behind
+                shutil.rmtree(work, ignore_errors=True)
+            else:
+                run.set_status(work, run.INTERRUPTED)
+            raise
+    run.finish(work, out)
+    return classifier
+
+
+def train_steps(listing: "Listing", data, val_data, work: Path, config: TrainConfig, reporter: Reporter,
+                device: torch.device) -> Classifier:
+    """The recipe, step by step, writing into the run folder `work`."""
     backbone, fine_tune_at = build_backbone(config, reporter)
     train_set, val_set, skipped = prepare_data(listing, data, val_data, backbone.preprocess.image_size,
-                                               config, out / "cache", reporter)
+                                               config, work / "cache", reporter)
     model = build_model(backbone, len(train_set.classes), config, device)
 
     started = time.perf_counter()
-    trainer = fit(model, train_set, val_set, config, fine_tune_at, reporter, device, out / "cache",
-                  backbone.weights_sha256)
+    trainer = fit(model, train_set, val_set, config, fine_tune_at, reporter, device, work / "cache",
+                  backbone.weights_sha256, checkpoints=work)
     seconds = time.perf_counter() - started
     best = trainer.best
     reporter.log(f"Kept epoch {best['epoch']} (phase {best['phase']}, best {config.monitor}); "
                  f"val_accuracy {best['val_accuracy']:.4f}; training took {seconds:.0f}s")
+    return save_run(work, model, backbone, fine_tune_at, config, trainer, seconds, train_set, val_set, skipped,
+                    reporter, (str(data), None if val_data is None else str(val_data)))
 
-    return save_run(out, model, backbone, fine_tune_at, config, trainer, seconds, train_set, val_set, skipped,
-                    reporter)
+
+def resumed_config(work: Path, config: TrainConfig | None, overrides: dict) -> TrainConfig:
+    """The interrupted run's own settings; a different value asked for now is an error."""
+    saved = TrainConfig.from_file(work / run.META)
+    asked = {**(config.changed() if config else {}), **overrides}
+    different = {k: v for k, v in asked.items() if saved.to_dict().get(k, object()) != v}
+    if different:
+        name, value = next(iter(different.items()))
+        raise ConfigError(f"resume continues with the run's own settings: {name} is {saved.to_dict().get(name)!r} "
+                          f"there, not {value!r} (start a new run to change it)")
+    return saved
 
 
 def fit(model: TransferModel, train_set: LabelledImages, val_set: LabelledImages, config: TrainConfig,
         fine_tune_at: int, reporter: Reporter, device: torch.device, spill_dir: Path | None = None,
-        weights_sha256: str | None = None) -> "Trainer":
-    """The two phases as the seed runs them; the model ends with the best epoch's weights."""
+        weights_sha256: str | None = None, checkpoints: Path | None = None) -> "Trainer":
+    """The two phases as the seed runs them; the model ends with the best epoch's weights. With
+    `checkpoints` (a run folder), each epoch leaves a checkpoint there and a checkpoint found there
+    is continued."""
     started = time.perf_counter()
-    trainer = Trainer(model, train_set, config, reporter, device)
+    set_threads(config.threads)  # extraction, and the inference after training, too
+    trainer = Trainer(model, train_set, config, reporter, device, checkpoints)
     head_views, suffix_views = cached_views(model, train_set, val_set, config, fine_tune_at, spill_dir,
                                             weights_sha256, reporter, device)
-    trainer.timings["extract_seconds"] = time.perf_counter() - started
+    trainer.timings.setdefault("extract_seconds", time.perf_counter() - started)
     trainer.fit_head(*head_views)
     trainer.fine_tune(*suffix_views, fine_tune_at)
     trainer.keep_best()
@@ -84,27 +130,6 @@ def fit(model: TransferModel, train_set: LabelledImages, val_set: LabelledImages
 
 
 # -- the steps ---------------------------------------------------------------------------------
-
-def resolve_device(device: str) -> torch.device:
-    """The torch device for a `device` setting; an error naming what is available otherwise."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = int(device.partition(":")[2] or 0)
-        if index >= count:
-            have = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(count)])
-            raise ConfigError(f"device {device!r} is not available on this machine (available: {have})")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device 'mps' is not available on this machine (available: cpu)")
-    return torch.device(device)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
 
 @dataclass
 class Listing:
@@ -140,7 +165,7 @@ def build_backbone(config: TrainConfig, reporter: Reporter) -> tuple[Backbone, i
 def prepare_data(listing: Listing, data, val_data, size: int, config: TrainConfig, spill_dir: Path,
                  reporter: Reporter) -> tuple[LabelledImages, LabelledImages, list[tuple[str, str]]]:
     """Decode every image once; split off the validation set (stratified) unless one was given."""
-    everything = _decode(listing.train, "data", size, config, spill_dir, reporter)
+    everything = merge_duplicates(_decode(listing.train, "data", size, config, spill_dir, reporter), str(data))
     check_labels(everything, str(data), split=listing.val is None)
     if listing.val is None:
         train_idx, val_idx = stratified_split(everything.labels, config.val_split, config.seed)
@@ -148,11 +173,19 @@ def prepare_data(listing: Listing, data, val_data, size: int, config: TrainConfi
         skipped = everything.skipped
     else:
         train_set = everything
-        val_set = _decode(listing.val, "validation data", size, config, spill_dir, reporter)
+        val_set = merge_duplicates(_decode(listing.val, "validation data", size, config, spill_dir, reporter),
+                                   str(val_data))
         check_labels(val_set, str(val_data), split=False, every_class=False)
+        shared = shared_images(train_set, val_set)
+        if shared:
+            raise DataError(f"{val_data}: {len(shared)} validation image(s) are also in the training data "
+                            f"(first: {shared[0][1]} = {shared[0][0]}); validation must be held out")
         skipped = everything.skipped + val_set.skipped
+        everything.notes += val_set.notes
+    for note in everything.notes:
+        reporter.log(note)
     if skipped:
-        reporter.log(f"Skipped {len(skipped)} unusable file(s); listed in skipped.csv")
+        reporter.log(f"Skipped {len(skipped)} file(s); listed in skipped.csv")
     reporter.log(f"Training on {len(train_set)} images, validating on {len(val_set)}; "
                  f"classes {everything.counts()}")
     return train_set, val_set, skipped
@@ -191,11 +224,13 @@ def cached_views(model: TransferModel, train_set: LabelledImages, val_set: Label
 
 
 class Trainer:
-    """Runs the epochs of both phases, keeps the history and the best epoch's weights."""
+    """Runs the epochs of both phases, keeps the history and the best epoch's weights, stops a
+    phase early when asked (`patience`), and checkpoints every epoch."""
 
     def __init__(self, model: TransferModel, train_set: LabelledImages, config: TrainConfig,
-                 reporter: Reporter, device: torch.device):
+                 reporter: Reporter, device: torch.device, checkpoints: Path | None = None):
         self.model, self.config, self.reporter, self.device = model, config, reporter, device
+        self.checkpoints = checkpoints
         self.classes = train_set.classes
         self.n_batches = -(-len(train_set) // config.batch_size)
         self.rng = np.random.default_rng(config.seed)
@@ -203,10 +238,16 @@ class Trainer:
         self.best: dict | None = None
         self.best_state: dict | None = None
         self.timings: dict[str, float] = {}
+        self.warnings: list[str] = []
+        self.stopped: dict[str, dict] = {}  # phase -> where and why it stopped early
+        self.resumed_optimizer: dict | None = None
+        self.experiment = open_log(config.log_to, checkpoints, config.to_dict()) if checkpoints else None
         self.class_weight = class_weights(train_set.labels, model.num_classes, config.class_weight)
         if self.class_weight is not None or config.sampler != "none":
             weights = "off" if self.class_weight is None else [round(w, 3) for w in self.class_weight.tolist()]
             reporter.log(f"Imbalance: class weights {weights}, sampler {config.sampler}")
+        if checkpoints is not None:
+            self.restore()
 
     def fit_head(self, train_views: Views, val_views: Views) -> None:
         """Phase 1: the new head only, the whole backbone frozen, at the base learning rate."""
@@ -219,17 +260,27 @@ class Trainer:
 
     def phase(self, phase: int, epochs: int, trainable_from: int, lr: float, train_views: Views,
               val_views: Views) -> None:
-        if epochs == 0:
+        done = sum(r["phase"] == phase for r in self.history)
+        if done >= epochs or str(phase) in self.stopped:
             return
         started = time.perf_counter()
         self.model.unfreeze_from(trainable_from)
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=lr)
+        if done and self.resumed_optimizer is not None:  # resuming inside this phase
+            optimizer.load_state_dict(self.resumed_optimizer)
+        threads = set_threads(self.config.threads)
         self.reporter.log(f"Phase {phase}: {'head only' if phase == 1 else f'fine-tuning layers {trainable_from}..'}"
-                          f", {sum(p.numel() for p in params):,} trainable parameters, lr {lr:g}")
-        for _ in range(epochs):
+                          f", {sum(p.numel() for p in params):,} trainable parameters, lr {lr:g}, {threads} thread(s)")
+        for _ in range(epochs - done):
             self.epoch(phase, lr, optimizer, train_views, val_views)
-        self.timings[f"phase{phase}_seconds"] = time.perf_counter() - started
+            self.stop_early(phase)
+            self.checkpoint(phase, optimizer)
+            self.reporter.check()  # a Ctrl-C during the epoch takes effect here at the latest
+            if str(phase) in self.stopped:
+                break
+        self.timings[f"phase{phase}_seconds"] = self.timings.get(f"phase{phase}_seconds", 0.0) + \
+            time.perf_counter() - started
 
     def epoch(self, phase: int, lr: float, optimizer, train_views: Views, val_views: Views) -> None:
         epoch, start = len(self.history) + 1, time.perf_counter()
@@ -242,6 +293,11 @@ class Trainer:
             self.reporter.stop()
         if not np.isfinite(train_loss):
             raise ConfigError(f"training diverged in epoch {epoch} (loss {train_loss}); lower lr (now {lr:g})")
+        first = self.history[0]["train_loss"] if self.history else train_loss
+        if train_loss > DIVERGED * first and not self.warnings:
+            self.warnings.append(f"the training loss grew from {first:.4g} (epoch 1) to {train_loss:.4g} (epoch "
+                                 f"{epoch}): the learning rate ({lr:g}) is probably too high")
+            self.reporter.log(f"warning: {self.warnings[-1]}")
         val = classification_metrics(val_views.labels, predict_proba(
             self.model, val_views.inputs[0], val_views.forward, self.config.batch_size, self.device), self.classes)
         row = {"epoch": epoch, "phase": phase, "lr": lr, "train_loss": train_loss, "train_accuracy": train_acc,
@@ -252,6 +308,22 @@ class Trainer:
         self.reporter.log(f"epoch {epoch:>3} phase {phase}  loss {train_loss:.4f}  acc {train_acc:.4f}"
                           f"  val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}"
                           f"  {row['seconds']:.1f}s" + ("  *" if self.best is row else ""))
+        if self.experiment:
+            self.experiment.epoch(row)
+
+    def stop_early(self, phase: int) -> None:
+        """Record an early stop when the phase's best monitored epoch is `patience` epochs old."""
+        patience = self.config.patience
+        rows = [r for r in self.history if r["phase"] == phase]
+        if patience is None or not rows:
+            return
+        best = rows[0]
+        for row in rows[1:]:
+            best = row if is_better(row, best, self.config.monitor) else best
+        if rows[-1]["epoch"] - best["epoch"] >= patience:
+            reason = f"no better {self.config.monitor} than epoch {best['epoch']} for {patience} epoch(s)"
+            self.stopped[str(phase)] = {"epoch": rows[-1]["epoch"], "reason": reason}
+            self.reporter.log(f"Phase {phase} stops early after epoch {rows[-1]['epoch']}: {reason}")
 
     def keep_best(self) -> dict:
         """The model ends frozen, in inference mode, with the best epoch's weights."""
@@ -259,6 +331,62 @@ class Trainer:
         self.model.unfreeze_from(len(self.model.layers))
         self.model.eval()
         return self.best
+
+    # -- checkpoints: what changes during training, and every random state -----------------------
+
+    def changing_keys(self) -> list[str]:
+        """State-dict keys of what training can change now: the head and the unfrozen layers
+        (the frozen rest is the pretrained weights, rebuilt identically on resume)."""
+        names = {id(t): k for k, t in self.model.state_dict(keep_vars=True).items()}
+        keys = [k for k in names.values() if k.startswith("head.")]
+        for _, module in self.model.layers[self.model.trainable_from:]:
+            for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                if id(tensor) in names:
+                    keys.append(names[id(tensor)])
+        return keys
+
+    def checkpoint(self, phase: int, optimizer) -> None:
+        if self.checkpoints is None:
+            return
+        keys = self.changing_keys()
+        current = self.model.state_dict()
+        tensors = {**{f"model.{k}": current[k] for k in keys}, **{f"best.{k}": self.best_state[k] for k in keys},
+                   "rng.torch": torch.get_rng_state()}
+        saved = optimizer.state_dict()
+        for index, values in saved["state"].items():
+            for name, value in values.items():
+                tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value)
+        legacy = np.random.get_state()
+        state = {"epoch": len(self.history), "phase": phase, "history": self.history, "best": self.best,
+                 "stopped": self.stopped, "timings": self.timings, "warnings": self.warnings,
+                 "optimizer": {"param_groups": saved["param_groups"],
+                               "state": {str(i): sorted(v) for i, v in saved["state"].items()}},
+                 "rng_numpy": self.rng.bit_generator.state, "rng_python": random.getstate(),
+                 "rng_numpy_legacy": [legacy[0], legacy[1].tolist(), *legacy[2:]]}
+        run.save_checkpoint(self.checkpoints, tensors, state)
+
+    def restore(self) -> None:
+        """Continue from the checkpoint in the run folder, if there is one."""
+        found = run.load_checkpoint(self.checkpoints)
+        if found is None:
+            return
+        tensors, state = found
+        initial = copy.deepcopy(self.model.state_dict())
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
+        self.best_state = {**initial, **{k[5:]: v for k, v in tensors.items() if k.startswith("best.")}}
+        self.history, self.best, self.stopped = state["history"], state["best"], state["stopped"]
+        self.timings, self.warnings = state["timings"], state["warnings"]
+        self.rng.bit_generator.state = state["rng_numpy"]
+        torch.set_rng_state(tensors["rng.torch"])
+        version, internal, gauss = state["rng_python"]
+        random.setstate((version, tuple(internal), gauss))
+        np.random.set_state((state["rng_numpy_legacy"][0], np.asarray(state["rng_numpy_legacy"][1], np.uint32),
+                             *state["rng_numpy_legacy"][2:]))
+        optimizer = state["optimizer"]
+        self.resumed_optimizer = {"param_groups": optimizer["param_groups"], "state": {
+            int(i): {name: tensors[f"optimizer.{i}.{name}"] for name in names} for i, names in optimizer["state"].items()}}
+        self.reporter.log(f"Resuming after epoch {state['epoch']} (phase {state['phase']}) from the checkpoint "
+                          f"in {self.checkpoints}")
 
 
 def train_epoch(model: TransferModel, views: Views, optimizer, batch_size: int,
@@ -316,9 +444,9 @@ def calibrate(model: TransferModel, logits: np.ndarray, labels: np.ndarray,
 
 def save_run(out: Path, model: TransferModel, backbone: Backbone, fine_tune_at: int, config: TrainConfig,
              trainer: Trainer, seconds: float, train_set: LabelledImages, val_set: LabelledImages,
-             skipped: list[tuple[str, str]], reporter: Reporter) -> Classifier:
-    """Calibrate on validation, then write the run folder: weights, model.json, metrics, history,
-    curves, the skipped files, the validation predictions and the report."""
+             skipped: list[tuple[str, str]], reporter: Reporter, data_paths: tuple[str, str | None]) -> Classifier:
+    """Calibrate on validation, then write the run folder: weights, metrics, history, curves, the
+    skipped files, the validation predictions, the report, and last model.json ("complete")."""
     from .report import write_report
 
     val_logits = predict_logits(model, val_set.images, batch_size=config.batch_size, device=trainer.device)
@@ -343,17 +471,24 @@ def save_run(out: Path, model: TransferModel, backbone: Backbone, fine_tune_at: 
         "best_epoch": trainer.best["epoch"],
         "training_seconds": round(seconds, 1),
         "timings": {k: round(v, 2) for k, v in trainer.timings.items()},
+        "warnings": trainer.warnings,
+        "early_stopping": trainer.stopped,
+        "data": str(data_paths[0]),
+        "val_data": data_paths[1],
     })
-    run.save(classifier, out)
+    run.save_weights(classifier, out)
     metrics = classification_metrics(val_set.labels, val_probs, val_set.classes, classifier.threshold)
     metrics.update(split="validation", best_epoch=trainer.best["epoch"], calibration=calibration,
-                   threshold_selection=selection, counts={
+                   threshold_selection=selection, early_stopping=trainer.stopped, counts={
         "train": train_set.counts(), "validation": val_set.counts(), "skipped": len(skipped)})
     write_outputs(out, trainer.history, metrics, skipped, config.epochs)
     run.write_predictions(out / "val_predictions.csv", val_set.paths, val_set.labels, val_probs, val_set.classes)
     write_report(out, classifier, "validation", val_set.paths, val_set.labels, val_probs, val_set.images)
+    if trainer.experiment:
+        trainer.experiment.finish(metrics)
     if not config.keep_cache:
         shutil.rmtree(out / "cache", ignore_errors=True)
+    run.mark_complete(classifier, out)
     return classifier
 
 

@@ -205,6 +205,10 @@ def facts_html(meta: dict, classes: list[str]) -> str:
             ["kept epoch", meta.get("best_epoch")],
             ["training time", f"{meta.get('training_seconds', 0):.0f} s"],
             ["temperature", f"{float(meta.get('temperature', 1.0)):.3f}"]]
+    for phase, stop in sorted(meta.get("early_stopping", {}).items()):
+        rows.append([f"phase {phase} stopped early", f"after epoch {stop['epoch']}: {stop['reason']}"])
+    for warning in meta.get("warnings", []):
+        rows.append(["warning", warning])
     if len(classes) == 2:
         how = (f"chosen on validation for {selection.get('metric')}" if selection.get("metric") not in (None, "fixed")
                else "fixed")

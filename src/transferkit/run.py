@@ -13,21 +13,136 @@ from __future__ import annotations
 
 import csv
 import json
-import math
+import os
 import platform
+import shutil
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from . import __version__
-from .engine import Engine
+from .engine import Engine, check_meta
 from .errors import RunError
 from .files import atomic_path, sha256_of, write_text
 
 FORMAT_VERSION = 2
-WEIGHTS, META, EXPORT = "model.safetensors", "model.json", "model.onnx"
+WEIGHTS, META, EXPORT, CHECKPOINT = "model.safetensors", "model.json", "model.onnx", "checkpoint.json"
 ENGINES = ("auto", "torch", "onnx")
+RUNNING, INTERRUPTED, COMPLETE = "running", "interrupted", "complete"  # model.json's "status"
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def status_of(run_dir: str | Path) -> str | None:
+    """"running", "interrupted" or "complete"; None where there is no readable model.json."""
+    meta = read_json(Path(run_dir) / META)
+    return None if meta is None else meta.get("status")
+
+
+def resume_command(meta: dict, run_dir) -> str:
+    val = f" --val-dir {meta['val_data']}" if meta.get("val_data") else ""
+    return f"transferkit train {meta.get('data', 'DATA')} --out {run_dir}{val} --resume"
+
+
+def start(run_dir: str | Path, meta: dict) -> None:
+    """Mark a run folder as being written: model.json with the status "running"."""
+    write_text(Path(run_dir) / META, json.dumps({"format_version": FORMAT_VERSION, "status": RUNNING, **meta},
+                                                indent=2) + "\n")
+
+
+def set_status(run_dir: str | Path, status: str) -> None:
+    path = Path(run_dir) / META
+    meta = read_json(path) or {"format_version": FORMAT_VERSION}
+    write_text(path, json.dumps({**meta, "status": status}, indent=2) + "\n")
+
+
+def prepare(out: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
+    """The folder this run writes to, decided before any work: `out` itself, or a staging folder
+    beside it (`.NAME.new`) when `out` holds a complete run that `overwrite` will replace only once
+    the new run is complete. Refuses to overwrite a complete run silently, to start over an
+    unfinished one without `overwrite`, to resume where there is nothing to resume, and to write
+    into a folder that is not a run folder."""
+    out = Path(out)
+    staged = out.with_name(f".{out.name}.new")
+    if resume:
+        for candidate in (staged, out):
+            if status_of(candidate) in (RUNNING, INTERRUPTED):
+                return candidate
+        raise RunError(f"{out}: nothing to resume (no interrupted run there; status "
+                       f"{status_of(out) or 'none'})")
+    status = status_of(out)
+    if status == COMPLETE and not overwrite:
+        raise RunError(f"{out}: holds a complete run; choose another --out, or pass --overwrite to replace it "
+                       "(it stays usable until the new run completes)")
+    if status in (RUNNING, INTERRUPTED) and not overwrite:
+        raise RunError(f"{out}: holds an unfinished run ({status}); continue it with --resume, or start again "
+                       "with --overwrite")
+    if status is None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RunError(f"{out}: exists and is not a transferkit run folder; choose a new or empty folder")
+    if status == COMPLETE:
+        shutil.rmtree(staged, ignore_errors=True)
+        return staged
+    if status is not None:  # an unfinished run, replaced as asked: nothing usable is lost
+        shutil.rmtree(out)
+    return out
+
+
+def finish(work: Path, out: Path) -> None:
+    """Put a completed run in place: a staged run replaces the old one (which stayed usable until
+    now); checkpoints go."""
+    remove_checkpoints(work)
+    if work == out:
+        return
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
+    os.replace(work, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(run_dir: str | Path, tensors: dict, state: dict) -> None:
+    """Everything needed to continue after epoch `state["epoch"]`: the tensors (weights, optimizer,
+    RNG) in checkpoint-EPOCH.safetensors, the rest in checkpoint.json, which names that file and
+    its hash. Each is written atomically, the JSON last, so a kill at any moment leaves the last
+    complete checkpoint usable."""
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    name = f"checkpoint-{state['epoch']}.safetensors"
+    with atomic_path(run_dir / name) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        digest = sha256_of(tmp)
+    write_text(run_dir / CHECKPOINT, json.dumps({**state, "tensors": name, "tensors_sha256": digest}) + "\n")
+    for old in run_dir.glob("checkpoint-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def load_checkpoint(run_dir: str | Path) -> tuple[dict, dict] | None:
+    """(tensors, state) of the last complete checkpoint, or None when there is none."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    state = read_json(run_dir / CHECKPOINT)
+    if state is None:
+        return None
+    tensors = run_dir / str(state.get("tensors"))
+    if not tensors.is_file() or sha256_of(tensors) != state.get("tensors_sha256"):
+        raise RunError(f"{tensors}: missing or damaged checkpoint; train again with --overwrite")
+    return load_file(str(tensors)), state
+
+
+def remove_checkpoints(run_dir: str | Path) -> None:
+    run_dir = Path(run_dir)
+    for path in [run_dir / CHECKPOINT, *run_dir.glob("checkpoint-*.safetensors")]:
+        path.unlink(missing_ok=True)
 
 
 def versions() -> dict[str, str]:
@@ -38,17 +153,16 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def save(classifier, run_dir: str | Path) -> dict:
-    """Write the classifier's weights and model.json; returns the metadata written."""
+def save_weights(classifier, run_dir: str | Path) -> None:
+    """Write the classifier's weights; its metadata gains their SHA-256 and the versions."""
     from safetensors.torch import save_file
 
-    run_dir = Path(run_dir)
     model = classifier.model
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(run_dir / WEIGHTS) as tmp:
+    with atomic_path(Path(run_dir) / WEIGHTS) as tmp:
         save_file(state, str(tmp))
         digest = sha256_of(tmp)
-    meta = {
+    classifier.meta = {
         "format_version": FORMAT_VERSION,
         "classes": classifier.classes,
         "num_outputs": model.head.out_features,
@@ -59,14 +173,19 @@ def save(classifier, run_dir: str | Path) -> dict:
         "model_version": digest[:16],
         "versions": versions(),
     }
-    write_text(run_dir / META, json.dumps(meta, indent=2) + "\n")
-    classifier.meta = meta
-    return meta
 
 
-def _check(ok: bool, path: Path, message: str) -> None:
-    if not ok:
-        raise RunError(f"{path}: {message}")
+def mark_complete(classifier, run_dir: str | Path) -> None:
+    """Write model.json with the status "complete": the last file a run writes, so that a run
+    folder is either complete or resumable, never half-usable."""
+    classifier.meta = {**classifier.meta, "status": COMPLETE}
+    write_text(Path(run_dir) / META, json.dumps(classifier.meta, indent=2) + "\n")
+
+
+def save(classifier, run_dir: str | Path) -> None:
+    """Weights and model.json of a classifier (a run folder `load` reads)."""
+    save_weights(classifier, run_dir)
+    mark_complete(classifier, run_dir)
 
 
 def read_meta(run_dir: str | Path) -> dict:
@@ -79,31 +198,19 @@ def read_meta(run_dir: str | Path) -> dict:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise RunError(f"{path}: unreadable ({exc})") from None
-    _check(isinstance(meta, dict), path, "not a JSON object")
+    if not isinstance(meta, dict):
+        raise RunError(f"{path}: not a JSON object")
     version = meta.get("format_version")
-    _check(version == FORMAT_VERSION, path, f"format_version {version!r}, this transferkit reads "
-           f"{FORMAT_VERSION}" + (" (an older run: train it again)" if isinstance(version, int) and version < FORMAT_VERSION else ""))
-    for key in ("classes", "threshold", "temperature", "preprocess", "backbone", "model_sha256"):
-        _check(key in meta, path, f"no {key!r}")
-    classes = meta["classes"]
-    _check(isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)
-           and len(set(classes)) == len(classes), path, f"classes must be two or more distinct names, got {classes!r}")
-    number = (int, float)
-    t, th = meta["temperature"], meta["threshold"]
-    _check(isinstance(t, number) and not isinstance(t, bool) and math.isfinite(t) and t > 0, path,
-           f"temperature must be a finite number > 0, got {t!r}")
-    _check(isinstance(th, number) and not isinstance(th, bool) and 0 <= th <= 1, path,
-           f"threshold must be a number in [0, 1], got {th!r}")
-    pre = meta["preprocess"]
-    _check(isinstance(pre, dict), path, "preprocess must be an object")
-    size = pre.get("image_size")
-    _check(isinstance(size, int) and not isinstance(size, bool) and 16 <= size <= 2048, path,
-           f"preprocess.image_size must be an integer in [16, 2048], got {size!r}")
-    for key in ("mean", "std"):
-        values = pre.get(key)
-        _check(isinstance(values, list) and len(values) == 3 and all(
-            isinstance(v, number) and math.isfinite(v) and (key == "mean" or v > 0) for v in values),
-            path, f"preprocess.{key} must be three finite numbers{' > 0' if key == 'std' else ''}, got {values!r}")
+    if version != FORMAT_VERSION:
+        raise RunError(f"{path}: format_version {version!r}, this transferkit reads {FORMAT_VERSION}"
+                       + (" (an older run: train it again)" if isinstance(version, int) and version < FORMAT_VERSION else ""))
+    if meta.get("status") != COMPLETE:
+        raise RunError(f"{run_dir}: the run is {meta.get('status') or 'incomplete'}, not complete (killed or "
+                       f"interrupted, or still training); continue it: {resume_command(meta, run_dir)}")
+    for key in ("backbone", "model_sha256"):
+        if key not in meta:
+            raise RunError(f"{path}: no {key!r}")
+    check_meta(meta, path)
     return meta
 
 

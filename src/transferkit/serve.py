@@ -154,6 +154,43 @@ def explain_png(classifier, image: np.ndarray) -> bytes:
     return overlay_png(image, cams[0])
 
 
+def header_timeout_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol with a deadline for each request's line and headers: a client that
+    connects (or keeps a connection alive) and does not send a complete request head within
+    `seconds` is disconnected. uvicorn alone waits for ever, so slow clients could hold every
+    connection."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeout(H11Protocol):
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_deadline = self.loop.call_later(seconds, self._head_too_slow)
+
+        def _disarm(self) -> None:
+            if getattr(self, "_head_deadline", None) is not None:
+                self._head_deadline.cancel()
+                self._head_deadline = None
+
+        def _head_too_slow(self) -> None:
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderTimeout
+
+
 def page() -> str:
     return resources.files("transferkit").joinpath("page.html").read_text(encoding="utf-8")
 

@@ -1,0 +1,204 @@
+"""Runs that survive interruption: SIGKILL at several moments then --resume gives exactly the
+uninterrupted run's result; Ctrl-C and SIGTERM leave a resumable folder; no silent overwrite;
+early stopping; threads; experiment logs read back with the libraries' own readers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from transferkit.cli import app
+
+from conftest import lfw_arrays, write_folders
+
+pytestmark = pytest.mark.slow  # every test trains, most in subprocesses
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+SETTINGS = ["--image-size", "32", "--epochs", "4", "--fine-tune-epochs", "3", "--batch-size", "8",
+            "--threads", "1", "--cache-dir", ""]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    images, _ = lfw_arrays()
+    return write_folders(tmp_path_factory.mktemp("resume") / "data",
+                         {"face": list(images[:30]), "background": list(images[100:130])})
+
+
+def command(data: Path, out: Path, *extra) -> list[str]:
+    return [sys.executable, "-m", "transferkit", "train", str(data), "--out", str(out), *SETTINGS, *extra]
+
+
+def environment() -> dict:
+    return {**os.environ, "PYTHONPATH": SRC, "CI": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def train_until(data: Path, out: Path, trigger: str, sig: int = signal.SIGKILL, *extra) -> tuple[int, str]:
+    """Start a training process, send `sig` as soon as its log shows `trigger`; (exit code, log)."""
+    process = subprocess.Popen(command(data, out, *extra), env=environment(), stderr=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, text=True)
+    log = []
+    for line in process.stderr:
+        log.append(line)
+        if trigger in line:
+            process.send_signal(sig)
+            break
+    log.extend(process.stderr)
+    return process.wait(120), "".join(log)
+
+
+def train_to_the_end(data: Path, out: Path, *extra) -> str:
+    result = subprocess.run(command(data, out, *extra), env=environment(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stderr
+
+
+def outcome(run: Path) -> dict:
+    """What must be identical: the history without its timings, the weights' hash, the metrics."""
+    with open(run / "history.csv") as fh:
+        history = [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(fh)]
+    meta = json.loads((run / "model.json").read_text())
+    return {"history": history, "model_sha256": meta["model_sha256"], "status": meta["status"],
+            "metrics": json.loads((run / "metrics.json").read_text())}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("whole") / "run"
+    train_to_the_end(data, out)
+    return outcome(out)
+
+
+@pytest.mark.parametrize("moment, trigger", [
+    ("decoding", "fine_tune_at ="),
+    ("extraction", "Cache:"),
+    ("phase 1", "epoch   2 phase 1"),
+    ("phase 2", "epoch   6 phase 2"),
+    ("saving", "Calibration on validation"),
+])
+def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(data, tmp_path, uninterrupted, moment, trigger):
+    out = tmp_path / "run"
+    code, log = train_until(data, out, trigger)
+    assert code == -signal.SIGKILL, log
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["status"] == "running"  # killed: no chance to say more, and nothing claims to be complete
+    predicted = CliRunner().invoke(app, ["predict", str(out), str(data / "face" / "000.png")])
+    assert predicted.exit_code == 2 and "not complete" in predicted.output and "--resume" in predicted.output
+    log = train_to_the_end(data, out, "--resume")
+    if moment in ("phase 2", "saving"):
+        assert "Resuming after epoch" in log, log
+    assert outcome(out) == uninterrupted
+    assert not list(out.glob("checkpoint*")) and not (out / "cache").exists()
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_leave_an_interrupted_resumable_run(data, tmp_path, uninterrupted, sig, code):
+    out = tmp_path / "run"
+    exit_code, log = train_until(data, out, "epoch   5 phase 2", sig)
+    assert exit_code == code, log
+    assert "Traceback" not in log
+    assert f"transferkit train {data} --out {out} --resume" in log.strip().splitlines()[-1]
+    assert json.loads((out / "model.json").read_text())["status"] == "interrupted"
+    log = train_to_the_end(data, out, "--resume")
+    assert "Resuming after epoch 5 (phase 2)" in log
+    assert outcome(out) == uninterrupted
+
+
+def test_a_complete_run_is_never_overwritten_silently(data, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    train_to_the_end(data, out)
+    before = (out / "model.safetensors").read_bytes()
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", str(data), "--out", str(out), *SETTINGS, "--seed", "3"])
+    assert result.exit_code == 2 and "holds a complete run" in result.output and "--overwrite" in result.output
+    assert (out / "model.safetensors").read_bytes() == before
+    resumed = runner.invoke(app, ["train", str(data), "--out", str(out), *SETTINGS, "--resume"])
+    assert resumed.exit_code == 2 and "nothing to resume" in resumed.output
+    result = runner.invoke(app, ["train", str(data), "--out", str(out), *SETTINGS, "--seed", "3", "--overwrite",
+                                 "--quiet"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["config"]["seed"] == 3 and meta["status"] == "complete"
+    assert (out / "model.safetensors").read_bytes() != before
+    assert not list(tmp_path.glob(".run.*"))  # the staging folder is gone
+
+
+def test_resume_keeps_the_runs_own_settings(data, tmp_path):
+    out = tmp_path / "run"
+    code, _ = train_until(data, out, "epoch   2 phase 1")
+    assert code == -signal.SIGKILL
+    result = CliRunner().invoke(app, ["train", str(data), "--out", str(out), "--resume", "--epochs", "9"])
+    assert result.exit_code == 2 and "resume continues with the run's own settings: epochs is 4" in result.output
+    result = CliRunner().invoke(app, ["train", str(data), "--out", str(out)])
+    assert result.exit_code == 2 and "holds an unfinished run (running)" in result.output
+
+
+def test_early_stopping_stops_where_the_history_says(data, tmp_path):
+    import transferkit
+
+    out = tmp_path / "run"
+    transferkit.train(data, out, image_size=32, epochs=12, fine_tune_epochs=8, patience=1, lr=0.05, batch_size=8,
+                      cache_dir="", threads=1, monitor="val_loss")
+    with open(out / "history.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    meta = json.loads((out / "model.json").read_text())
+    for phase in ("1", "2"):
+        losses = [float(r["val_loss"]) for r in rows if r["phase"] == phase]
+        expected = next((i + 1 for i in range(1, len(losses)) if losses[i] >= min(losses[:i])), None)
+        if expected is None:  # improved every epoch: ran to the end
+            assert phase not in meta["early_stopping"]
+            continue
+        assert len(losses) == expected, (phase, losses)
+        assert meta["early_stopping"][phase]["reason"].startswith("no better val_loss than epoch")
+    assert any(r["phase"] == "2" for r in rows)  # phase 1 stopping early moves on to phase 2
+    if meta["early_stopping"]:
+        assert "stopped early" in (out / "report.html").read_text()
+
+
+def test_threads_follow_the_setting_and_default_to_the_free_cores(data, tmp_path):
+    from transferkit.runtime import free_cores, usable_cores
+
+    assert 1 <= free_cores() <= usable_cores()
+    result = CliRunner().invoke(app, ["train", str(data), "--out", str(tmp_path / "run"), *SETTINGS])
+    assert result.exit_code == 0 and "1 thread(s)" in result.output
+
+
+@pytest.mark.parametrize("kind", ["tensorboard", "mlflow"])
+def test_experiment_logs_hold_every_epoch(data, tmp_path, monkeypatch, kind):
+    import transferkit
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out = tmp_path / "run"
+    transferkit.train(data, out, image_size=32, epochs=3, fine_tune_epochs=2, batch_size=8, cache_dir="",
+                      threads=1, log_to=kind)
+    with open(out / "history.csv") as fh:
+        expected = [float(r["val_loss"]) for r in csv.DictReader(fh)]
+    accuracy = json.loads((out / "metrics.json").read_text())["accuracy"]
+    if kind == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(out / "tensorboard"))
+        events.Reload()
+        logged = [(e.step, e.value) for e in events.Scalars("val_loss")]
+        final = events.Scalars("final/accuracy")[0].value
+    else:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+        (found,) = client.search_runs([client.get_experiment_by_name("transferkit").experiment_id])
+        logged = [(m.step, m.value) for m in sorted(client.get_metric_history(found.info.run_id, "val_loss"),
+                                                     key=lambda m: m.step)]
+        final = found.data.metrics["final_accuracy"]
+        assert json.loads(found.data.params["epochs"]) == 3
+    assert [step for step, _ in logged] == [1, 2, 3, 4, 5]
+    assert [value for _, value in logged] == pytest.approx(expected, rel=1e-6)
+    assert final == pytest.approx(accuracy)
