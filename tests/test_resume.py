@@ -140,6 +140,8 @@ def test_resume_keeps_the_runs_own_settings(data, tmp_path):
     assert result.exit_code == 2 and "resume continues with the run's own settings: epochs is 4" in result.output
     result = CliRunner().invoke(app, ["train", str(data), "--out", str(out)])
     assert result.exit_code == 2 and "holds an unfinished run (running)" in result.output
+    result = CliRunner().invoke(app, ["train", str(tmp_path), "--out", str(out), "--resume"])
+    assert result.exit_code == 2 and f"was started on {data}, not {tmp_path}" in result.output
 
 
 def test_early_stopping_stops_where_the_history_says(data, tmp_path):

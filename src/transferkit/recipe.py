@@ -53,9 +53,11 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
     one completes); `resume` continues an interrupted run with its own settings.
     """
     out = Path(out)
+    if not resume:
+        config = TrainConfig.from_dict({**(config or TrainConfig()).to_dict(), **overrides})
     work = run.prepare(out, resume, overwrite)  # refuses before any work
-    config = resumed_config(work, config, overrides) if resume else TrainConfig.from_dict(
-        {**(config or TrainConfig()).to_dict(), **overrides})
+    if resume:
+        config = resumed_config(work, data, config, overrides)
     reporter = reporter or Reporter()
     device = resolve_device(config.device)
     seed_everything(config.seed)
@@ -65,7 +67,7 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
     run.start(work, record)
     with stop_on_signals(reporter.interrupt):
         try:
-            classifier = train_steps(listing, data, val_data, work, config, reporter, device)
+            classifier = train_steps(listing, record, work, config, reporter, device)
         except Interrupted as exc:
             run.set_status(work, run.INTERRUPTED)
             raise Interrupted(exc.signum, f"interrupted; {out} is left interrupted, resumable: "
@@ -80,12 +82,12 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
     return classifier
 
 
-def train_steps(listing: "Listing", data, val_data, work: Path, config: TrainConfig, reporter: Reporter,
+def train_steps(listing: "Listing", record: dict, work: Path, config: TrainConfig, reporter: Reporter,
                 device: torch.device) -> Classifier:
-    """The recipe, step by step, writing into the run folder `work`."""
+    """The recipe, step by step, writing into the run folder `work` (`record`: its data paths)."""
     backbone, fine_tune_at = build_backbone(config, reporter)
-    train_set, val_set, skipped = prepare_data(listing, data, val_data, backbone.preprocess.image_size,
-                                               config, work / "cache", reporter)
+    train_set, val_set, skipped = prepare_data(listing, record["data"], record["val_data"],
+                                               backbone.preprocess.image_size, config, work / "cache", reporter)
     model = build_model(backbone, len(train_set.classes), config, device)
 
     started = time.perf_counter()
@@ -96,11 +98,15 @@ def train_steps(listing: "Listing", data, val_data, work: Path, config: TrainCon
     reporter.log(f"Kept epoch {best['epoch']} (phase {best['phase']}, best {config.monitor}); "
                  f"val_accuracy {best['val_accuracy']:.4f}; training took {seconds:.0f}s")
     return save_run(work, model, backbone, fine_tune_at, config, trainer, seconds, train_set, val_set, skipped,
-                    reporter, (str(data), None if val_data is None else str(val_data)))
+                    reporter, record)
 
 
-def resumed_config(work: Path, config: TrainConfig | None, overrides: dict) -> TrainConfig:
-    """The interrupted run's own settings; a different value asked for now is an error."""
+def resumed_config(work: Path, data, config: TrainConfig | None, overrides: dict) -> TrainConfig:
+    """The interrupted run's own settings; other data or a different value asked for now is an
+    error."""
+    trained_on = (run.read_json(work / run.META) or {}).get("data")
+    if trained_on is not None and Path(trained_on).resolve() != Path(data).resolve():
+        raise ConfigError(f"{work} was started on {trained_on}, not {data}; resume it with the same data")
     saved = TrainConfig.from_file(work / run.META)
     asked = {**(config.changed() if config else {}), **overrides}
     different = {k: v for k, v in asked.items() if saved.to_dict().get(k, object()) != v}
@@ -444,7 +450,7 @@ def calibrate(model: TransferModel, logits: np.ndarray, labels: np.ndarray,
 
 def save_run(out: Path, model: TransferModel, backbone: Backbone, fine_tune_at: int, config: TrainConfig,
              trainer: Trainer, seconds: float, train_set: LabelledImages, val_set: LabelledImages,
-             skipped: list[tuple[str, str]], reporter: Reporter, data_paths: tuple[str, str | None]) -> Classifier:
+             skipped: list[tuple[str, str]], reporter: Reporter, record: dict) -> Classifier:
     """Calibrate on validation, then write the run folder: weights, metrics, history, curves, the
     skipped files, the validation predictions, the report, and last model.json ("complete")."""
     from .report import write_report
@@ -473,8 +479,8 @@ def save_run(out: Path, model: TransferModel, backbone: Backbone, fine_tune_at: 
         "timings": {k: round(v, 2) for k, v in trainer.timings.items()},
         "warnings": trainer.warnings,
         "early_stopping": trainer.stopped,
-        "data": str(data_paths[0]),
-        "val_data": data_paths[1],
+        "data": record["data"],
+        "val_data": record["val_data"],
     })
     run.save_weights(classifier, out)
     metrics = classification_metrics(val_set.labels, val_probs, val_set.classes, classifier.threshold)
