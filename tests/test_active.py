@@ -13,6 +13,8 @@ from conftest import SIZE, lfw_arrays, texture_crops
 from transferkit.active import cross_val_accuracy, find_label_issues, head, suggest
 from transferkit.errors import DataError
 
+pytestmark = pytest.mark.slow  # extracts features of 300 images
+
 UNLABELLED = -1
 
 

@@ -24,6 +24,9 @@ PHOTOS = {"chelsea": {281, 282, 283, 284, 285},  # a cat: tabby, tiger cat, Pers
           "coffee": {967, 968, 504}}  # espresso, cup, coffee mug
 
 
+pytestmark = pytest.mark.slow  # loads two more backbones
+
+
 def installed(name: str):
     source = WEIGHT_SOURCES[name]
     if source.path() is None:
