@@ -4,8 +4,10 @@
     model.json          classes, preprocessing, threshold, temperature, settings, versions and the
                         weights' SHA-256, checked on every load
     history.csv, metrics.json, skipped.csv, val_predictions.csv, learning_curves.png, report.html
+    checkpoint.json + checkpoint-EPOCH.safetensors   while training: what --resume continues from
 
-Every file is written to a temporary name and renamed into place. This module imports torch only
+model.json's "status" is "running", "interrupted" or "complete"; it is the last file a run writes,
+and only a complete run is loaded. Every file is written to a temporary name and renamed into place. This module imports torch only
 where weights are read or written, so that an ONNX engine loads without it.
 """
 
