@@ -127,6 +127,20 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, tmp
     result = runner.invoke(cli.app, ["evaluate", str(tmp_path), str(tmp_path)])
     assert (result.exit_code, result.output) == (2, "error: x.csv: no images\n")
 
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "runs/x/model.json")
+
+    monkeypatch.setattr("transferkit.run.load", denied)
+    result = runner.invoke(cli.app, ["evaluate", str(tmp_path), str(tmp_path)])
+    assert (result.exit_code, result.output) == (2, "error: runs/x/model.json: Permission denied\n")
+
+    def nameless(*args, **kwargs):
+        raise OSError("an OS error that names no file")
+
+    monkeypatch.setattr("transferkit.run.load", nameless)
+    result = runner.invoke(cli.app, ["evaluate", str(tmp_path), str(tmp_path)])
+    assert result.exit_code == 1 and "Traceback" in result.output and "This is a bug" in result.output
+
 
 def test_data_checks_that_need_no_decoding_run_before_the_backbone_is_built(tmp_path, monkeypatch):
     import transferkit

@@ -50,13 +50,18 @@ class Boundary(TyperGroup):
             fail(str(exc))
         except OSError as exc:
             if exc.filename is None:
-                raise
+                bug()
             fail(f"{exc.filename}: {exc.strerror or exc}")
         except Exception:  # noqa: BLE001 - the last resort: show it, ask for a report
-            traceback.print_exc()
-            typer.echo("This is a bug in transferkit, not a problem with your input: please report it "
-                       "with the traceback above.", err=True)
-            raise typer.Exit(1) from None
+            bug()
+
+
+def bug():
+    """Inside an `except` block: the traceback, and a request to report it; exit status 1."""
+    traceback.print_exc()
+    typer.echo("This is a bug in transferkit, not a problem with your input: please report it "
+               "with the traceback above.", err=True)
+    raise typer.Exit(1) from None
 
 
 def fail(message: str):
