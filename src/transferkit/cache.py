@@ -171,13 +171,15 @@ def extract(model: TransferModel, images: np.ndarray, views: int, cut: int | Non
             chain: list[tuple[str, nn.Module]] | None, batch_size: int, device,
             dtype=np.float16, in_ram: bool = True, spill_dir=None, autocast: bool = False,
             store: FeatureStore | None = None, keep: bool = False,
-            progress: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+            progress: Callable[[], None] | None = None,
+            keys: list[str] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Pooled features (V, N, F) and, when `cut` is given, boundary activations (V, N, ...).
 
     View 0 is the clean image; view k > 0 is drawn by the model's augmentation with a seed made
-    of the image's content and k. Views found in `store` are read instead of computed."""
+    of the image's content and k (`keys`: the images' `image_key`s, when already known). Views found
+    in `store` are read instead of computed."""
     n = len(images)
-    keys = [image_key(images[i]) for i in range(n)]
+    keys = keys or [image_key(images[i]) for i in range(n)]
     arrays: dict[str, np.ndarray] = {}
 
     def put(name: str, view: int, index, values: np.ndarray, kind) -> None:
@@ -350,9 +352,10 @@ def build_views(model: TransferModel, train_data: LabelledImages, val_data: Labe
                       dtype=np.dtype(config.cache_dtype), in_ram=cache_plan.in_ram, spill_dir=spill_dir,
                       keep=config.keep_cache, progress=reporter.advance)
         pooled, boundaries = extract(model, train_data.images, cache_plan.views, autocast=cache_plan.bf16,
-                                     store=stores[0], **common)
+                                     store=stores[0], keys=train_data.keys(), **common)
         # validation in float32: the numbers that pick the kept epoch are the deployed model's
-        val_pooled, val_boundaries = extract(model, val_data.images, 1, autocast=False, store=stores[1], **common)
+        val_pooled, val_boundaries = extract(model, val_data.images, 1, autocast=False, store=stores[1],
+                                             keys=val_data.keys(), **common)
     finally:
         reporter.stop()
     hits = sum(s.hits for s in stores if s)

@@ -36,9 +36,17 @@ class LabelledImages:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     images: np.ndarray | None = None  # decoded (N, S, S, 3) uint8, once `decode` has run
     notes: list[str] = field(default_factory=list)
+    _keys: list[str] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def keys(self) -> list[str]:
+        """Each decoded image's identity (`image_key`), computed once: duplicates, the held-out
+        check and the view cache all use it."""
+        if self._keys is None:
+            self._keys = [image_key(image) for image in self.images]
+        return self._keys
 
     def counts(self) -> dict[str, int]:
         return {c: int((self.labels == i).sum()) for i, c in enumerate(self.classes)}
@@ -49,6 +57,7 @@ class LabelledImages:
             labels=self.labels[index],
             classes=self.classes,
             images=None if self.images is None else self.images[index],
+            _keys=None if self._keys is None else [self._keys[i] for i in index],
         )
 
 
@@ -371,8 +380,7 @@ def merge_duplicates(data: LabelledImages, origin: str) -> LabelledImages:
     split, so that no image can be on both sides of it."""
     first: dict[str, int] = {}
     keep, merged = [], []
-    for i, image in enumerate(data.images):
-        key = image_key(image)
+    for i, key in enumerate(data.keys()):
         j = first.setdefault(key, i)
         if j == i:
             keep.append(i)
@@ -393,8 +401,8 @@ def merge_duplicates(data: LabelledImages, origin: str) -> LabelledImages:
 
 def shared_images(a: LabelledImages, b: LabelledImages) -> list[tuple[str, str]]:
     """Pairs of paths (in a, in b) that hold the same image."""
-    keys = {image_key(image): path for image, path in zip(a.images, a.paths)}
-    return [(keys[k], path) for image, path in zip(b.images, b.paths) if (k := image_key(image)) in keys]
+    paths = dict(zip(a.keys(), a.paths))
+    return [(paths[key], path) for key, path in zip(b.keys(), b.paths) if key in paths]
 
 
 def decode_source(source: str | Path, size: int, classes: list[str] | None = None, **options) -> LabelledImages:

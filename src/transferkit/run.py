@@ -184,12 +184,6 @@ def mark_complete(classifier, run_dir: str | Path) -> None:
     write_text(Path(run_dir) / META, json.dumps(classifier.meta, indent=2) + "\n")
 
 
-def save(classifier, run_dir: str | Path) -> None:
-    """Weights and model.json of a classifier (a run folder `load` reads)."""
-    save_weights(classifier, run_dir)
-    mark_complete(classifier, run_dir)
-
-
 def read_meta(run_dir: str | Path) -> dict:
     """model.json, with every value a prediction depends on checked."""
     run_dir = Path(run_dir)
