@@ -253,7 +253,6 @@ def imported_config(path: Path, name: str) -> dict:
 
 
 def _timm_download(name: str, source: WeightSource | None, kwargs: dict) -> nn.Module:
-    check_name(name)
     have = ", ".join(f"{r['backbone']} ({r['status']})" for r in available_backbones())
     fix = (f"Fix:{f' {source.install}, or' if source else ''} pass --weights FILE, or --weights random to "
            f"train from scratch. Available offline: {have or 'none'}")

@@ -28,7 +28,7 @@ try:  # typer >= 0.20 carries its own copy of click
 except ImportError:  # pragma: no cover - older typer on click
     from click.exceptions import NoArgsIsHelpError, UsageError
 
-from .config import DEFAULT_BACKBONE, TrainConfig, option_name, read_settings, settings, shown
+from .config import DEFAULT_BACKBONE, TrainConfig, flag, read_settings, settings, shown
 from .errors import Interrupted, TransferkitError
 
 class Boundary(TyperGroup):
@@ -95,11 +95,9 @@ def setting_parameters() -> list[inspect.Parameter]:
     arrive as text and are checked, converted and explained by TrainConfig, as in Python."""
     params = []
     for name, rule, default in settings():
-        flag = option_name(name)
         is_flag = rule.kind is bool
-        decls = [f"{flag}/--no-{flag[2:]}"] if is_flag else [flag]
         choices = f" ({' | '.join(rule.choices)})" if rule.choices else ""
-        option = typer.Option(None, *decls, help=f"{rule.help}{choices} [default: {shown(default)}]",
+        option = typer.Option(None, flag(name), help=f"{rule.help}{choices} [default: {shown(default)}]",
                               show_default=False, rich_help_panel=f"Settings: {rule.group}",
                               metavar=None if is_flag else METAVARS[rule.kind])
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,

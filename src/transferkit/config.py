@@ -282,6 +282,17 @@ def option_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def flag(name: str) -> str:
+    """The command line's declaration of a setting: --name, or --name/--no-name for a switch."""
+    option = option_name(name)
+    return f"{option}/--no-{option[2:]}" if rule_of(name).kind is bool else option
+
+
+def grouped() -> list[tuple[str, list[tuple[str, Rule, object]]]]:
+    """The settings by group, in the groups' order: what the tables show."""
+    return [(group, [s for s in settings() if s[1].group == group]) for group in GROUPS]
+
+
 def shown(value) -> str:
     """A value as the tables show it."""
     if value is None:
@@ -294,13 +305,11 @@ def shown(value) -> str:
 def markdown_table() -> str:
     """The README's options table, by group."""
     lines = ["| option | default | what it does |", "|---|---|---|"]
-    for group in GROUPS:
+    for group, members in grouped():
         lines.append(f"| **{group}** | | |")
-        for name, rule, default in settings():
-            if rule.group == group:
-                flag = option_name(name) + (f"/--no-{name.replace('_', '-')}" if rule.kind is bool else "")
-                choices = f" ({' / '.join(rule.choices)})" if rule.choices else ""
-                lines.append(f"| `{flag}` | `{shown(default)}` | {rule.help}{choices} |")
+        for name, rule, default in members:
+            choices = f" ({' / '.join(rule.choices)})" if rule.choices else ""
+            lines.append(f"| `{flag(name)}` | `{shown(default)}` | {rule.help}{choices} |")
     return "\n".join(lines)
 
 

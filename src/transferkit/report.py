@@ -15,7 +15,7 @@ from string import Template
 import numpy as np
 
 from .classifier import Classifier
-from .config import GROUPS, settings, shown
+from .config import grouped, shown
 from .data import decode_source, load_image
 from .errors import ImageError, RunError, TransferkitError
 from .files import write_text
@@ -186,9 +186,9 @@ def settings_html(meta: dict) -> str:
     the defaults are marked."""
     config = meta.get("config", {})
     rows = []
-    for group in GROUPS:
-        for name, rule, default in settings():
-            if rule.group == group and name in config:
+    for group, members in grouped():
+        for name, _, default in members:
+            if name in config:
                 changed = config[name] != default
                 rows.append([group, f"<b>{name}</b>" if changed else name, html.escape(shown(config[name]))
                              + (f" <span class=\"note\">(default {html.escape(shown(default))})</span>" if changed else "")])
