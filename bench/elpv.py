@@ -32,7 +32,7 @@ def main() -> None:
     train_seconds = time.perf_counter() - start
     test = classifier.evaluate(args.data / "test")
     history = [line.split(",") for line in (args.out / "history.csv").read_text().splitlines()]
-    header, rows = history[0], [dict(zip(history[0], r)) for r in history[1:]]
+    rows = [dict(zip(history[0], r)) for r in history[1:]]
     phase = {p: sum(float(r["seconds"]) for r in rows if r["phase"] == p) for p in ("1", "2")}
     result = {
         "config": config.to_dict(),

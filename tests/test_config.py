@@ -26,14 +26,14 @@ BAD = {
     "class_weight": "heavy", "sampler": "sometimes", "threshold_metric": "recall", "threshold": 7,
     "cache": "yes", "views": -2, "cache_dtype": "int8", "cache_memory_gb": 0, "cache_dir": 5,
     "cache_cap_gb": -1, "keep_cache": None, "bf16": "on", "device": "banana", "patience": 0, "threads": 0,
-    "log_to": "wandb",
+    "log_to": "wandb", "task": "both", "label_sep": "a,b",
 }
 
 
 def test_every_setting_has_a_rule_and_a_bad_value_here():
     assert set(BAD) == {f.name for f in fields(TrainConfig)}
     groups = {rule.group for _, rule, _ in settings()}
-    assert groups <= {"backbone", "recipe", "augmentation", "decisions", "cache", "runtime"}
+    assert groups <= {"data", "backbone", "recipe", "augmentation", "decisions", "cache", "runtime"}
 
 
 @pytest.mark.parametrize("name", sorted(BAD))

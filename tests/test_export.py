@@ -36,6 +36,7 @@ def test_onnx_file_is_checked_and_inference_only(exported):
     assert not ops & {"Dropout", "RandomUniform", "RandomUniformLike", "RandomNormal", "Bernoulli"}
     (inp,), (out,) = proto.graph.input, proto.graph.output
     assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     dims = inp.type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [64, 64, 3]  # dynamic batch, NHWC
 

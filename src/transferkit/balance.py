@@ -5,13 +5,20 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import ConfigError
+
 MODES = ("balanced", "none")
 
 
 def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tensor | None:
-    """scikit-learn's "balanced" weights n / (C * n_c) per class; None for "none"."""
+    """scikit-learn's "balanced" weights n / (C * n_c) per class; for multi-label (N, C) labels the
+    `pos_weight` of each label's binary loss, negatives / positives (the balanced weights' ratio);
+    None for "none"."""
     if mode == "none":
         return None
+    if labels.ndim == 2:
+        positives = labels.sum(0).astype(np.float64)
+        return torch.tensor((len(labels) - positives) / np.maximum(positives, 1), dtype=torch.float32)
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     weights = len(labels) / (num_classes * np.maximum(counts, 1))
     return torch.tensor(weights, dtype=torch.float32)
@@ -23,6 +30,9 @@ def epoch_order(labels: np.ndarray, rng: np.random.Generator, mode: str) -> np.n
     n = len(labels)
     if mode == "none":
         return rng.permutation(n)
+    if labels.ndim == 2:
+        raise ConfigError("sampler balanced draws single-label classes; for multi-label data use class_weight "
+                          "balanced (a pos_weight per label)")
     counts = np.bincount(labels)
     p = 1.0 / counts[labels]
     return rng.choice(n, size=n, replace=True, p=p / p.sum())

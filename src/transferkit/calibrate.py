@@ -1,5 +1,6 @@
 """Fitted on the validation set after training: a temperature for the logits (calibrated
-probabilities) and, for two classes, the decision threshold on p(class 1)."""
+probabilities) and, for two classes, the decision threshold on p(class 1). Multi-label models get
+both per class: each class's sigmoid is its own binary problem."""
 
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     if found.x < low + 1e-2 or nll(logits, labels, best) >= nll(logits, labels, 1.0):
         return 1.0
     return best
+
+
+def fit_temperatures(logits: np.ndarray, labels: np.ndarray) -> list[float]:
+    """Multi-label: `fit_temperature` for each class's logit against its 0/1 column."""
+    return [fit_temperature(logits[:, [j]], labels[:, j]) for j in range(logits.shape[1])]
 
 
 def _score(tp, fp, n_pos: int, n_neg: int, metric: str) -> np.ndarray:

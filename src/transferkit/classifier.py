@@ -17,7 +17,8 @@ class Classifier(Engine):
 
     def __init__(self, model: TransferModel, classes: list[str], meta: dict):
         self.model, self.classes, self.meta = model.eval(), list(classes), dict(meta)
-        self.model.temperature = float(self.meta["temperature"])
+        temperature = self.meta["temperature"]  # multi-label: one per class
+        self.model.temperature = [float(t) for t in temperature] if isinstance(temperature, list) else float(temperature)
 
     @property
     def device(self) -> torch.device:

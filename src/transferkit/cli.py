@@ -125,7 +125,8 @@ def train(data: Path, out_dir: Path, config: Optional[Path], val_dir: Optional[P
 
 train.__signature__ = inspect.Signature([
     inspect.Parameter("data", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path, default=typer.Argument(
-        ..., help="Class folders (one per class) or a CSV of path,label.")),
+        ..., help="Class folders (one per class), a CSV of path,label, or a CSV of path,labels (multi-label: "
+                  "class names separated by --label-sep).")),
     inspect.Parameter("out_dir", inspect.Parameter.KEYWORD_ONLY, annotation=Path, default=typer.Option(
         ..., "--out", help="Run folder to write.")),
     inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
@@ -161,6 +162,9 @@ def evaluate(
     metrics = load(run).evaluate(data, tta=tta)
     if output:
         write_text(output, json.dumps(metrics, indent=2) + "\n")
+    if metrics.get("task") == "multilabel":
+        print_multilabel(data, metrics, tta)
+        return
     low, high = metrics["accuracy_ci95"]
     out.print(f"{data}: {metrics['n']} images{' (TTA)' if tta else ''}, accuracy {metrics['accuracy']:.4f} "
               f"(95% CI {low:.4f}-{high:.4f}), balanced accuracy {metrics['balanced_accuracy']:.4f}, "
@@ -182,6 +186,30 @@ def evaluate(
     out.print("confusion matrix (rows: true, columns: predicted)", cm["labels"])
     for name, row in zip(cm["labels"], cm["rows_true_cols_predicted"]):
         out.print(f"  {name}: {row}")
+    print_skipped(metrics)
+
+
+def print_multilabel(data: Path, metrics: dict, tta: bool) -> None:
+    """`evaluate`'s summary for a multi-label model."""
+    low, high = metrics["accuracy_ci95"]
+    out.print(f"{data}: {metrics['n']} images{' (TTA)' if tta else ''}, mAP {metrics['map']:.4f}, micro-F1 "
+              f"{metrics['f1_micro']:.4f}, macro-F1 {metrics['f1_macro']:.4f}, subset accuracy "
+              f"{metrics['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), Hamming loss {metrics['hamming_loss']:.4f}, "
+              f"loss {metrics['loss']:.4f}, ECE {metrics['ece']:.4f}", markup=False, soft_wrap=True)
+    card = metrics["label_cardinality"]
+    out.print(f"labels per image: {card['true']:.3f} true, {card['predicted']:.3f} predicted", markup=False)
+    table = Table()
+    for column in ("class", "threshold", "precision", "recall", "f1", "AP", "support"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, row in metrics["per_class"].items():
+        ap = "n/a" if row["average_precision"] is None else f"{row['average_precision']:.4f}"
+        table.add_row(name, f"{metrics['thresholds'][name]:.4f}", f"{row['precision']:.4f}", f"{row['recall']:.4f}",
+                      f"{row['f1']:.4f}", ap, str(row["support"]))
+    out.print(table)
+    print_skipped(metrics)
+
+
+def print_skipped(metrics: dict) -> None:
     if metrics["skipped"]:
         out.print(f"skipped {len(metrics['skipped'])} unusable file(s):")
         for item in metrics["skipped"]:
@@ -198,9 +226,9 @@ def predict(
     engine: EngineName = typer.Option(EngineName.auto, help="auto: the run's model.onnx with ONNX Runtime when it "
                                                             "exists and matches the run, else PyTorch."),
 ):
-    """Classify images (calibrated probabilities; two classes use the run's threshold), streaming
-    one line per file; unreadable files get their own record with the reason. Exit status 1 when
-    no file could be classified."""
+    """Classify images (calibrated probabilities; two classes use the run's threshold; multi-label:
+    every class at or above its threshold), streaming one line per file; unreadable files get their
+    own record with the reason. Exit status 1 when no file could be classified."""
     from .data import expand_inputs
     from .progress import Reporter
     from .run import load_engine
@@ -213,8 +241,10 @@ def predict(
     # The bar redirects sys.stdout to the terminal; records piped to a file must not follow it.
     stream = sys.stdout if stdout.isatty() else stdout
     writer = csv.writer(stream)
+    key = "labels" if classifier.multilabel else "label"
+    sep = classifier.meta.get("label_sep", "|")
     if format is Format.csv:
-        writer.writerow(["path", "label", *[f"p_{c}" for c in classifier.classes], "error"])
+        writer.writerow(["path", key, *[f"p_{c}" for c in classifier.classes], "error"])
     failures = total = 0
     try:
         for record in classifier.predict_files(paths, batch_size, tta=tta):
@@ -223,17 +253,21 @@ def predict(
             error = record.get("error")
             failures += error is not None
             probs = record.get("probabilities", {})
+            decided = record.get(key, "")
+            if isinstance(decided, list):  # multi-label: the CSV cell as train reads it
+                decided = sep.join(decided)
             if format is Format.json:
                 line = json.dumps(record)
             elif format is Format.csv:
-                writer.writerow([record["path"], record.get("label", ""),
+                writer.writerow([record["path"], decided,
                                  *[f"{probs[c]:.6f}" if probs else "" for c in classifier.classes], error or ""])
                 stream.flush()
                 continue
             elif error:
                 line = f"{record['path']}\tERROR: {error}"
             else:
-                line = f"{record['path']}\t{record['label']}\t" + "  ".join(f"{c}={p:.4f}" for c, p in probs.items())
+                line = f"{record['path']}\t{decided or '(no label)'}\t" + "  ".join(
+                    f"{c}={p:.4f}" for c, p in probs.items())
             typer.echo(line, file=stream)
     finally:
         reporter.stop()
@@ -250,15 +284,18 @@ def explain(
     run: Path = typer.Argument(..., help="Run folder written by `train`."),
     inputs: list[Path] = typer.Argument(..., help="Image files and/or folders."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for the heatmap overlays (PNG)."),
+    label: Optional[str] = typer.Option(None, "--label", help="Explain this class (default: the predicted one; "
+                                                              "multi-label: each predicted class)."),
 ):
-    """Grad-CAM heatmaps: where each image holds the evidence for its predicted class."""
+    """Grad-CAM heatmaps: where each image holds the evidence for its predicted class (multi-label:
+    one overlay per predicted class)."""
     from .data import expand_inputs
     from .explain import explain_files
     from .run import load
 
     classifier = load(run)
     failures = 0
-    for record in explain_files(classifier, expand_inputs(inputs), out_dir):
+    for record in explain_files(classifier, expand_inputs(inputs), out_dir, label=label):
         if "error" in record:
             failures += 1
             typer.echo(f"{record['path']}\tERROR: {record['error']}")

@@ -18,12 +18,13 @@ from pathlib import Path
 from .errors import ConfigError
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
-MONITORS = ("val_loss", "val_accuracy")
+MONITORS = ("val_loss", "val_accuracy", "val_map")
+TASKS = ("auto", "multiclass", "multilabel")
 THRESHOLD_METRICS = ("balanced_accuracy", "f1", "youden")
 BALANCE_MODES = ("balanced", "none")
 CACHE_DTYPES = ("float16", "float32")
 LOGGERS = ("none", "tensorboard", "mlflow")
-GROUPS = ("backbone", "recipe", "augmentation", "decisions", "cache", "runtime")
+GROUPS = ("data", "backbone", "recipe", "augmentation", "decisions", "cache", "runtime")
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,10 @@ class TrainConfig:
     """Every setting of a run; the defaults are the seed's recipe on the default backbone, with the
     changes that measurements on real data supported (see docs/benchmarks.md)."""
 
+    task: str = setting("auto", "multilabel: any number of labels per image (CSV `path,labels`, or a path on several "
+                        "rows); auto: multilabel for a `labels` column, else one label per image.", "data", str,
+                        choices=TASKS)
+    label_sep: str = setting("|", "Separator of the class names in a CSV's `labels` column.", "data", str)
     backbone: str = setting(DEFAULT_BACKBONE, "Any timm model name (offline weights: `transferkit backbones`).",
                             "backbone", str)
     weights: str | None = setting(None, "Weights file (.safetensors, .pth, Keras .h5, an import-keras folder) or "
@@ -133,7 +138,8 @@ class TrainConfig:
                                "recipe", float, low=0, high=1, low_open=True, high_open=True)
     seed: int = setting(42, "Seed of the split, the initialisation, the order and the augmentation.", "recipe", int)
     dropout: float = setting(0.2, "Dropout before the new layer.", "recipe", float, low=0, high=1, high_open=True)
-    monitor: str = setting("val_loss", "Which validation number picks the kept epoch.", "recipe", str,
+    monitor: str = setting("val_loss", "Which validation number picks the kept epoch (val_map: mean average "
+                           "precision over the classes).", "recipe", str,
                            choices=MONITORS)
     patience: int | None = setting(
         None, "Early stopping: a phase ends after this many epochs without a better monitored number "
@@ -143,14 +149,16 @@ class TrainConfig:
                               "augmentation", float, low=0, high=0.5)
     train_bn: bool = setting(False, "Let unfrozen BatchNorm layers update their statistics in phase 2.",
                              "recipe", bool)
-    class_weight: str = setting("balanced", "Loss weight per class: balanced = n / (C * n_c); none: plain mean.",
+    class_weight: str = setting("balanced", "Loss weight per class: balanced = n / (C * n_c) (multilabel: pos_weight = "
+                                "negatives / positives per label); none: plain mean.",
                                 "decisions", str, choices=BALANCE_MODES)
-    sampler: str = setting("none", "balanced: every class drawn equally often in an epoch.", "decisions", str,
+    sampler: str = setting("none", "balanced: every class drawn equally often in an epoch (single-label data).", "decisions", str,
                            choices=BALANCE_MODES)
     threshold_metric: str = setting(
-        "none", "Two classes: choose the threshold on validation to maximise this; none: use threshold.",
+        "none", "Two classes (multilabel: each label): choose the threshold on validation to maximise this; "
+        "none: use threshold.",
         "decisions", str, choices=("none", *THRESHOLD_METRICS))
-    threshold: float = setting(0.5, "Two classes: the fixed threshold on p(second class).", "decisions", float,
+    threshold: float = setting(0.5, "Two classes: the fixed threshold on p(second class); multilabel: on each label's p.", "decisions", float,
                                low=0, high=1)
     cache: bool = setting(True, "Train from cached frozen-layer outputs (--no-cache: the seed's plain loop).",
                           "cache", bool)
@@ -179,6 +187,9 @@ class TrainConfig:
             setattr(self, f.name, rule_of(f.name).check(f.name, getattr(self, f.name)))
         if self.epochs + self.fine_tune_epochs == 0:
             raise ConfigError(f"epochs + fine_tune_epochs must be at least 1, got {self.epochs} + {self.fine_tune_epochs}")
+        if not self.label_sep or self.label_sep.strip() != self.label_sep or set(self.label_sep) & set(',"\n'):
+            raise ConfigError(f"label_sep must be one or more characters, no comma, quote, newline or edge spaces, "
+                              f"got {self.label_sep!r}")
         if not valid_device(self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

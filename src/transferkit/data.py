@@ -27,8 +27,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".g
 
 @dataclass
 class LabelledImages:
-    """Image paths with integer labels into `classes`, plus the files that were skipped and notes
-    on what was changed (merged duplicates)."""
+    """Image paths with their labels, plus the files that were skipped and notes on what was
+    changed (merged duplicates). Labels are integer indices into `classes` (N,), or for multi-label
+    data a 0/1 matrix (N, C): any number of classes per image, none included."""
 
     paths: list[str]
     labels: np.ndarray
@@ -48,8 +49,21 @@ class LabelledImages:
             self._keys = [image_key(image) for image in self.images]
         return self._keys
 
+    @property
+    def multilabel(self) -> bool:
+        return self.labels.ndim == 2
+
     def counts(self) -> dict[str, int]:
+        """Images per class (multi-label: images that carry each class)."""
+        if self.multilabel:
+            return {c: int(self.labels[:, i].sum()) for i, c in enumerate(self.classes)}
         return {c: int((self.labels == i).sum()) for i, c in enumerate(self.classes)}
+
+    def names(self, i: int) -> list[str]:
+        """The class names of image i."""
+        if self.multilabel:
+            return [c for c, on in zip(self.classes, self.labels[i]) if on]
+        return [self.classes[self.labels[i]]]
 
     def subset(self, index: np.ndarray) -> "LabelledImages":
         return LabelledImages(
@@ -112,8 +126,10 @@ def walk_files(folder: Path, skipped: list[tuple[str, str]]) -> list[Path]:
     return sorted(files)
 
 
-def from_folder(root: str | Path, classes: list[str] | None = None) -> LabelledImages:
-    """One sub-folder per class (the folder name is the class); files in nested folders count."""
+def from_folder(root: str | Path, classes: list[str] | None = None, multilabel: bool = False,
+                sep: str = "|") -> LabelledImages:
+    """One sub-folder per class (the folder name is the class); files in nested folders count.
+    `multilabel`: each image carries its folder's class (the same image in two folders, both)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a folder (expected one sub-folder per class, or a CSV file)")
@@ -124,6 +140,8 @@ def from_folder(root: str | Path, classes: list[str] | None = None) -> LabelledI
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise DataError(f"{root}: classes {unknown} are not among the model's classes {classes}")
+    if multilabel:
+        check_names(found, sep, str(root))
     paths, labels, skipped = [], [], []
     for path in sorted(root.iterdir()):
         if _visible(path.name) and not path.is_dir():
@@ -135,12 +153,19 @@ def from_folder(root: str | Path, classes: list[str] | None = None) -> LabelledI
         for path in walk_files(folder, skipped):
             paths.append(str(path))
             labels.append(index)
-    return LabelledImages(paths, np.asarray(labels, dtype=np.int64), list(classes), skipped)
+    labels = np.asarray(labels, dtype=np.int64)
+    if multilabel:
+        labels = indicator([[i] for i in labels], len(classes))
+    return LabelledImages(paths, labels, list(classes), skipped)
 
 
-def from_csv(csv_path: str | Path, classes: list[str] | None = None) -> LabelledImages:
-    """A CSV with a header `path,label`; relative paths are relative to the CSV's folder. A path
-    listed again with the same label is merged (with a note); with another label it is refused."""
+def from_csv(csv_path: str | Path, classes: list[str] | None = None, task: str = "auto",
+             sep: str = "|") -> LabelledImages:
+    """A CSV with a header `path,label` (one class per image) or `path,labels` (multi-label: zero or
+    more class names separated by `sep`); relative paths are relative to the CSV's folder. A path
+    listed again with the same label is merged (with a note); with another label it is refused,
+    except for multi-label data (`task="multilabel"`, or a `labels` column), where the labels of
+    all its rows are merged (with a note)."""
     csv_path = Path(csv_path)
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:
@@ -149,45 +174,101 @@ def from_csv(csv_path: str | Path, classes: list[str] | None = None) -> Labelled
             rows = [(reader.line_num, row) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{csv_path}: cannot read CSV ({exc})") from None
-    if not {"path", "label"} <= set(reader.fieldnames):
-        raise DataError(f"{csv_path}: expected a header with columns 'path' and 'label', got {reader.fieldnames}")
+    columns = set(reader.fieldnames)
+    column = "labels" if "labels" in columns else "label"
+    if "path" not in columns or column not in columns:
+        raise DataError(f"{csv_path}: expected a header with columns 'path' and 'label' (or 'labels', for "
+                        f"multi-label data), got {reader.fieldnames}")
+    if column == "labels" and task == "multiclass":
+        raise DataError(f"{csv_path}: a 'labels' column is multi-label data, but the task is multiclass "
+                        "(use a 'label' column, or task multilabel)")
+    multilabel = column == "labels" or task == "multilabel"
     if not rows:
         raise DataError(f"{csv_path}: no rows after the header")
-    names = sorted({(r["label"] or "").strip() for _, r in rows} - {""})
-    classes = classes or names
-    unknown = sorted(set(names) - set(classes))
+    entries = []  # (line, raw path, class names)
+    for line, row in rows:
+        raw, value = (row["path"] or "").strip(), (row[column] or "").strip()
+        if column == "labels":
+            names = split_labels(value, sep, f"{csv_path}:{line}")
+        else:
+            names = [value] if value else []
+            if multilabel:
+                check_names(names, sep, f"{csv_path}:{line}")
+        entries.append((line, raw, names))
+    found = sorted({n for _, _, names in entries for n in names})
+    classes = classes or found
+    unknown = sorted(set(found) - set(classes))
     if unknown:
         raise DataError(f"{csv_path}: labels {unknown} are not among the model's classes {classes}")
     paths, labels, skipped, where = [], [], [], {}
-    repeats = 0
-    for line, row in rows:
-        raw, label = (row["path"] or "").strip(), (row["label"] or "").strip()
-        if not raw or not label:
+    repeats, merged = 0, 0
+    for line, raw, names in entries:
+        if not raw or not (names or multilabel):
             skipped.append((f"{csv_path}:{line}", "empty path or label"))
             continue
         path = os.path.normpath(Path(raw) if Path(raw).is_absolute() else csv_path.parent / raw)
         if path in where:
-            first_line, first_label = where[path]
-            if first_label != label:
-                raise DataError(f"{csv_path}:{line}: {raw} is labelled {label!r} here and {first_label!r} on "
-                                f"line {first_line}; one image, one label")
-            repeats += 1
+            first_line, index = where[path]
+            if set(labels[index]) == set(names):
+                repeats += 1
+            elif multilabel:
+                labels[index] = sorted(set(labels[index]) | set(names))
+                merged += 1
+            else:
+                raise DataError(f"{csv_path}:{line}: {raw} is labelled {names[0]!r} here and {labels[index][0]!r} "
+                                f"on line {first_line}; one image, one label (multi-label data: task multilabel)")
             continue
-        where[path] = (line, label)
+        where[path] = (line, len(paths))
         paths.append(path)
-        labels.append(classes.index(label))
+        labels.append(names)
     notes = [f"{csv_path}: {repeats} repeated row(s) of the same path and label merged"] if repeats else []
-    return LabelledImages(paths, np.asarray(labels, dtype=np.int64), list(classes), skipped, notes=notes)
+    if merged:
+        notes.append(f"{csv_path}: {merged} row(s) gave more labels to a path listed before; their labels merged")
+    if multilabel:
+        array = indicator([[classes.index(n) for n in names] for names in labels], len(classes))
+    else:
+        array = np.asarray([classes.index(names[0]) for names in labels], dtype=np.int64)
+    return LabelledImages(paths, array, list(classes), skipped, notes=notes)
 
 
-def load_labelled(source: str | Path, classes: list[str] | None = None) -> LabelledImages:
-    """Class folders or a CSV, chosen by what `source` is."""
+def split_labels(value: str, sep: str, where: str) -> list[str]:
+    """The class names of a `labels` cell: empty for none; an empty name (two separators in a row,
+    or one at either end) is an error."""
+    if not value:
+        return []
+    names = [n.strip() for n in value.split(sep)]
+    if not all(names):
+        raise DataError(f"{where}: empty class name in {value!r} (class names are separated by {sep!r}; "
+                        "leave the cell empty for an image with no label)")
+    return sorted(set(names))
+
+
+def check_names(names: list[str], sep: str, where: str) -> None:
+    """Multi-label class names must not hold the separator (the labels column could not say them)."""
+    bad = [n for n in names if sep in n]
+    if bad:
+        raise DataError(f"{where}: class name {bad[0]!r} contains the label separator {sep!r} "
+                        "(rename it, or choose another separator: label_sep)")
+
+
+def indicator(rows: list[list[int]], num_classes: int) -> np.ndarray:
+    """Lists of class indices as a 0/1 matrix (N, C)."""
+    matrix = np.zeros((len(rows), num_classes), dtype=np.uint8)
+    for i, row in enumerate(rows):
+        matrix[i, row] = 1
+    return matrix
+
+
+def load_labelled(source: str | Path, classes: list[str] | None = None, task: str = "auto",
+                  sep: str = "|") -> LabelledImages:
+    """Class folders or a CSV, chosen by what `source` is; `task` multilabel reads either as
+    multi-label data (a CSV with a `labels` column is multi-label anyway)."""
     source = Path(source)
     if source.is_file() and source.suffix.lower() == ".csv":
-        return from_csv(source, classes)
+        return from_csv(source, classes, task, sep)
     if not source.exists():
         raise DataError(f"{source}: not found")
-    return from_folder(source, classes)
+    return from_folder(source, classes, task == "multilabel", sep)
 
 
 def expand_inputs(inputs: Iterable[str | Path]) -> Iterator[str]:
@@ -380,10 +461,17 @@ def merge_duplicates(data: LabelledImages, origin: str) -> LabelledImages:
     split, so that no image can be on both sides of it."""
     first: dict[str, int] = {}
     keep, merged = [], []
+    labels = data.labels.copy()
     for i, key in enumerate(data.keys()):
         j = first.setdefault(key, i)
         if j == i:
             keep.append(i)
+        elif data.multilabel:
+            if (labels[j] != labels[i]).any():
+                labels[j] |= labels[i]
+                merged.append((data.paths[i], f"same image as {data.paths[j]} (merged; their labels combined)"))
+            else:
+                merged.append((data.paths[i], f"same image as {data.paths[j]} (merged)"))
         elif data.labels[j] != data.labels[i]:
             raise DataError(f"{origin}: the same image is labelled {data.classes[data.labels[j]]!r} "
                             f"({data.paths[j]}) and {data.classes[data.labels[i]]!r} ({data.paths[i]}); "
@@ -392,10 +480,13 @@ def merge_duplicates(data: LabelledImages, origin: str) -> LabelledImages:
             merged.append((data.paths[i], f"same image as {data.paths[j]} (merged)"))
     if not merged:
         return data
-    result = data.subset(np.asarray(keep))
+    result = LabelledImages(data.paths, labels, data.classes, images=data.images, _keys=data._keys).subset(
+        np.asarray(keep))
     result.skipped = data.skipped + merged
-    result.notes = data.notes + [f"{origin}: {len(merged)} duplicate image(s) with the same label merged "
-                                 "(listed in skipped.csv)"]
+    combined = sum("labels combined" in reason for _, reason in merged)
+    result.notes = data.notes + [f"{origin}: {len(merged)} duplicate image(s) " + (
+        f"merged, {combined} of them with their labels combined" if combined else "with the same label merged")
+        + " (listed in skipped.csv)"]
     return result
 
 
@@ -405,10 +496,11 @@ def shared_images(a: LabelledImages, b: LabelledImages) -> list[tuple[str, str]]
     return [(paths[key], path) for key, path in zip(b.keys(), b.paths) if key in paths]
 
 
-def decode_source(source: str | Path, size: int, classes: list[str] | None = None, **options) -> LabelledImages:
-    """A labelled folder or CSV decoded at `size` (`decode`'s options); an error when no image is
-    usable."""
-    data = decode(load_labelled(source, classes), size, **options)
+def decode_source(source: str | Path, size: int, classes: list[str] | None = None, task: str = "auto",
+                  sep: str = "|", **options) -> LabelledImages:
+    """A labelled folder or CSV (`load_labelled`) decoded at `size` (`decode`'s options); an error
+    when no image is usable."""
+    data = decode(load_labelled(source, classes, task, sep), size, **options)
     if len(data) == 0:
         raise DataError(f"{source}: no usable images" + (f" ({len(data.skipped)} skipped, first: "
                         f"{data.skipped[0][0]}: {data.skipped[0][1]})" if data.skipped else ""))
@@ -426,6 +518,11 @@ def check_labels(data: LabelledImages, origin: str, split: bool, every_class: bo
     if every_class and len(data.classes) < 2:
         raise DataError(f"{origin}: only one class ({data.classes}); need at least two")
     counts = data.counts()
+    if data.multilabel and every_class:
+        rare = [c for c, k in counts.items() if k < 2]
+        if rare:
+            raise DataError(f"{origin}: label(s) {rare} occur on fewer than 2 {usable}images; each label needs "
+                            "at least 2 (add images, or drop the label)")
     empty = [c for c, k in counts.items() if k == 0]
     if empty:
         raise DataError(f"{origin}: no {usable}images for class(es) {empty}" + (
@@ -438,7 +535,10 @@ def check_labels(data: LabelledImages, origin: str, split: bool, every_class: bo
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, val), stratified by label, reproducible for a seed (every class needs two
-    images: see `check_labels`)."""
+    images: see `check_labels`). Multi-label (N, C) labels: iterative stratification (Sechidis et
+    al. 2011), then every label is made present on both sides."""
+    if labels.ndim == 2:
+        return multilabel_split(labels, fraction, seed)
     from sklearn.model_selection import train_test_split
 
     counts = np.bincount(labels)
@@ -446,3 +546,25 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     index = np.arange(len(labels))
     train, val = train_test_split(index, test_size=n_val, stratify=labels, random_state=seed)
     return np.sort(train), np.sort(val)
+
+
+def multilabel_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """iterative-stratification's MultilabelStratifiedShuffleSplit, with "no label" stratified like
+    a class; a label left wholly on one side (rare labels can be) then has one of its images moved
+    across, the one whose other labels are the most common on the side it leaves."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+    labels = np.hstack([labels, (labels.sum(1) == 0)[:, None]]).astype(np.uint8)
+    splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+    train, val = next(splitter.split(np.zeros(len(labels)), labels))
+    side = np.zeros(len(labels), dtype=bool)
+    side[val] = True
+    counts = labels.sum(0)
+    for c in np.argsort(counts, kind="stable")[np.sort(counts) >= 2]:
+        for to_val in (True, False):
+            if not (labels[side == to_val, c]).any():
+                donors = np.flatnonzero((side != to_val) & (labels[:, c] == 1))
+                others = labels[side != to_val].sum(0)
+                pick = donors[np.argmax([others[labels[d] == 1].min() for d in donors])]
+                side[pick] = to_val
+    return np.flatnonzero(~side), np.flatnonzero(side)

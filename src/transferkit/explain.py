@@ -3,6 +3,7 @@ class lies, from the last convolutional feature map (the output of `forward_feat
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from .model import TransferModel, to_unit
 def gradcam(model: TransferModel, images: np.ndarray, target: np.ndarray | None = None,
             threshold: float = 0.5, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Heatmaps (N, S, S) in [0, 1] for uint8 images (N, S, S, 3), with the probabilities (N, C)
-    and the explained class of each image (`target`, else the class predicted with `threshold`).
+    and the explained class of each image (`target`, else the class predicted with `threshold`;
+    multi-label: the most probable class).
 
     The score explained is the class logit; with one logit (two classes) it is the logit for
     class 1 and minus the logit for class 0. Channel weights are the spatial mean of the score's
@@ -36,8 +38,9 @@ def gradcam(model: TransferModel, images: np.ndarray, target: np.ndarray | None 
     with torch.enable_grad():
         logits = model.head(model.dropout(model.backbone.forward_head(fmap, pre_logits=True)))
         probs = model.probabilities(logits.detach())
-        chosen = torch.as_tensor(predict_labels(probs.cpu().numpy(), threshold) if target is None else target,
-                                 device=logits.device)
+        if target is None:
+            target = probs.argmax(1).cpu().numpy() if model.multilabel else predict_labels(probs.cpu().numpy(), threshold)
+        chosen = torch.as_tensor(target, device=logits.device)
         if model.binary:
             score = logits[:, 0] * torch.where(chosen == 1, 1.0, -1.0)
         else:
@@ -72,26 +75,48 @@ def overlay_png(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> byte
     return buffer.getvalue()
 
 
+def explained_classes(classifier, probs: np.ndarray, label: str | None) -> list[list[int]]:
+    """The classes to explain for each image: `label` when given; else the predicted class, or for
+    a multi-label model every predicted class (the most probable one when none is predicted)."""
+    if label is not None:
+        if label not in classifier.classes:
+            raise RunError(f"label {label!r} is not one of the model's classes {classifier.classes}")
+        return [[classifier.classes.index(label)]] * len(probs)
+    if not classifier.multilabel:
+        return [[int(c)] for c in predict_labels(probs, classifier.threshold)]
+    chosen = np.asarray(probs) >= np.asarray(classifier.threshold)
+    return [list(np.flatnonzero(row)) or [int(np.argmax(p))] for row, p in zip(chosen, probs)]
+
+
 def explain_files(classifier, paths: Iterable[str | Path], out_dir: str | Path,
-                  batch_size: int = 16) -> Iterator[dict]:
-    """Write one overlay PNG per image (the evidence for its predicted class) into `out_dir`;
-    yield {path, output, label, probability} or {path, error}, in order."""
+                  batch_size: int = 16, label: str | None = None) -> Iterator[dict]:
+    """Write one overlay PNG per image and explained class (`explained_classes`) into `out_dir`
+    (NAME.png; multi-label: NAME_CLASS.png); yield {path, output, label, probability} per overlay
+    or {path, error}, in order."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
+    model = classifier.model
     for batch in decoded_batches(paths, classifier.image_size, batch_size):
         if isinstance(batch, tuple):
             yield {"path": batch[0], "error": batch[1]}
             continue
         images = np.stack([a for _, a in batch])
-        cams, probs, chosen = gradcam(classifier.model, images, threshold=classifier.threshold,
-                                      device=classifier.device)
-        for (path, image), cam, p, c in zip(batch, cams, probs, chosen):
-            name = Path(path).stem
-            while f"{name}.png" in used:
-                name += "_"
-            used.add(f"{name}.png")
-            target = out_dir / f"{name}.png"
-            write_bytes(target, overlay_png(image, cam))
-            yield {"path": path, "output": str(target), "label": classifier.classes[int(c)],
-                   "probability": float(p[int(c)])}
+        probs = classifier.predict_proba(images, batch_size)
+        wanted = explained_classes(classifier, probs, label)
+        cams = {}  # (image, class) -> heatmap, one Grad-CAM pass per class over the images that need it
+        for c in sorted({c for classes in wanted for c in classes}):
+            index = [i for i, classes in enumerate(wanted) if c in classes]
+            maps, _, _ = gradcam(model, images[index], np.full(len(index), c), device=classifier.device)
+            cams.update({(i, c): m for i, m in zip(index, maps)})
+        for i, (path, image) in enumerate(batch):
+            for c in wanted[i]:
+                name = Path(path).stem + ("_" + re.sub(r"[^\w.-]+", "_", classifier.classes[c])
+                                          if classifier.multilabel else "")
+                while f"{name}.png" in used:
+                    name += "_"
+                used.add(f"{name}.png")
+                target = out_dir / f"{name}.png"
+                write_bytes(target, overlay_png(image, cams[(i, c)]))
+                yield {"path": path, "output": str(target), "label": classifier.classes[c],
+                       "probability": float(probs[i, c])}

@@ -25,7 +25,7 @@ from .classifier import Classifier
 from .data import decode_source
 from .errors import ExportError
 from .files import atomic_path
-from .metrics import predict_labels
+from .metrics import evaluation_metrics
 from .onnx_engine import OnnxClassifier
 from .run import load, model_version
 
@@ -59,15 +59,18 @@ def metadata(classifier: Classifier, run_dir: str | Path, layout: str, quantizat
                   "resize": "bilinear, to image_size x image_size (done by the caller)",
                   "normalisation": "inside the graph: (x / 255 - mean) / std"}
     return {
+        "task": classifier.task,
         "classes": json.dumps(classifier.classes),
-        "threshold": repr(classifier.threshold),
-        "temperature": repr(float(classifier.meta["temperature"])),
+        "threshold": json.dumps(classifier.threshold),  # multi-label: a list, one per class
+        "temperature": json.dumps(classifier.meta["temperature"]),
         "preprocess": json.dumps(preprocess),
         "backbone": str(classifier.meta.get("backbone", "")),
         "model_version": model_version(run_dir),
         "quantization": quantization,
-        "output": "probabilities (N, C), columns in the order of 'classes'; two classes: label = "
-                  "classes[1] when p[1] >= threshold, else argmax",
+        "output": ("probabilities (N, C), columns in the order of 'classes', each class's own sigmoid; "
+                   "labels = the classes whose p >= their threshold" if classifier.multilabel else
+                   "probabilities (N, C), columns in the order of 'classes'; two classes: label = "
+                   "classes[1] when p[1] >= threshold, else argmax"),
         "transferkit_version": __version__,
     }
 
@@ -209,7 +212,8 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
     if val_data is None and not force:
         raise ExportError("quantization needs validation data to check the accuracy (val_data; --val-dir "
                           "on the command line), or force to skip the check")
-    data = None if val_data is None else decode_source(val_data, classifier.image_size, classifier.classes)
+    data = None if val_data is None else decode_source(val_data, classifier.image_size, classifier.classes,
+                                                       classifier.task, classifier.meta.get("label_sep", "|"))
     if quantize_mode == "int8" and data is None:
         raise ExportError("static int8 quantization calibrates on images: give validation data (--val-dir)")
     images = None if data is None else data.images
@@ -224,8 +228,9 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
         if data is not None:
             for name, path in (("float", float_path), ("quantized", q_path)):
                 engine = OnnxClassifier(path)
-                predicted = predict_labels(engine.predict_proba(data.images), engine.threshold)
-                report[f"{name}_accuracy"] = float((predicted == data.labels).mean())
+                probs = engine.predict_proba(data.images)
+                report[f"{name}_accuracy"] = evaluation_metrics(data.labels, probs, engine.classes,
+                                                                engine.threshold)["accuracy"]
             report["drop"] = report["float_accuracy"] - report["quantized_accuracy"]
             if report["drop"] * 100 > tolerance and not force:
                 raise ExportError(

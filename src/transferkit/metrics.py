@@ -4,7 +4,7 @@ its calibration error, and the decision rule that turns probabilities into label
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix, log_loss,
+from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix, hamming_loss, log_loss,
                              precision_recall_fscore_support, roc_auc_score, top_k_accuracy_score)
 
 
@@ -14,6 +14,27 @@ def predict_labels(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndar
     if probabilities.shape[1] == 2:
         return (probabilities[:, 1] >= threshold).astype(np.int64)
     return probabilities.argmax(axis=1)
+
+
+def predict_sets(probabilities: np.ndarray, thresholds) -> np.ndarray:
+    """Multi-label decisions (N, C) of 0/1: each class's probability against its own threshold."""
+    return (np.asarray(probabilities) >= np.asarray(thresholds, dtype=np.float64)).astype(np.uint8)
+
+
+def indicators(y_true: np.ndarray, num_classes: int) -> np.ndarray:
+    """Labels as a 0/1 matrix (N, C): class indices one-hot; a multi-label matrix as it is."""
+    y_true = np.asarray(y_true)
+    return y_true if y_true.ndim == 2 else np.eye(num_classes, dtype=np.uint8)[y_true]
+
+
+def mean_average_precision(y_true: np.ndarray, probabilities: np.ndarray) -> float:
+    """Macro mean of each class's average precision (one-vs-rest for single-label data), over the
+    classes that have a positive image (the others have none)."""
+    truth = indicators(y_true, np.asarray(probabilities).shape[1])
+    present = truth.sum(0) > 0
+    if not present.any():
+        return 0.0
+    return float(average_precision_score(truth[:, present], np.asarray(probabilities)[:, present], average="macro"))
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -67,6 +88,7 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classe
         "balanced_accuracy": float(recall[support > 0].mean()) if support.any() else 0.0,
         "loss": float(log_loss(y_true, clipped / clipped.sum(1, keepdims=True), labels=labels)),
         "ece": expected_calibration_error(y_true, probabilities),
+        "map": mean_average_precision(y_true, probabilities),
         "threshold": threshold if len(classes) == 2 else None,
     }
     if len(classes) == 2:
@@ -86,3 +108,47 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classe
                              "rows_true_cols_predicted": confusion_matrix(y_true, y_pred, labels=labels).tolist()},
     })
     return metrics
+
+
+def multilabel_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str], thresholds) -> dict:
+    """Multi-label data (0/1 truth (N, C)): mean average precision (macro), subset accuracy (with
+    its 95 % Wilson interval), Hamming loss, micro/macro/samples F1, per-class precision/recall/F1/
+    AP/support, label cardinality of truth and prediction, mean BCE loss and ECE over all
+    (image, class) pairs."""
+    y_true, probabilities = np.asarray(y_true), np.asarray(probabilities, dtype=np.float64)
+    thresholds = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (len(classes),))
+    y_pred = predict_sets(probabilities, thresholds)
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, zero_division=0)
+    averages = {}
+    for average in ("micro", "macro", "samples"):
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average=average, zero_division=0)
+        averages[average] = {"precision": float(p), "recall": float(r), "f1": float(f)}
+    ap = [float(average_precision_score(y_true[:, i], probabilities[:, i])) if y_true[:, i].any() else None
+          for i in range(len(classes))]
+    exact = int((y_pred == y_true).all(1).sum())
+    flat_p = np.clip(probabilities.ravel(), 1e-7, 1 - 1e-7)
+    return {
+        "task": "multilabel",
+        "n": int(len(y_true)),
+        "map": mean_average_precision(y_true, probabilities),
+        "accuracy": float(accuracy_score(y_true, y_pred)),  # subset accuracy: every label right
+        "accuracy_ci95": list(wilson_interval(exact, len(y_true))),
+        "hamming_loss": float(hamming_loss(y_true, y_pred)),
+        "f1_micro": averages["micro"]["f1"],
+        "f1_macro": averages["macro"]["f1"],
+        "loss": float(log_loss(y_true.ravel(), flat_p, labels=[0, 1])),
+        "ece": expected_calibration_error(y_true.ravel(), np.stack([1 - flat_p, flat_p], 1)),
+        "label_cardinality": {"true": float(y_true.sum(1).mean()), "predicted": float(y_pred.sum(1).mean())},
+        "thresholds": {c: float(t) for c, t in zip(classes, thresholds)},
+        "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                          "average_precision": ap[i], "support": int(support[i])}
+                      for i, c in enumerate(classes)},
+        "averages": averages,
+    }
+
+
+def evaluation_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str], threshold) -> dict:
+    """`multilabel_metrics` for a 0/1 matrix of labels, else `classification_metrics`."""
+    if np.asarray(y_true).ndim == 2:
+        return multilabel_metrics(y_true, probabilities, classes, threshold)
+    return classification_metrics(y_true, probabilities, classes, threshold)

@@ -53,7 +53,8 @@ class Augment(nn.Module):
 
 
 class TransferModel(nn.Module):
-    """Input: uint8 (or [0, 1] float) RGB images, NCHW. Output: 1 logit (two classes) or C logits.
+    """Input: uint8 (or [0, 1] float) RGB images, NCHW. Output: 1 logit (two classes) or C logits
+    (more classes, or `multilabel`: one independent sigmoid per class).
 
     The backbone starts frozen. `unfreeze_from(k)` makes layers k.. trainable, as the seed's
     `for layer in base_model.layers[:fine_tune_at]: layer.trainable = False`. Every backbone layer
@@ -63,25 +64,26 @@ class TransferModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, num_classes: int, preprocess: Preprocess,
                  dropout: float = 0.2, flip: bool = True, rotation: float = 0.2,
-                 train_bn: bool = False):
+                 train_bn: bool = False, multilabel: bool = False):
         super().__init__()
         if num_classes < 2:
             raise ConfigError(f"need at least two classes, got {num_classes}")
-        self.num_classes, self.train_bn = num_classes, train_bn
-        self.temperature = 1.0  # calibration: probabilities use logits / temperature
+        self.num_classes, self.train_bn, self.multilabel = num_classes, train_bn, multilabel
+        self.temperature = 1.0  # calibration: probabilities use logits / temperature (multilabel: one per class)
         self.augment = Augment(flip, rotation)
         self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(preprocess.std).view(1, 3, 1, 1), persistent=False)
         self.backbone = backbone
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(backbone.num_features, 1 if num_classes == 2 else num_classes)
+        self.head = nn.Linear(backbone.num_features, 1 if self.binary else num_classes)
         self.layers = list_layers(backbone)
         self.trainable_from = len(self.layers)
         self.unfreeze_from(len(self.layers))
 
     @property
     def binary(self) -> bool:
-        return self.num_classes == 2
+        """Two classes, one label each: one logit."""
+        return self.num_classes == 2 and not self.multilabel
 
     def unfreeze_from(self, index: int) -> None:
         """Layers [index:] trainable, [:index] frozen; index == len(layers) freezes the backbone."""
@@ -115,7 +117,12 @@ class TransferModel(nn.Module):
     def loss(self, logits: torch.Tensor, target: torch.Tensor,
              class_weight: torch.Tensor | None = None) -> torch.Tensor:
         """BCE on the logit for two classes, cross-entropy for more; the mean over the batch, or
-        with `class_weight` (one per class) the weighted mean, as PyTorch's `weight=`."""
+        with `class_weight` (one per class) the weighted mean, as PyTorch's `weight=`. Multilabel:
+        BCE on every class's logit against the 0/1 targets (N, C), the mean over both, with
+        `class_weight` as PyTorch's `pos_weight`."""
+        if self.multilabel:
+            pos_weight = None if class_weight is None else class_weight.to(logits.device)
+            return F.binary_cross_entropy_with_logits(logits, target.float(), pos_weight=pos_weight)
         if self.binary:
             losses = F.binary_cross_entropy_with_logits(logits[:, 0], target.float(), reduction="none")
         else:
@@ -126,7 +133,11 @@ class TransferModel(nn.Module):
         return (losses * w).sum() / w.sum()
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """(N, C) class probabilities of logits / temperature; one logit: p(class 1) = sigmoid."""
+        """(N, C) class probabilities of logits / temperature; one logit: p(class 1) = sigmoid;
+        multilabel: each class's own sigmoid (its own temperature)."""
+        if self.multilabel:
+            temperature = torch.as_tensor(self.temperature, dtype=logits.dtype, device=logits.device)
+            return torch.sigmoid(logits / temperature)
         logits = logits / self.temperature
         if self.binary:
             p = torch.sigmoid(logits[:, 0])

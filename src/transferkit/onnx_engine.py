@@ -1,5 +1,6 @@
 """The ONNX Runtime engine: a classifier from one exported ONNX file, whose metadata carries the
-classes, threshold, temperature and input. Imports neither torch nor timm."""
+task, classes, threshold, temperature (multi-label: one per class) and input. Imports neither torch
+nor timm."""
 
 from __future__ import annotations
 
@@ -23,8 +24,7 @@ def read_metadata(path: str | Path) -> dict:
     if "classes" not in props or "preprocess" not in props:
         raise RunError(f"{path}: not a transferkit ONNX export (no classes/preprocess metadata)")
     try:
-        meta = {**props, "classes": json.loads(props["classes"]), "preprocess": json.loads(props["preprocess"]),
-                "threshold": float(props["threshold"]), "temperature": float(props["temperature"])}
+        meta = {**props, **{key: json.loads(props[key]) for key in ("classes", "preprocess", "threshold", "temperature")}}
     except (KeyError, ValueError) as exc:
         raise RunError(f"{path}: damaged transferkit metadata ({exc}); export it again") from None
     check_meta(meta, path)

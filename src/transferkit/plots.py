@@ -1,5 +1,6 @@
 """Figures: the learning curves users of the seed know (accuracy and loss, both phases), the
-confusion matrix, ROC / precision-recall curves and the reliability diagram."""
+confusion matrix, ROC / precision-recall curves (per class for multi-label models) and the
+reliability diagram."""
 
 from __future__ import annotations
 
@@ -95,4 +96,26 @@ def binary_curves(y_true: np.ndarray, p1: np.ndarray, threshold: float, positive
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
+    save(fig, path)
+
+
+def label_pr_curves(y_true: np.ndarray, probs: np.ndarray, classes: list[str], thresholds: list[float],
+                    path: Path | BinaryIO) -> None:
+    """Multi-label: each class's precision-recall curve, its operating threshold marked."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    fig, ax = figure((6.5, 5))
+    for j, name in enumerate(classes):
+        truth = y_true[:, j] == 1
+        if not truth.any():
+            continue
+        precision, recall, _ = precision_recall_curve(truth, probs[:, j])
+        line, = ax.plot(recall, precision, lw=2,
+                        label=f"{name} (AP {average_precision_score(truth, probs[:, j]):.3f})")
+        decided = probs[:, j] >= thresholds[j]
+        ax.plot([decided[truth].mean()], [truth[decided].mean() if decided.any() else 1.0], "o",
+                color=line.get_color())
+    ax.set(xlabel="recall", ylabel="precision", title="Precision-recall per class (dots: thresholds)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=9)
     save(fig, path)

@@ -25,7 +25,7 @@ from . import run
 from .backbones import Backbone, create_backbone, resolve_fine_tune_at
 from .balance import class_weights, epoch_order
 from .cache import PhaseViews, Views, build_views, plain_views, plan
-from .calibrate import choose_threshold, fit_temperature, nll
+from .calibrate import choose_threshold, fit_temperature, fit_temperatures, nll
 from .classifier import Classifier
 from .config import TrainConfig
 from .data import (LabelledImages, check_labels, decode, load_labelled, memory_budget, merge_duplicates,
@@ -34,7 +34,7 @@ from .errors import ConfigError, DataError, Interrupted
 from .experiment import open_log
 from .files import atomic_path, write_text
 from .inference import predict_logits, predict_proba, to_batch
-from .metrics import classification_metrics, expected_calibration_error, predict_labels
+from .metrics import evaluation_metrics, expected_calibration_error, predict_labels, predict_sets
 from .model import TransferModel
 from .progress import Reporter
 from .runtime import resolve_device, seed_everything, set_threads, stop_on_signals
@@ -61,7 +61,7 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
     reporter = reporter or Reporter()
     device = resolve_device(config.device)
     seed_everything(config.seed)
-    listing = list_data(data, val_data)  # every check that needs no decoding, before anything loads
+    listing = list_data(data, val_data, config)  # every check that needs no decoding, before anything loads
 
     record = {"config": config.to_dict(), "data": str(data), "val_data": None if val_data is None else str(val_data)}
     run.start(work, record)
@@ -88,7 +88,7 @@ def train_steps(listing: "Listing", record: dict, work: Path, config: TrainConfi
     backbone, fine_tune_at = build_backbone(config, reporter)
     train_set, val_set, skipped = prepare_data(listing, record["data"], record["val_data"],
                                                backbone.preprocess.image_size, config, work / "cache", reporter)
-    model = build_model(backbone, len(train_set.classes), config, device)
+    model = build_model(backbone, len(train_set.classes), config, device, train_set.multilabel)
 
     started = time.perf_counter()
     trainer = fit(model, train_set, val_set, config, fine_tune_at, reporter, device, work / "cache",
@@ -145,13 +145,18 @@ class Listing:
     val: LabelledImages | None
 
 
-def list_data(data: str | Path, val_data: str | Path | None) -> Listing:
+def list_data(data: str | Path, val_data: str | Path | None, config: TrainConfig) -> Listing:
     """List the files and check the labels: two classes or more, enough images per class for a
-    split; a separate validation set with the same classes."""
-    listing = Listing(load_labelled(data), None)
+    split; a separate validation set with the same classes (and the same task: multi-label data
+    is validated on multi-label data)."""
+    listing = Listing(load_labelled(data, task=config.task, sep=config.label_sep), None)
     check_labels(listing.train, str(data), split=val_data is None)
+    if listing.train.multilabel and config.sampler == "balanced":
+        raise ConfigError("sampler balanced draws single-label classes; for multi-label data use class_weight "
+                          "balanced (a pos_weight per label)")
     if val_data is not None:
-        listing.val = load_labelled(val_data, listing.train.classes)
+        task = "multilabel" if listing.train.multilabel else "multiclass"
+        listing.val = load_labelled(val_data, listing.train.classes, task, config.label_sep)
         check_labels(listing.val, str(val_data), split=False, every_class=False)
     return listing
 
@@ -192,8 +197,12 @@ def prepare_data(listing: Listing, data, val_data, size: int, config: TrainConfi
         reporter.log(note)
     if skipped:
         reporter.log(f"Skipped {len(skipped)} file(s); listed in skipped.csv")
+    if train_set.multilabel:
+        cardinality = everything.labels.sum(1)
+        reporter.log(f"Multi-label data: {len(everything.classes)} classes, {cardinality.mean():.2f} labels per "
+                     f"image on average, {int((cardinality == 0).sum())} image(s) with none; one sigmoid per class")
     reporter.log(f"Training on {len(train_set)} images, validating on {len(val_set)}; "
-                 f"classes {everything.counts()}")
+                 f"{'images per class' if train_set.multilabel else 'classes'} {everything.counts()}")
     return train_set, val_set, skipped
 
 
@@ -207,10 +216,12 @@ def _decode(raw: LabelledImages, name: str, size: int, config: TrainConfig, spil
         reporter.stop()
 
 
-def build_model(backbone: Backbone, num_classes: int, config: TrainConfig, device: torch.device) -> TransferModel:
-    """The seed's model: augmentation -> preprocessing -> frozen backbone -> GAP -> dropout -> linear."""
+def build_model(backbone: Backbone, num_classes: int, config: TrainConfig, device: torch.device,
+                multilabel: bool = False) -> TransferModel:
+    """The seed's model: augmentation -> preprocessing -> frozen backbone -> GAP -> dropout -> linear
+    (one logit for two classes, else one per class: softmax, or `multilabel` sigmoids)."""
     model = TransferModel(backbone.model, num_classes, backbone.preprocess, config.dropout, config.flip,
-                          config.rotation, config.train_bn)
+                          config.rotation, config.train_bn, multilabel)
     return model.to(device, memory_format=torch.channels_last)
 
 
@@ -251,7 +262,8 @@ class Trainer:
         self.class_weight = class_weights(train_set.labels, model.num_classes, config.class_weight)
         if self.class_weight is not None or config.sampler != "none":
             weights = "off" if self.class_weight is None else [round(w, 3) for w in self.class_weight.tolist()]
-            reporter.log(f"Imbalance: class weights {weights}, sampler {config.sampler}")
+            kind = "pos_weight per class" if model.multilabel else "class weights"
+            reporter.log(f"Imbalance: {kind} {weights}, sampler {config.sampler}")
         if checkpoints is not None:
             self.restore()
 
@@ -304,15 +316,18 @@ class Trainer:
             self.warnings.append(f"the training loss grew from {first:.4g} (epoch 1) to {train_loss:.4g} (epoch "
                                  f"{epoch}): the learning rate ({lr:g}) is probably too high")
             self.reporter.log(f"warning: {self.warnings[-1]}")
-        val = classification_metrics(val_views.labels, predict_proba(
-            self.model, val_views.inputs[0], val_views.forward, self.config.batch_size, self.device), self.classes)
+        val = evaluation_metrics(val_views.labels, predict_proba(
+            self.model, val_views.inputs[0], val_views.forward, self.config.batch_size, self.device), self.classes,
+            0.5)
         row = {"epoch": epoch, "phase": phase, "lr": lr, "train_loss": train_loss, "train_accuracy": train_acc,
-               "val_loss": val["loss"], "val_accuracy": val["accuracy"], "seconds": time.perf_counter() - start}
+               "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_map": val["map"],
+               "seconds": time.perf_counter() - start}
         self.history.append(row)
         if is_better(row, self.best, self.config.monitor):
             self.best, self.best_state = row, copy.deepcopy(self.model.state_dict())
         self.reporter.log(f"epoch {epoch:>3} phase {phase}  loss {train_loss:.4f}  acc {train_acc:.4f}"
                           f"  val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}"
+                          + (f"  val_map {row['val_map']:.4f}" if self.model.multilabel else "") +
                           f"  {row['seconds']:.1f}s" + ("  *" if self.best is row else ""))
         if self.experiment:
             self.experiment.epoch(row)
@@ -399,7 +414,7 @@ def train_epoch(model: TransferModel, views: Views, optimizer, batch_size: int,
                 rng: np.random.Generator, device, reporter: Reporter, sampler: str = "none",
                 class_weight: torch.Tensor | None = None) -> tuple[float, float]:
     """One pass in a seeded random order (class-balanced draws with `sampler="balanced"`), one
-    stored view per image; returns (loss, accuracy)."""
+    stored view per image; returns (loss, accuracy: multi-label, every label right)."""
     model.train()
     n = len(views.labels)
     order = epoch_order(views.labels, rng, sampler)
@@ -408,24 +423,32 @@ def train_epoch(model: TransferModel, views: Views, optimizer, batch_size: int,
     for start in range(0, n, batch_size):
         index = order[start:start + batch_size]
         x = to_batch(views.inputs[pick[index], index], device)
-        y = torch.from_numpy(views.labels[index]).to(device)
+        y = torch.from_numpy(views.labels[index]).to(device)  # class indices, or multi-label 0/1 (B, C)
         logits = views.forward(x)
         loss = model.loss(logits, y, class_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total_loss += loss.item() * len(y)
-        correct += int((predict_labels(model.probabilities(logits.detach()).cpu().numpy()) == views.labels[index]).sum())
+        correct += exact_matches(model.probabilities(logits.detach()).cpu().numpy(), views.labels[index])
         seen = start + len(index)
         reporter.advance(f"loss {total_loss / seen:.4f} acc {correct / seen:.3f}")
     return total_loss / n, correct / n
 
 
+def exact_matches(probabilities: np.ndarray, labels: np.ndarray) -> int:
+    """Images whose decision at 0.5 is right (multi-label: every one of their labels)."""
+    if labels.ndim == 2:
+        return int((predict_sets(probabilities, 0.5) == labels).all(1).sum())
+    return int((predict_labels(probabilities) == labels).sum())
+
+
 def is_better(row: dict, best: dict | None, monitor: str) -> bool:
+    """Higher accuracy or mean average precision (ties: lower loss), or lower loss."""
     if best is None:
         return True
-    if monitor == "val_accuracy":
-        return (row["val_accuracy"], -row["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
+    if monitor in ("val_accuracy", "val_map"):
+        return (row[monitor], -row["val_loss"]) > (best[monitor], -best["val_loss"])
     return row["val_loss"] < best["val_loss"]
 
 
@@ -433,6 +456,8 @@ def calibrate(model: TransferModel, logits: np.ndarray, labels: np.ndarray,
               config: TrainConfig) -> tuple[np.ndarray, dict, dict | None]:
     """Fit the temperature (sets model.temperature) and, for two classes, the threshold on the
     validation logits; returns the calibrated probabilities and what was fitted."""
+    if model.multilabel:
+        return calibrate_labels(model, logits, labels, config)
     model.temperature = 1.0
     before = model.probabilities(torch.from_numpy(logits)).numpy()
     model.temperature = fit_temperature(logits, labels)
@@ -448,6 +473,28 @@ def calibrate(model: TransferModel, logits: np.ndarray, labels: np.ndarray,
     return probs, calibration, choose_threshold(labels, probs[:, 1], config.threshold_metric)
 
 
+def calibrate_labels(model: TransferModel, logits: np.ndarray, labels: np.ndarray,
+                     config: TrainConfig) -> tuple[np.ndarray, dict, dict]:
+    """Multi-label `calibrate`: a temperature per class (sets model.temperature) and a threshold
+    per class, fixed (`threshold`) or chosen on validation (`threshold_metric`)."""
+    model.temperature = 1.0
+    before = model.probabilities(torch.from_numpy(logits)).numpy()
+    temperatures = fit_temperatures(logits, labels)
+    model.temperature = temperatures
+    probs = model.probabilities(torch.from_numpy(logits)).numpy()
+    scaled = logits / np.asarray(temperatures, dtype=np.float32)
+    flat = labels.reshape(-1)
+    calibration = {"temperature": temperatures, "method": "temperature scaling per class on the validation set",
+                   "loss_before": nll(logits.reshape(-1, 1), flat), "loss_after": nll(scaled.reshape(-1, 1), flat),
+                   "ece_before": expected_calibration_error(flat, np.stack([1 - before.ravel(), before.ravel()], 1)),
+                   "ece_after": expected_calibration_error(flat, np.stack([1 - probs.ravel(), probs.ravel()], 1))}
+    if config.threshold_metric == "none":
+        return probs, calibration, {"metric": "fixed", "threshold": [config.threshold] * labels.shape[1]}
+    chosen = [choose_threshold(labels[:, j], probs[:, j], config.threshold_metric) for j in range(labels.shape[1])]
+    return probs, calibration, {"metric": config.threshold_metric, "threshold": [c["threshold"] for c in chosen],
+                                "per_class": chosen}
+
+
 def save_run(out: Path, model: TransferModel, backbone: Backbone, fine_tune_at: int, config: TrainConfig,
              trainer: Trainer, seconds: float, train_set: LabelledImages, val_set: LabelledImages,
              skipped: list[tuple[str, str]], reporter: Reporter, record: dict) -> Classifier:
@@ -457,11 +504,13 @@ def save_run(out: Path, model: TransferModel, backbone: Backbone, fine_tune_at: 
 
     val_logits = predict_logits(model, val_set.images, batch_size=config.batch_size, device=trainer.device)
     val_probs, calibration, selection = calibrate(model, val_logits, val_set.labels, config)
-    reporter.log(f"Calibration on validation: temperature {calibration['temperature']:.3f}, ECE "
+    reporter.log(f"Calibration on validation: temperature {shown(calibration['temperature'])}, ECE "
                  f"{calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}"
-                 + (f"; threshold {selection['threshold']:.4f} ({selection['metric']})" if selection else ""))
+                 + (f"; threshold {shown(selection['threshold'], 4)} ({selection['metric']})" if selection else ""))
     layers = backbone.layers
     classifier = Classifier(model, train_set.classes, {
+        "task": "multilabel" if model.multilabel else "multiclass",
+        "label_sep": config.label_sep,
         "temperature": calibration["temperature"],
         "threshold": selection["threshold"] if selection else 0.5,
         "threshold_selection": selection,
@@ -483,12 +532,13 @@ def save_run(out: Path, model: TransferModel, backbone: Backbone, fine_tune_at: 
         "val_data": record["val_data"],
     })
     run.save_weights(classifier, out)
-    metrics = classification_metrics(val_set.labels, val_probs, val_set.classes, classifier.threshold)
+    metrics = evaluation_metrics(val_set.labels, val_probs, val_set.classes, classifier.threshold)
     metrics.update(split="validation", best_epoch=trainer.best["epoch"], calibration=calibration,
                    threshold_selection=selection, early_stopping=trainer.stopped, counts={
         "train": train_set.counts(), "validation": val_set.counts(), "skipped": len(skipped)})
     write_outputs(out, trainer.history, metrics, skipped, config.epochs)
-    run.write_predictions(out / "val_predictions.csv", val_set.paths, val_set.labels, val_probs, val_set.classes)
+    run.write_predictions(out / "val_predictions.csv", val_set.paths, val_set.labels, val_probs, val_set.classes,
+                          config.label_sep)
     write_report(out, classifier, "validation", val_set.paths, val_set.labels, val_probs, val_set.images)
     if trainer.experiment:
         trainer.experiment.finish(metrics)
@@ -496,6 +546,13 @@ def save_run(out: Path, model: TransferModel, backbone: Backbone, fine_tune_at: 
         shutil.rmtree(out / "cache", ignore_errors=True)
     run.mark_complete(classifier, out)
     return classifier
+
+
+def shown(value, digits: int = 3) -> str:
+    """A number, or a list of them (one per class), for the log."""
+    if isinstance(value, list):
+        return "[" + ", ".join(f"{v:.{digits}f}" for v in value) + "]"
+    return f"{value:.{digits}f}"
 
 
 def write_outputs(out: Path, history: list[dict], metrics: dict, skipped: list, epochs: int) -> None:

@@ -19,7 +19,7 @@ from .config import grouped, shown
 from .data import decode_source, load_image
 from .errors import ImageError, RunError, TransferkitError
 from .files import write_text
-from .metrics import classification_metrics, predict_labels
+from .metrics import evaluation_metrics, predict_labels, predict_sets
 from .run import load, read_predictions, read_skipped
 
 MISTAKES = 8  # most confident mistakes shown
@@ -66,8 +66,8 @@ code { font-size: 13px; }
 <section><h2>Training</h2><div class="two"><div>$settings</div><div>$model_facts</div></div></section>
 <section><h2>Learning curves</h2><figure><img alt="learning curves" src="$learning_curves"></figure>
 <p class="note">$curves_note</p></section>
-<section><h2>Per-class metrics and confusion matrix</h2><div class="two"><div>$per_class</div>
-<figure><img alt="confusion matrix" src="$confusion"></figure></div></section>
+<section><h2>$class_heading</h2><div class="two"><div>$per_class</div>
+<figure><img alt="$class_figure_name" src="$class_figure"></figure></div></section>
 $curves
 <section><h2>Most confident mistakes</h2>$mistakes</section>
 <p class="note">Written by transferkit $version. Everything on this page is embedded; it loads nothing from the network.</p>
@@ -121,13 +121,18 @@ def confident_mistakes(labels: np.ndarray, probs: np.ndarray, predicted: np.ndar
     return wrong[np.argsort(-confidence, kind="stable")[:k]]
 
 
-def mistakes_html(classifier: Classifier, paths: list[str], labels: np.ndarray, probs: np.ndarray,
-                  predicted: np.ndarray, images: np.ndarray | None) -> str:
-    from .explain import gradcam, overlay_png
+def worst_label_sets(labels: np.ndarray, probs: np.ndarray, predicted: np.ndarray, k: int) -> np.ndarray:
+    """Multi-label: indices of the `k` images with a wrong label set and the highest summed binary
+    cross-entropy over their classes."""
+    wrong = np.flatnonzero((predicted != labels).any(1))
+    p = np.clip(probs[wrong], 1e-7, 1 - 1e-7)
+    loss = -(labels[wrong] * np.log(p) + (1 - labels[wrong]) * np.log(1 - p)).sum(1)
+    return wrong[np.argsort(-loss, kind="stable")[:k]]
 
-    chosen = confident_mistakes(labels, probs, predicted, MISTAKES, classifier.threshold)
-    if len(chosen) == 0:
-        return '<p>No mistakes on this set.</p>'
+
+def readable(classifier: Classifier, paths: list[str], chosen: np.ndarray,
+             images: np.ndarray | None) -> tuple[list[int], list[np.ndarray]]:
+    """The chosen images that can still be read (from the decoded set, else from their files)."""
     found, arrays = [], []
     for i in chosen:
         try:
@@ -135,7 +140,61 @@ def mistakes_html(classifier: Classifier, paths: list[str], labels: np.ndarray, 
             found.append(i)
         except ImageError:
             continue  # the file moved since training: counted below the gallery
-    figures = []
+    return found, arrays
+
+
+def gallery(figures: list[str], note: str, missing: int) -> str:
+    extra = f'<p class="note warn">{missing} of these files can no longer be read.</p>' if missing else ""
+    return f'<p class="note">{note}</p><div class="gallery">{"".join(figures)}</div>{extra}'
+
+
+def label_mistakes_html(classifier: Classifier, paths: list[str], labels: np.ndarray, probs: np.ndarray,
+                        predicted: np.ndarray, images: np.ndarray | None) -> str:
+    """Multi-label: the worst images with their missed and extra labels, one Grad-CAM per predicted
+    label (the most probable class when none is predicted)."""
+    from .explain import gradcam, overlay_png
+
+    chosen = worst_label_sets(labels, probs, predicted, MISTAKES)
+    if len(chosen) == 0:
+        return '<p>No mistakes on this set: every image got exactly its labels.</p>'
+    found, arrays = readable(classifier, paths, chosen, images)
+    figures, note = [], ("Grad-CAM: warm colours mark where the image holds the evidence for each predicted "
+                         "class. Missed: true labels not predicted; extra: predicted labels not true.")
+    names = classifier.classes
+    for i, array in zip(found, arrays):
+        shown_classes = list(np.flatnonzero(predicted[i])) or [int(np.argmax(probs[i]))]
+        try:
+            pictures = [overlay_png(array, gradcam(classifier.model, array[None], np.array([c]),
+                                                   device=classifier.device)[0][0]) for c in shown_classes]
+        except TransferkitError as exc:  # not a CNN: the image without heatmaps
+            pictures, note = [overlay_png(array, np.ones(array.shape[:2]), alpha=0)], str(exc)
+        truth = [names[c] for c in np.flatnonzero(labels[i])]
+        guess = [names[c] for c in np.flatnonzero(predicted[i])]
+        missed = [n for n in truth if n not in guess]
+        extra = [n for n in guess if n not in truth]
+        scores = ", ".join(f"p({html.escape(names[c])}) = {probs[i, c]:.3f}" for c in shown_classes)
+        for c, picture in zip(shown_classes, pictures):
+            figures.append(
+                f'<figure><img alt="Grad-CAM of {html.escape(Path(paths[i]).name)} for {html.escape(names[c])}" '
+                f'src="{data_uri(picture)}"><figcaption>evidence for <b>{html.escape(names[c])}</b><br>'
+                f'true {html.escape(", ".join(truth) or "(none)")}; predicted {html.escape(", ".join(guess) or "(none)")}'
+                f'<br><b>missed</b> {html.escape(", ".join(missed) or "none")}, <b>extra</b> '
+                f'{html.escape(", ".join(extra) or "none")} ({scores})'
+                f'<br><span class="file">{html.escape(paths[i])}</span></figcaption></figure>')
+    return gallery(figures, note if found else "", len(chosen) - len(found))
+
+
+def mistakes_html(classifier: Classifier, paths: list[str], labels: np.ndarray, probs: np.ndarray,
+                  predicted: np.ndarray, images: np.ndarray | None) -> str:
+    from .explain import gradcam, overlay_png
+
+    if classifier.multilabel:
+        return label_mistakes_html(classifier, paths, labels, probs, predicted, images)
+    chosen = confident_mistakes(labels, probs, predicted, MISTAKES, classifier.threshold)
+    if len(chosen) == 0:
+        return '<p>No mistakes on this set.</p>'
+    found, arrays = readable(classifier, paths, chosen, images)
+    figures, note = [], ""
     if found:
         try:
             cams, _, _ = gradcam(classifier.model, np.stack(arrays), target=predicted[found],
@@ -155,9 +214,7 @@ def mistakes_html(classifier: Classifier, paths: list[str], labels: np.ndarray, 
                 f'<figure><img alt="Grad-CAM of {html.escape(Path(paths[i]).name)}" src="{data_uri(picture)}">'
                 f'<figcaption><b>true {html.escape(true)}</b>, predicted {html.escape(guess)} ({score}){empty}'
                 f'<br><span class="file">{html.escape(paths[i])}</span></figcaption></figure>')
-    missing = len(chosen) - len(found)
-    extra = f'<p class="note warn">{missing} of these files can no longer be read.</p>' if missing else ""
-    return f'<p class="note">{note if found else ""}</p><div class="gallery">{"".join(figures)}</div>{extra}'
+    return gallery(figures, note, len(chosen) - len(found))
 
 
 def counts_html(metrics: dict, eval_counts: dict[str, int], eval_name: str, classes: list[str]) -> str:
@@ -204,31 +261,42 @@ def facts_html(meta: dict, classes: list[str]) -> str:
             ["fine-tuned from", f"layer {fine.get('index')} of {fine.get('num_layers')} ({fine.get('name')})"],
             ["kept epoch", meta.get("best_epoch")],
             ["training time", f"{meta.get('training_seconds', 0):.0f} s"],
-            ["temperature", f"{float(meta.get('temperature', 1.0)):.3f}"]]
+            ["temperature", listed(meta.get("temperature", 1.0), classes, 3)]]
     for phase, stop in sorted(meta.get("early_stopping", {}).items()):
         rows.append([f"phase {phase} stopped early", f"after epoch {stop['epoch']}: {stop['reason']}"])
     for warning in meta.get("warnings", []):
         rows.append(["warning", warning])
-    if len(classes) == 2:
-        how = (f"chosen on validation for {selection.get('metric')}" if selection.get("metric") not in (None, "fixed")
-               else "fixed")
+    how = (f"chosen on validation for {selection.get('metric')}" if selection.get("metric") not in (None, "fixed")
+           else "fixed")
+    if meta.get("task") == "multilabel":
+        rows.append(["thresholds", f"{listed(meta['threshold'], classes, 4)} ({how})"])
+    elif len(classes) == 2:
         rows.append([f"threshold on p({classes[1]})", f"{float(meta.get('threshold', 0.5)):.4f} ({how})"])
     return "<h3>Model</h3>" + table(["", ""], rows, numeric_from=2)
 
 
-def write_report(run_dir: str | Path, classifier: Classifier, eval_name: str, paths: list[str],
-                 labels: np.ndarray, probs: np.ndarray, images: np.ndarray | None = None,
-                 eval_skipped: list[tuple[str, str]] = (), tta: bool = False,
-                 output: str | Path | None = None) -> Path:
-    """Write the page for these predictions (`eval_name`: "validation" or the test set's name)."""
-    from .plots import binary_curves, confusion_figure, learning_curves
+def listed(value, classes: list[str], digits: int) -> str:
+    """A number, or one per class (multi-label) as `class value` pairs."""
+    if isinstance(value, list):
+        return ", ".join(f"{c} {float(v):.{digits}f}" for c, v in zip(classes, value))
+    return f"{float(value):.{digits}f}"
 
-    run_dir = Path(run_dir)
-    meta, classes = classifier.meta, classifier.classes
-    train_metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
-    metrics = classification_metrics(labels, probs, classes, classifier.threshold)
-    predicted = predict_labels(probs, classifier.threshold)
-    n, (low, high) = metrics["n"], metrics["accuracy_ci95"]
+
+def label_cards(metrics: dict) -> list[str]:
+    """Multi-label headline numbers."""
+    low, high = metrics["accuracy_ci95"]
+    return [card("mean average precision", f"{metrics['map']:.3f}", "macro, over the classes"),
+            card("micro-F1", f"{metrics['f1_micro']:.3f}", "every (image, class) decision"),
+            card("macro-F1", f"{metrics['f1_macro']:.3f}", "mean of the classes' F1"),
+            card("subset accuracy", f"{metrics['accuracy']:.1%}", f"every label right; 95% CI {low:.1%} – {high:.1%}"),
+            card("Hamming loss", f"{metrics['hamming_loss']:.3f}", "share of wrong (image, class) decisions"),
+            card("labels per image", f"{metrics['label_cardinality']['predicted']:.2f}",
+                 f"predicted; true {metrics['label_cardinality']['true']:.2f}"),
+            card("log loss", f"{metrics['loss']:.3f}", "binary, per class"), card("ECE", f"{metrics['ece']:.3f}")]
+
+
+def single_label_cards(metrics: dict, classes: list[str]) -> list[str]:
+    low, high = metrics["accuracy_ci95"]
     cards = [card("accuracy", f"{metrics['accuracy']:.1%}", f"95% CI {low:.1%} – {high:.1%}"),
              card("balanced accuracy", f"{metrics['balanced_accuracy']:.1%}", "mean recall of the classes")]
     if len(classes) == 2 and metrics.get("roc_auc") is not None:
@@ -236,23 +304,52 @@ def write_report(run_dir: str | Path, classifier: Classifier, eval_name: str, pa
                   card("average precision", f"{metrics['average_precision']:.3f}", f"positive: {classes[1]}")]
     for k, value in metrics.get("top_k_accuracy", {}).items():
         cards.append(card(f"top-{k} accuracy", f"{value:.1%}"))
-    cards += [card("log loss", f"{metrics['loss']:.3f}"), card("ECE", f"{metrics['ece']:.3f}", "calibration error")]
+    return cards + [card("log loss", f"{metrics['loss']:.3f}"), card("ECE", f"{metrics['ece']:.3f}", "calibration error")]
+
+
+def write_report(run_dir: str | Path, classifier: Classifier, eval_name: str, paths: list[str],
+                 labels: np.ndarray, probs: np.ndarray, images: np.ndarray | None = None,
+                 eval_skipped: list[tuple[str, str]] = (), tta: bool = False,
+                 output: str | Path | None = None) -> Path:
+    """Write the page for these predictions (`eval_name`: "validation" or the test set's name)."""
+    from .plots import binary_curves, confusion_figure, label_pr_curves, learning_curves
+
+    run_dir = Path(run_dir)
+    meta, classes = classifier.meta, classifier.classes
+    train_metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    metrics = evaluation_metrics(labels, probs, classes, classifier.threshold)
+    multilabel = classifier.multilabel
+    predicted = predict_sets(probs, classifier.threshold) if multilabel else predict_labels(probs, classifier.threshold)
+    n = metrics["n"]
+    cards = label_cards(metrics) if multilabel else single_label_cards(metrics, classes)
     optimistic = (" These are validation images: they chose the kept epoch, the temperature and the threshold, "
                   "so the numbers are optimistic; run <code>transferkit report RUN TEST_DIR</code> for a held-out set."
                   if eval_name == "validation" else "")
-    eval_note = (f"{n} images; one image is worth {1 / max(n, 1):.2%} of accuracy. The interval is the 95% Wilson "
-                 f"score interval of the accuracy." + (" Test-time augmentation: each image averaged with its mirror."
+    eval_note = (f"{n} images; one image is worth {1 / max(n, 1):.2%} of {'subset ' if multilabel else ''}accuracy. "
+                 f"The interval is the 95% Wilson score interval of the accuracy." + (" Test-time augmentation: each image averaged with its mirror."
                                                       if tta else "") + optimistic)
     history = read_history(run_dir)
     epochs = int(meta.get("config", {}).get("epochs", 0))
     fine_start = epochs + 0.5 if any(r["phase"] == 2 for r in history) else None
-    per_class = table(["class", "precision", "recall", "F1", "support"],
-                      [[c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", m["support"]]
-                       for c, m in metrics["per_class"].items()]
-                      + [[f"{a} average", f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", n]
-                         for a, m in metrics["averages"].items()])
+    averages = [[f"{a} average", f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", "", n]
+                for a, m in metrics["averages"].items()]
+    if multilabel:
+        per_class = table(["class", "precision", "recall", "F1", "AP", "support"],
+                          [[c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}",
+                            "n/a" if m["average_precision"] is None else f"{m['average_precision']:.3f}", m["support"]]
+                           for c, m in metrics["per_class"].items()] + averages)
+        class_figure = figure_uri(lambda f: label_pr_curves(np.asarray(labels), np.asarray(probs), classes,
+                                                            list(metrics["thresholds"].values()), f))
+    else:
+        per_class = table(["class", "precision", "recall", "F1", "support"],
+                          [[c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", m["support"]]
+                           for c, m in metrics["per_class"].items()] + [r[:4] + r[5:] for r in averages])
+        class_figure = figure_uri(lambda f: confusion_figure(metrics["confusion_matrix"]["rows_true_cols_predicted"],
+                                                             classes, f))
+    eval_counts = ({c: int(v) for c, v in zip(classes, np.asarray(labels).sum(0))} if multilabel else
+                   {c: int((np.asarray(labels) == i).sum()) for i, c in enumerate(classes)})
     curves = ""
-    if len(classes) == 2 and metrics.get("roc_auc") is not None:
+    if not multilabel and len(classes) == 2 and metrics.get("roc_auc") is not None:
         uri = figure_uri(lambda f: binary_curves(np.asarray(labels), np.asarray(probs)[:, 1], classifier.threshold,
                                                  classes[1], f))
         curves = (f'<section><h2>ROC, precision-recall and calibration</h2><figure><img alt="ROC and '
@@ -263,16 +360,17 @@ def write_report(run_dir: str | Path, classifier: Classifier, eval_name: str, pa
         subtitle=html.escape(f"{meta['backbone']} · {len(classes)} classes: {', '.join(classes)}"),
         eval_heading=html.escape(f"Results on {eval_name}"), cards=f'<div class="cards">{"".join(cards)}</div>',
         eval_note=eval_note,
-        counts="<h3>Images per class and split</h3>" + counts_html(
-            train_metrics, {c: int((np.asarray(labels) == i).sum()) for i, c in enumerate(classes)}, eval_name, classes),
+        counts="<h3>Images per class and split</h3>" + counts_html(train_metrics, eval_counts, eval_name, classes)
+        + ('<p class="note">Multi-label: an image counts once for each of its classes.</p>' if multilabel else ""),
         skipped=skipped_html(run_dir, list(eval_skipped)),
         settings=settings_html(meta), model_facts=facts_html(meta, classes),
         learning_curves=figure_uri(lambda f: learning_curves(history, f, fine_tune_start=fine_start)),
         curves_note=("The dashed line marks the start of fine-tuning (phase 2); the kept epoch is "
                      f"{meta.get('best_epoch')}."),
-        per_class=per_class,
-        confusion=figure_uri(lambda f: confusion_figure(metrics["confusion_matrix"]["rows_true_cols_predicted"],
-                                                        classes, f)),
+        class_heading="Per-class metrics and precision-recall" if multilabel else
+        "Per-class metrics and confusion matrix",
+        per_class=per_class, class_figure=class_figure,
+        class_figure_name="precision-recall per class" if multilabel else "confusion matrix",
         curves=curves,
         mistakes=mistakes_html(classifier, list(paths), np.asarray(labels), np.asarray(probs), predicted, images),
         version=html.escape(str(meta.get("versions", {}).get("transferkit", ""))))
@@ -288,12 +386,13 @@ def report(run_dir: str | Path, data: str | Path | None = None, tta: bool = Fals
     run_dir = Path(run_dir)
     classifier = load(run_dir)
     if data is not None:
-        decoded = decode_source(data, classifier.image_size, classifier.classes)
+        decoded = decode_source(data, classifier.image_size, classifier.classes, classifier.task,
+                                classifier.meta.get("label_sep", "|"))
         probs = classifier.predict_proba(decoded.images, batch_size, tta)
         return write_report(run_dir, classifier, f"test set {data}", decoded.paths, decoded.labels, probs,
                             decoded.images, decoded.skipped, tta, output)
     saved = run_dir / "val_predictions.csv"
     if not saved.is_file():
         raise RunError(f"{saved}: not found; give a labelled folder: transferkit report {run_dir} DATA_DIR")
-    paths, labels, probs = read_predictions(saved, classifier.classes)
+    paths, labels, probs = read_predictions(saved, classifier.classes, classifier.meta.get("label_sep", "|"))
     return write_report(run_dir, classifier, "validation", paths, labels, probs, output=output)

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from . import __version__
-from .engine import Engine, check_meta
+from .engine import Engine, check_meta, is_multilabel
 from .errors import RunError
 from .files import atomic_path, sha256_of, write_text
 
@@ -230,7 +230,7 @@ def load(run_dir: str | Path, device: str = "cpu"):
     try:
         backbone = timm_model(meta["backbone"], num_classes=0, **meta.get("timm_kwargs", {}))
         model = TransferModel(backbone, len(meta["classes"]), Preprocess(**meta["preprocess"]),
-                              dropout=meta["dropout"], **meta["augmentation"])
+                              dropout=meta["dropout"], multilabel=is_multilabel(meta), **meta["augmentation"])
         model.load_state_dict(load_file(str(weights)))
     except Exception as exc:  # noqa: BLE001 - any inconsistency means an unusable run
         raise RunError(f"{run_dir}: cannot load the model ({type(exc).__name__}: {exc})") from exc
@@ -249,7 +249,8 @@ def stale_reason(onnx: Engine, run_dir: Path) -> str | None:
     if (run_dir / WEIGHTS).is_file() and model_version(run_dir) != onnx.version:
         return "the weights changed since the export"
     for key in ("threshold", "temperature"):
-        if abs(float(current[key]) - float(onnx.meta[key])) > 1e-9:
+        now, then = np.atleast_1d(current[key]).astype(float), np.atleast_1d(onnx.meta[key]).astype(float)
+        if now.shape != then.shape or (np.abs(now - then) > 1e-9).any():
             return f"model.json's {key} changed since the export"
     return None
 
@@ -292,21 +293,28 @@ def load_engine(run: str | Path, engine: str = "auto", log: Callable[[str], None
 
 
 def write_predictions(path: str | Path, paths: list[str], labels: np.ndarray, probabilities: np.ndarray,
-                      classes: list[str]) -> None:
-    """One row per image: path, true class, the probability of every class."""
+                      classes: list[str], sep: str = "|") -> None:
+    """One row per image: path, true class (multi-label: a `labels` column, the true classes joined
+    by `sep`), the probability of every class."""
+    multilabel = labels.ndim == 2
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["path", "label", *[f"p_{c}" for c in classes]])
+        writer.writerow(["path", "labels" if multilabel else "label", *[f"p_{c}" for c in classes]])
         for p, y, row in zip(paths, labels, probabilities):
-            writer.writerow([p, classes[y], *[f"{v:.6g}" for v in row]])
+            truth = sep.join(c for c, on in zip(classes, y) if on) if multilabel else classes[y]
+            writer.writerow([p, truth, *[f"{v:.6g}" for v in row]])
 
 
-def read_predictions(path: str | Path, classes: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+def read_predictions(path: str | Path, classes: list[str], sep: str = "|") -> tuple[list[str], np.ndarray, np.ndarray]:
     """What `write_predictions` wrote: (paths, labels, probabilities)."""
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
-        labels = np.array([classes.index(r["label"]) for r in rows], dtype=np.int64)
+        if rows and "labels" in rows[0]:
+            labels = np.array([[c in (r["labels"].split(sep) if r["labels"] else []) for c in classes]
+                               for r in rows], dtype=np.uint8).reshape(-1, len(classes))
+        else:
+            labels = np.array([classes.index(r["label"]) for r in rows], dtype=np.int64)
         probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows], dtype=np.float64)
     except (OSError, UnicodeDecodeError, csv.Error, KeyError, ValueError, TypeError) as exc:
         raise RunError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None

@@ -145,11 +145,13 @@ def explainer(run: str | Path, classifier: Engine):
     return load(run) if (run / WEIGHTS).is_file() else None
 
 
-def explain_png(classifier, image: np.ndarray) -> bytes:
-    """The image with the Grad-CAM heatmap of its predicted class over it, as PNG bytes."""
+def explain_png(classifier, image: np.ndarray, label: str | None = None) -> bytes:
+    """The image with the Grad-CAM heatmap of its predicted class (or of `label`) over it, as PNG
+    bytes."""
     from .explain import gradcam, overlay_png
 
-    cams, _, _ = gradcam(classifier.model, image[None], threshold=classifier.threshold,
+    target = None if label is None else np.array([classifier.classes.index(label)])
+    cams, _, _ = gradcam(classifier.model, image[None], target, threshold=classifier.threshold,
                          device=classifier.device)
     return overlay_png(image, cams[0])
 
@@ -227,7 +229,8 @@ def create_app(run: str | Path, engine: str = "auto", limits: Limits = Limits(),
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model_version": version, "engine": kind, "classes": classifier.classes,
+        return {"status": "ok", "model_version": version, "engine": kind, "task": classifier.task,
+                "classes": classifier.classes,
                 "threshold": classifier.threshold, "image_size": classifier.image_size,
                 "explain": cam_model is not None}
 
@@ -244,17 +247,20 @@ def create_app(run: str | Path, engine: str = "auto", limits: Limits = Limits(),
     async def classify(request: Request) -> dict:
         image = await upload(request)
         probs = await batcher.predict(image)
-        return {"label": classifier.labels(probs[None])[0],
+        return {"labels" if classifier.multilabel else "label": classifier.labels(probs[None])[0],
                 "probabilities": {c: float(p) for c, p in zip(classifier.classes, probs)},
                 "threshold": classifier.threshold, "model_version": version}
 
     async def heatmap(request: Request) -> Response:
+        label = request.query_params.get("label")
+        if label is not None and label not in classifier.classes:
+            raise ApiError(422, f"label {label!r} is not one of the model's classes {classifier.classes}")
         if cam_model is None:
             raise ApiError(404, "Grad-CAM needs the run's PyTorch weights (model.safetensors); "
                                 "this service runs from an .onnx file alone")
         image = await upload(request)
         async with cam_lock:  # one at a time: each uses every core
-            png = await asyncio.to_thread(explain_png, cam_model, image)
+            png = await asyncio.to_thread(explain_png, cam_model, image, label)
         return Response(png, media_type="image/png")
 
     async def within_limit(work):
