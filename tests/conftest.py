@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import socket
 import subprocess
@@ -127,7 +128,72 @@ def exported(binary_run, tmp_path_factory):
     return run, report
 
 
-SLOW_FIXTURES = {"binary_run", "exported", "server", "browser"}  # a training run, a service, chromium
+def write_csv(path: Path, rows: list[tuple[str, str]], header=("path", "labels")) -> Path:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def composite_set(root: Path, offset: int, n: int) -> Path:
+    """A real multi-label set: LFW faces and crops of scikit-image's brick and grass texture photos,
+    alone or two side by side (a composite carries both classes), and LFW background crops that
+    carry no label. `n` images of each kind (face, brick, grass alone; the three pairs side by side; no label),
+    from real crops starting at `offset`; returns its labels.csv."""
+    images, labels = lfw_arrays()
+    faces, backgrounds = images[labels == 1][offset:], images[labels == 0][offset:]
+    textures = texture_crops(9 * n, seed=offset)
+    bricks, grasses = textures[0::3], textures[1::3]
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+
+    def save(name: str, picture: np.ndarray, classes: list[str]) -> None:
+        Image.fromarray(picture).save(root / f"{name}.png")
+        rows.append((f"{name}.png", "|".join(classes)))
+
+    for i in range(n):
+        save(f"face{i}", faces[i], ["face"])
+        save(f"brick{i}", bricks[i], ["brick"])
+        save(f"grass{i}", grasses[i], ["grass"])
+        save(f"face_brick{i}", np.hstack([faces[n + i], bricks[n + i]]), ["face", "brick"])
+        save(f"face_grass{i}", np.hstack([faces[2 * n + i], grasses[n + i]]), ["face", "grass"])
+        save(f"brick_grass{i}", np.hstack([bricks[2 * n + i], grasses[2 * n + i]]), ["brick", "grass"])
+        save(f"none{i}", backgrounds[i], [])
+    return write_csv(root / "labels.csv", rows)
+
+
+@pytest.fixture(scope="session")
+def multilabel_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multilabel")
+    train_csv, test_csv = composite_set(root / "train", 0, 10), composite_set(root / "test", 30, 5)
+    out = root / "run"
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+
+    result = CliRunner().invoke(app, ["train", str(train_csv), "--out", str(out), "--image-size", str(SIZE),
+                                 "--epochs", "6", "--fine-tune-epochs", "1", "--batch-size", "16", "--seed", "1",
+                                 "--threshold-metric", "f1"])
+    assert result.exit_code == 0, result.output
+    assert "Multi-label data: 3 classes, 1.29 labels per image on average, 10 image(s) with none" in result.output
+    return out, train_csv, test_csv
+
+
+@pytest.fixture(scope="session")
+def multilabel_export(multilabel_run, tmp_path_factory):
+    import shutil
+
+    from transferkit.export import export
+
+    run = tmp_path_factory.mktemp("mlexport") / "run"
+    shutil.copytree(multilabel_run[0], run)
+    export(run)
+    return run
+
+
+SLOW_FIXTURES = {"binary_run", "exported", "server", "browser", "multilabel_run", "multilabel_export"}
+# a training run, a service, chromium
 
 
 def pytest_collection_modifyitems(items):

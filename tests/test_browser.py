@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -95,7 +96,11 @@ def check_page(tools: DevTools, server: str, image: Path, want: dict) -> None:
     state = tools.wait_for("['done', 'error'].includes(document.getElementById('label').dataset.state)"
                            " && document.getElementById('label').dataset.state")
     assert state == "done", tools.evaluate("document.getElementById('error').textContent")
-    assert tools.evaluate("document.getElementById('label').textContent") == want["label"]
+    text = want["label"] if "label" in want else ", ".join(want["labels"]) or "(no label)"
+    assert tools.evaluate("document.getElementById('label').textContent") == text
+    if "labels" in want:  # multi-label: every predicted class's bar is marked at once
+        marked = tools.evaluate("[...document.querySelectorAll('#bars .row.on .name')].map(n => n.textContent)")
+        assert marked == want["labels"]
     shown = tools.evaluate("[...document.querySelectorAll('#bars .row')].map(r => "
                            "[r.querySelector('.name').textContent, r.querySelector('.value').textContent])")
     assert [name for name, _ in shown] == list(want["probabilities"])
@@ -105,3 +110,32 @@ def check_page(tools: DevTools, server: str, image: Path, want: dict) -> None:
     # then the Grad-CAM overlay of the predicted class, fetched from /explain
     assert tools.wait_for("document.getElementById('cam').naturalWidth") >= 224
     assert tools.evaluate("document.getElementById('cam-note').textContent").startswith("Grad-CAM")
+
+
+def test_a_multilabel_run_shows_every_predicted_label_at_once(browser, multilabel_export, multilabel_run):
+    from conftest import free_port
+    from transferkit.run import load
+
+    image = multilabel_run[2].parent / "face_grass0.png"
+    want = next(load(multilabel_export).predict_files([str(image)]))
+    assert len(want["labels"]) >= 2, want  # the test needs a two-label answer
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    process = subprocess.Popen([sys.executable, "-m", "transferkit.cli", "serve", str(multilabel_export),
+                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                httpx.get(url + "/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        page = next(t for t in httpx.get(browser + "/json/list").json() if t["type"] == "page")
+        with websockets.connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30) as ws:
+            check_page(DevTools(ws), url, image, want)
+    finally:
+        process.terminate()
+        process.wait(10)

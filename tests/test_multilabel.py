@@ -1,8 +1,5 @@
-"""Multi-label data end to end: any number of labels per image, from the CSV to every command.
-
-The set is built from real photos: LFW faces and crops of scikit-image's brick and grass texture
-photos, alone or two side by side (each composite carries both classes), plus LFW background
-crops that carry no label at all."""
+"""Multi-label data end to end: any number of labels per image, from the CSV to every command, on
+real photos side by side (conftest's `composite_set`)."""
 
 from __future__ import annotations
 
@@ -18,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from typer.testing import CliRunner
 
 from transferkit.balance import class_weights
@@ -28,43 +24,10 @@ from transferkit.data import check_labels, from_csv, load_labelled, multilabel_s
 from transferkit.errors import ConfigError, DataError
 from transferkit.metrics import multilabel_metrics, predict_sets
 
-from conftest import SIZE, free_port, lfw_arrays, texture_crops
+from conftest import free_port, write_csv
 
 CLASSES = ["brick", "face", "grass"]
 runner = CliRunner()
-
-
-def write_csv(path: Path, rows: list[tuple[str, str]], header=("path", "labels")) -> Path:
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
-def composite_set(root: Path, offset: int, n: int) -> Path:
-    """`n` images of each kind (face, brick, grass alone; the three pairs side by side; no label),
-    from real crops starting at `offset`; returns its labels.csv."""
-    images, labels = lfw_arrays()
-    faces, backgrounds = images[labels == 1][offset:], images[labels == 0][offset:]
-    textures = texture_crops(9 * n, seed=offset)
-    bricks, grasses = textures[0::3], textures[1::3]
-    root.mkdir(parents=True, exist_ok=True)
-    rows = []
-
-    def save(name: str, picture: np.ndarray, classes: list[str]) -> None:
-        Image.fromarray(picture).save(root / f"{name}.png")
-        rows.append((f"{name}.png", "|".join(classes)))
-
-    for i in range(n):
-        save(f"face{i}", faces[i], ["face"])
-        save(f"brick{i}", bricks[i], ["brick"])
-        save(f"grass{i}", grasses[i], ["grass"])
-        save(f"face_brick{i}", np.hstack([faces[n + i], bricks[n + i]]), ["face", "brick"])
-        save(f"face_grass{i}", np.hstack([faces[2 * n + i], grasses[n + i]]), ["face", "grass"])
-        save(f"brick_grass{i}", np.hstack([bricks[2 * n + i], grasses[2 * n + i]]), ["brick", "grass"])
-        save(f"none{i}", backgrounds[i], [])
-    return write_csv(root / "labels.csv", rows)
 
 
 # -- reading multi-label data ----------------------------------------------------------------------
@@ -204,18 +167,6 @@ def test_multilabel_metrics_are_scikit_learns():
 
 # -- end to end, through the command line -----------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def multilabel_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("multilabel")
-    train_csv, test_csv = composite_set(root / "train", 0, 10), composite_set(root / "test", 30, 5)
-    out = root / "run"
-    result = runner.invoke(app, ["train", str(train_csv), "--out", str(out), "--image-size", str(SIZE),
-                                 "--epochs", "6", "--fine-tune-epochs", "1", "--batch-size", "16", "--seed", "1",
-                                 "--threshold-metric", "f1", "--quiet"])
-    assert result.exit_code == 0, result.output
-    return out, train_csv, test_csv
-
-
 @pytest.mark.slow
 def test_training_writes_a_multilabel_run(multilabel_run):
     out, _, _ = multilabel_run
@@ -263,18 +214,6 @@ def test_predict_gives_label_lists_in_every_format(multilabel_run):
     assert header[:2] == ["path", "labels"] and row[1] == "|".join(expected)
     table = runner.invoke(app, ["predict", str(out), pair])
     assert f"\t{'|'.join(expected) or '(no label)'}\t" in table.output
-
-
-@pytest.fixture(scope="module")
-def multilabel_export(multilabel_run, tmp_path_factory):
-    import shutil
-
-    from transferkit.export import export
-
-    run = tmp_path_factory.mktemp("mlexport") / "run"
-    shutil.copytree(multilabel_run[0], run)
-    export(run)
-    return run
 
 
 @pytest.mark.slow

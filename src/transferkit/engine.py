@@ -42,13 +42,13 @@ def check_meta(meta: dict, where) -> None:
     check(isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)
           and len(set(classes)) == len(classes), f"classes must be two or more distinct names, got {classes!r}")
     if is_multilabel(meta):
-        each = f"a list of {len(classes)} (one per class) "
+        each = f"a list of {len(classes)} (one per class) of "
         t_ok = isinstance(t, list) and len(t) == len(classes) and all(number(v) and v > 0 for v in t)
         th_ok = isinstance(th, list) and len(th) == len(classes) and all(number(v) and 0 <= v <= 1 for v in th)
     else:
-        each, t_ok, th_ok = "", number(t) and t > 0, number(th) and 0 <= th <= 1
-    check(t_ok, f"temperature must be {each}finite number(s) > 0, got {t!r}")
-    check(th_ok, f"threshold must be {each}number(s) in [0, 1], got {th!r}")
+        each, t_ok, th_ok = "a ", number(t) and t > 0, number(th) and 0 <= th <= 1
+    check(t_ok, f"temperature must be {each}finite number{'s' if each != 'a ' else ''} > 0, got {t!r}")
+    check(th_ok, f"threshold must be {each}number{'s' if each != 'a ' else ''} in [0, 1], got {th!r}")
     check(isinstance(pre, dict), "preprocess must be an object")
     size = pre.get("image_size")
     check(isinstance(size, int) and not isinstance(size, bool) and 16 <= size <= 2048,
