@@ -319,3 +319,15 @@ def test_config_knows_the_task():
     assert TrainConfig(task="multilabel").task == "multilabel"
     with pytest.raises(ConfigError, match="task must be one of auto, multiclass, multilabel"):
         TrainConfig(task="multi")
+
+
+def test_monitor_val_map_keeps_the_epoch_with_the_best_mean_average_precision():
+    from transferkit.recipe import is_better
+
+    first = {"val_map": 0.80, "val_loss": 0.30, "val_accuracy": 0.5}
+    better_map_worse_loss = {"val_map": 0.85, "val_loss": 0.40, "val_accuracy": 0.4}
+    same_map_lower_loss = {"val_map": 0.85, "val_loss": 0.35, "val_accuracy": 0.4}
+    assert is_better(better_map_worse_loss, first, "val_map")
+    assert not is_better(better_map_worse_loss, first, "val_loss")
+    assert is_better(same_map_lower_loss, better_map_worse_loss, "val_map")
+    assert TrainConfig(monitor="val_map").monitor == "val_map"
