@@ -26,7 +26,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-elpv"))
     args, rest = parser.parse_known_args()
     config = from_arguments(rest)  # any train option, named and checked as on the command line
-    write(args.data, split=True)
+    if not (args.data / "train").is_dir():  # a prepared copy (another machine's) is used as it is
+        write(args.data, split=True)
     start = time.perf_counter()
     classifier = transferkit.train(args.data / "train", args.out, config)
     train_seconds = time.perf_counter() - start

@@ -331,3 +331,16 @@ def test_monitor_val_map_keeps_the_epoch_with_the_best_mean_average_precision():
     assert not is_better(better_map_worse_loss, first, "val_loss")
     assert is_better(same_map_lower_loss, better_map_worse_loss, "val_map")
     assert TrainConfig(monitor="val_map").monitor == "val_map"
+
+
+@pytest.mark.slow
+def test_quantized_export_is_guarded_by_the_subset_accuracy(multilabel_export, multilabel_run, tmp_path):
+    from transferkit.export import export
+
+    report = export(multilabel_export, out=tmp_path / "q.onnx", quantize_mode="int8-dynamic",
+                    val_data=multilabel_run[2], tolerance=100)
+    assert 0 <= report["quantized_accuracy"] <= 1 and 0 <= report["float_accuracy"] <= 1
+    assert report["drop"] == pytest.approx(report["float_accuracy"] - report["quantized_accuracy"])
+    from transferkit.onnx_engine import OnnxClassifier
+
+    assert OnnxClassifier(tmp_path / "q.onnx").multilabel
