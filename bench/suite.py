@@ -1,0 +1,253 @@
+"""The benchmark suite: real, public image sets that install from package registries, each with a
+fixed recorded split, and three ways to train on each: transferkit's defaults, the seed's recipe
+in transferkit, and the seed's own Keras code (../shared/peer/keras_peer.py, in its own
+TensorFlow venv). One table: test accuracy as mean and spread over seeds (with one run's 95 %
+interval), balanced accuracy, wall time and peak memory.
+
+    python bench/suite.py                          # every set, every way, seeds 0 1 2
+    python bench/suite.py --sets digits lfw --ways defaults seed --seeds 0
+    python bench/suite.py --list                   # the sets, their sources and licences
+    python bench/suite.py --prepare-only           # write the sets' folders and splits
+
+Keras: `--keras-python ~/venv-keras/bin/python` (the peer's README says how to make that venv);
+without it the Keras rows are left out. Time only on a quiet machine: each run is a separate
+process, measured back to back; results go to runs/suite/results.jsonl as they come, so a
+stopped suite continues where it stopped (runs already there are not repeated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+PEER = ROOT.parent / "shared" / "peer" / "keras_peer.py"
+
+WAYS = {
+    "defaults": [],
+    "seed": ["--backbone", "mobilenetv2_100", "--image-size", "160", "--epochs", "5", "--fine-tune-epochs", "5",
+             "--fine-tune-at", "120", "--rotation", "0.2"],
+    "keras": None,  # the seed's own code
+}
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    name: str
+    source: str
+    licence: str
+    kind: str
+    write: Callable[[Path], dict]  # writes train/ and test/ class folders; returns {split: {class: n}}
+
+
+def save_split(out: Path, images: list[np.ndarray], labels: list[str], test_size: float | int,
+               seed: int = 0, fixed_test: np.ndarray | None = None) -> dict:
+    """Stratified fixed split (seed 0), or the given test indices, written as out/train/CLASS/i.png
+    and out/test/CLASS/i.png, with the file lists in out/split.json."""
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(images))
+    if fixed_test is None:
+        train, test = train_test_split(index, test_size=test_size, stratify=labels, random_state=seed)
+    else:
+        test, train = fixed_test, np.setdiff1d(index, fixed_test)
+    counts: dict[str, dict[str, int]] = {}
+    for split, chosen in (("train", train), ("test", test)):
+        for i in sorted(chosen):
+            folder = out / split / labels[i]
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / f"{i:05d}.png"
+            if not target.exists():
+                Image.fromarray(images[i]).save(target)
+            counts.setdefault(split, {}).setdefault(labels[i], 0)
+            counts[split][labels[i]] += 1
+    (out / "split.json").write_text(json.dumps({
+        split: sorted(str(p.relative_to(out / split)) for p in (out / split).rglob("*.png"))
+        for split in ("train", "test")}, indent=1) + "\n")
+    return counts
+
+
+def write_elpv(out: Path) -> dict:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from prepare_elpv import write
+
+    return write(out, split=True)
+
+
+def write_digits(out: Path) -> dict:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = [np.asarray(Image.fromarray((x * 255 / 16).astype(np.uint8)).resize((32, 32), Image.BILINEAR))
+              for x in digits.images]
+    return save_split(out, images, [str(t) for t in digits.target], test_size=360)
+
+
+def write_lfw(out: Path) -> dict:
+    from skimage.data import lfw_subset
+
+    images = list((lfw_subset() * 255).round().astype(np.uint8))
+    return save_split(out, images, ["face"] * 100 + ["background"] * 100, test_size=60)
+
+
+def write_textures(out: Path) -> dict:
+    """Non-overlapping 64 x 64 tiles of scikit-image's brick, grass and gravel photos (CC0)."""
+    from skimage import data
+
+    images, labels = [], []
+    for name in ("brick", "grass", "gravel"):
+        photo = getattr(data, name)()
+        for y in range(0, photo.shape[0] - 63, 64):
+            for x in range(0, photo.shape[1] - 63, 64):
+                images.append(np.ascontiguousarray(photo[y:y + 64, x:x + 64]))
+                labels.append(name)
+    return save_split(out, images, labels, test_size=0.3)
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                   "ankle-boot"]
+
+
+def write_fashion(out: Path) -> dict:
+    """5,000 training and 1,000 test images drawn (seed 0, stratified) from Fashion-MNIST's own
+    training and test files."""
+    import gzip
+
+    if not FASHION.is_dir():
+        raise SystemExit("error: Fashion-MNIST is not installed (Debian: apt-get install dataset-fashion-mnist)")
+
+    def read(kind: str) -> tuple[np.ndarray, np.ndarray]:
+        images = np.frombuffer(gzip.open(FASHION / f"{kind}-images-idx3-ubyte.gz").read(), np.uint8, offset=16)
+        labels = np.frombuffer(gzip.open(FASHION / f"{kind}-labels-idx1-ubyte.gz").read(), np.uint8, offset=8)
+        return images.reshape(-1, 28, 28), labels
+
+    rng = np.random.default_rng(0)
+    (train_x, train_y), (test_x, test_y) = read("train"), read("t10k")
+    train = np.sort(rng.choice(len(train_y), 5000, replace=False))
+    test = np.sort(rng.choice(len(test_y), 1000, replace=False))
+    images = [*train_x[train], *test_x[test]]
+    labels = [FASHION_CLASSES[y] for y in (*train_y[train], *test_y[test])]
+    return save_split(out, images, labels, test_size=1000, fixed_test=np.arange(5000, 6000))
+
+
+SETS = {s.name: s for s in (
+    ImageSet("elpv", "PyPI elpv-dataset (Buerhop-Lutz et al. 2018; Deitsch et al. 2019)", "CC BY-NC-SA 4.0",
+             "2 classes, 2,624 electroluminescence images of solar cells, 300 px grey", write_elpv),
+    ImageSet("digits", "scikit-learn load_digits (UCI optical digits)", "BSD-3-Clause (scikit-learn); CC BY 4.0 (UCI)",
+             "10 classes, 1,797 handwritten digits, 8 px grey (shown at 32 px)", write_digits),
+    ImageSet("lfw", "scikit-image data.lfw_subset (Labeled Faces in the Wild)", "BSD-3-Clause (scikit-image)",
+             "2 classes, 200 natural photos (faces vs. background), 25 px grey", write_lfw),
+    ImageSet("fashion", "Debian dataset-fashion-mnist (Zalando Research, Xiao et al. 2017)", "MIT",
+             "10 classes, 6,000 product photos (5,000 training), 28 px grey", write_fashion),
+    ImageSet("textures", "scikit-image data.brick/grass/gravel", "CC0",
+             "3 classes, 64 px tiles of three natural texture photos", write_textures),
+)}
+
+
+def run_transferkit(data: Path, out: Path, way: str, seed: int) -> dict:
+    """One training and test-set evaluation in a child process: accuracy, time, peak memory."""
+    code = ("import json, sys, transferkit; from transferkit.config import from_arguments; "
+            "c = transferkit.train(sys.argv[1] + '/train', sys.argv[2], from_arguments(sys.argv[3:]), overwrite=True); "
+            "m = c.evaluate(sys.argv[1] + '/test'); "
+            "print(json.dumps({k: m[k] for k in ('accuracy', 'accuracy_ci95', 'balanced_accuracy', 'n')}))")
+    args = [sys.executable, "-c", code, str(data), str(out), *WAYS[way], "--seed", str(seed)]
+    started = time.perf_counter()
+    done = subprocess.run(args, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{way} on {data} failed:\n{done.stderr[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child so far, MiB
+    return {**result, "seconds": round(seconds, 1), "peak_mib": round(peak)}
+
+
+def run_keras(python: str, data: Path, seed: int, out: Path) -> dict:
+    """The seed's Keras code on the same split (its test part is its validation data)."""
+    target = out / "keras.json"
+    started = time.perf_counter()
+    done = subprocess.run([python, str(PEER), str(data / "train"), "--val-dir", str(data / "test"),
+                           "--seed", str(seed), "--out", str(target)], capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"keras on {data} failed:\n{done.stderr[-2000:]}")
+    result = json.loads(target.read_text())
+    return {"accuracy": result["final_val_acc"], "best_epoch_accuracy": max(result["val_accuracy_per_epoch"]),
+            "n": result["final_val_total"], "seconds": round(seconds, 1), "peak_mib": round(result["peak_rss_mb"])}
+
+
+def table(rows: list[dict]) -> str:
+    from transferkit.metrics import wilson_interval
+
+    lines = ["| set | way | runs | test accuracy, mean ± spread | one run's 95 % interval | balanced accuracy | "
+             "time (s) | peak memory (MiB) |", "|---|---|---|---|---|---|---|---|"]
+    for name in SETS:
+        for way in WAYS:
+            found = [r for r in rows if r["set"] == name and r["way"] == way]
+            if not found:
+                continue
+            acc = np.array([r["accuracy"] for r in found])
+            n = found[0].get("n")
+            low, high = wilson_interval(int(round(acc[0] * n)), n) if n else (float("nan"),) * 2
+            balanced = np.mean([r.get("balanced_accuracy", np.nan) for r in found])
+            lines.append(f"| {name} | {way} | {len(found)} | {acc.mean():.1%} ± {acc.std():.1%} "
+                         f"(min {acc.min():.1%}) | {low:.1%}–{high:.1%} | {balanced:.1%} | "
+                         f"{np.mean([r['seconds'] for r in found]):.0f} | "
+                         f"{max((r['peak_mib'] or 0) for r in found)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    parser.add_argument("--ways", nargs="+", default=list(WAYS), choices=list(WAYS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "suite")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "suite")
+    parser.add_argument("--keras-python", help="the TensorFlow venv's python for the seed's Keras code")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--prepare-only", action="store_true")
+    args = parser.parse_args()
+    if args.list:
+        for s in SETS.values():
+            print(f"{s.name}: {s.kind}; source {s.source}; licence {s.licence}")
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = args.out / "results.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    for name in args.sets:
+        data = args.data / name
+        counts = SETS[name].write(data)
+        print(f"{name}: {counts}", flush=True)
+        if args.prepare_only:
+            continue
+        for way in args.ways:
+            if way == "keras" and not args.keras_python:
+                continue
+            for seed in args.seeds:
+                if any(r["set"] == name and r["way"] == way and r["seed"] == seed for r in rows):
+                    continue
+                out = args.out / f"{name}-{way}-{seed}"
+                result = (run_keras(args.keras_python, data, seed, out) if way == "keras" else
+                          run_transferkit(data, out, way, seed))
+                row = {"set": name, "way": way, "seed": seed, **result}
+                rows.append(row)
+                with open(results, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
+    if not args.prepare_only:
+        print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
