@@ -40,7 +40,8 @@ class Boundary(TyperGroup):
         try:
             return super().invoke(ctx)
         except Interrupted as exc:  # Ctrl-C or SIGTERM during a run: it was left resumable
-            typer.echo(str(exc), err=True)
+            if not os.environ.get("TRANSFERKIT_LAUNCHED"):  # a rank of `train --nproc`: the launcher says it
+                typer.echo(str(exc), err=True)
             raise typer.Exit(exc.exit_code) from None
         except NoArgsIsHelpError:
             raise
@@ -69,7 +70,8 @@ def bug():
 
 def fail(message: str):
     tell_launcher(message)
-    typer.echo(f"error: {message}", err=True)
+    if not os.environ.get("TRANSFERKIT_LAUNCHED"):  # a rank of `train --nproc`: the launcher says it once
+        typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
 
 
@@ -133,7 +135,7 @@ def train(data: Path, out_dir: Path, config: Optional[Path], val_dir: Optional[P
         launch(nproc, ["train", str(data), "--out", str(out_dir), *(["--config", str(config)] if config else []),
                        *(["--val-dir", str(val_dir)] if val_dir else []), *(["--resume"] if resume else []),
                        *(["--overwrite"] if overwrite else []), *(["--quiet"] if quiet else []),
-                       *arguments({k: v for k, v in given.items() if v is not None})])
+                       *arguments({k: v for k, v in given.items() if v is not None})], out_dir)
         return
     if resume:
         classifier = train_run(data, out_dir, val_data=val_dir, reporter=Reporter(quiet=quiet), resume=True, **asked)

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import run
 from .data import LabelledImages, allocate
 from .errors import ConfigError, RunError, TransferkitError
 from .inference import predict_logits, predict_proba
@@ -46,6 +47,7 @@ from .runtime import resolve_device
 TIMEOUT = timedelta(minutes=10)  # a rank that stops answering without dying (a lost node) ends the job
 CHUNK_BYTES = 64 << 20  # gathers move at most this much per rank and message
 LOST = "lost contact with the other ranks"  # the start of a failure that another rank caused
+LAUNCHED = "TRANSFERKIT_LAUNCHED"  # set for the ranks that `launch` starts: it reports their errors
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Context:
     local_rank: int = 0
     local_world_size: int = 1
     scratch_dir: Path | None = None  # rank > 0: where it spills, instead of the run folder
+    rows: tuple[slice, int] = (slice(None), 0)  # this rank's rows of the current global batch, and its size
 
     @property
     def main(self) -> bool:
@@ -111,7 +114,7 @@ class Context:
         except (dist.DistError, RuntimeError) as exc:
             if not self.distributed or not (isinstance(exc, dist.DistError) or _from_backend(exc)):
                 raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
             raise RunError(f"rank {self.rank}: {LOST} ({first}); another rank stopped first") from None
 
     def on_main(self, fn: Callable, *args, **kwargs):
@@ -244,10 +247,9 @@ class Context:
         if not self.distributed:
             return views
         trainable = [module for _, module in model.layers[model.trainable_from:]] + [model.head]
-        replica = Replica(views.forward, model, trainable)
+        replica = Replica(views.forward, model, trainable, self)
         device = next(model.head.parameters()).device
         ddp = nn.parallel.DistributedDataParallel(replica, device_ids=[device.index] if device.type == "cuda" else None)
-        self._replica = replica
         return dataclasses.replace(views, forward=ddp)
 
     def batch(self, index: np.ndarray, labels: np.ndarray, class_weight: torch.Tensor | None) -> "Batch":
@@ -257,7 +259,7 @@ class Context:
         part = self.shard(len(index))
         weights = np.ones(len(index)) if class_weight is None else class_weight.numpy().astype(np.float64)[labels[index]]
         total = weights.sum()
-        self._replica.rows = (part, len(index))
+        self.rows = (part, len(index))
         return Batch(index[part], len(index) / self.world_size, self.world_size * weights[part].sum() / total)
 
 
@@ -300,16 +302,16 @@ class Replica(nn.Module):
     """What DDP replicates: the modules that train (registered here, shared with the model), and
     the forward of the cached views. While it runs, the model's dropout is a ShardDropout."""
 
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, trainable: list[nn.Module]):
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, trainable: list[nn.Module],
+                 context: Context):
         super().__init__()
         self.trainable = nn.ModuleList(trainable)
-        self.run, self.model = forward, [model]  # a list: not a submodule
-        self.rows: tuple[slice, int] = (slice(None), 0)
+        self.run, self.model, self.context = forward, [model], context  # a list: not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         model = self.model[0]
         dropout = model.dropout
-        model.dropout = ShardDropout(dropout.p, *self.rows).train(dropout.training)
+        model.dropout = ShardDropout(dropout.p, *self.context.rows).train(dropout.training)
         try:
             return self.run(x)
         finally:
@@ -354,10 +356,11 @@ def _leave() -> None:
 
 # -- `transferkit train --nproc N`: torchrun's launcher on this machine --------------------------
 
-def launch(nproc: int, args: list[str]) -> None:
+def launch(nproc: int, args: list[str], out: Path) -> None:
     """Run `python -m transferkit ARGS` in `nproc` processes on this machine with torchrun's own
-    launcher (c10d rendezvous on a free local port). A rank that fails ends the job; the first
-    failure becomes one RunError naming the rank and the cause."""
+    launcher (c10d rendezvous on a free local port). A rank that fails ends the job; the failure
+    that caused it becomes one RunError naming the rank and the cause (and whether the run folder
+    `out` can be resumed)."""
     import logging
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -367,32 +370,45 @@ def launch(nproc: int, args: list[str]) -> None:
         raise ConfigError("--nproc starts the processes itself; under torchrun leave it out")
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1)
+    os.environ[LAUNCHED] = "1"  # the ranks leave their errors to this one line
     quiet = logging.getLogger("torch.distributed.elastic")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)  # its report of a failure is the multi-line form of our one line
     try:
         elastic_launch(config, sys.executable)("-m", "transferkit", *args)
     except ChildFailedError as exc:
-        raise RunError(describe_failure(exc.failures)) from None
+        resumable = run.status_of(out) in (run.RUNNING, run.INTERRUPTED)
+        raise RunError(describe_failure(exc.failures) + (f"; {out} is resumable: the same command with --resume"
+                                                         if resumable else "")) from None
     finally:
         quiet.setLevel(level)
+        del os.environ[LAUNCHED]
 
 
 def describe_failure(failures: dict) -> str:
     """One line for the failure that caused the others: a rank's own error (its message), or its
     death by a signal, preferred over the ranks that then lost contact."""
-    def caused(item):
+    def caused(item):  # its own error, then a kill, then a stop the launcher sent, then a lost peer
         rank, failure = item
-        return (str(failure.message).startswith(f"rank {rank}: {LOST}"), failure.timestamp, rank)
+        message = str(failure.message)
+        stopped = failure.exitcode in [sign * s for s in (signal.SIGTERM, signal.SIGINT) for sign in (-1, 1)] or \
+            failure.exitcode - 128 in (signal.SIGTERM, signal.SIGINT)
+        kind = 3 if message.startswith(f"rank {rank}: {LOST}") else 2 if stopped else 0 if has_message(failure) else 1
+        return kind, failure.timestamp, rank
 
     rank, failure = min(failures.items(), key=caused)
     if failure.exitcode < 0:
         name = failure.signal_name()
         cause = f"was killed by {name}" + (" (by a user, or by the kernel when memory ran out)"
                                            if -failure.exitcode == signal.SIGKILL else "")
-    elif failure.message and not str(failure.message).startswith("To enable traceback"):
+    elif has_message(failure):
         cause = "failed: " + str(failure.message).removeprefix(f"rank {rank}: ")
     else:
         cause = f"failed with exit status {failure.exitcode}"
     return f"rank {rank} (pid {failure.pid}) {cause}; the job stopped"
+
+
+def has_message(failure) -> bool:
+    """The rank left its own error (torchrun's text otherwise is a pointer to its documentation)."""
+    return failure.exitcode > 0 and bool(failure.message) and not str(failure.message).startswith("To enable")
 
