@@ -199,7 +199,7 @@ def test_a_batch_that_does_not_split_evenly_and_a_gpu_for_every_rank_are_refused
     with pytest.raises(ConfigError, match=r"batch_size 30 is not a multiple of the world size 4.*--batch-size 32"):
         Context(rank=0, world_size=4).device("cpu", 30)
     with pytest.raises(ConfigError, match="names one GPU for every rank"):
-        Context(rank=0, world_size=2).device("cuda:0", 32)
+        Context(rank=0, world_size=2, local_world_size=2).device("cuda:0", 32)
     assert Context(rank=1, world_size=2).device("cpu", 32) == torch.device("cpu")
 
 

@@ -131,11 +131,18 @@ def train(data: Path, out_dir: Path, config: Optional[Path], val_dir: Optional[P
     asked = {k: getattr(settings_, k) for k in values}  # only what was asked for; resume checks it
     if nproc and nproc > 1:
         from .distributed import launch
+        from .errors import RunError
+        from .run import INTERRUPTED, RUNNING, status_of
 
-        launch(nproc, ["train", str(data), "--out", str(out_dir), *(["--config", str(config)] if config else []),
-                       *(["--val-dir", str(val_dir)] if val_dir else []), *(["--resume"] if resume else []),
-                       *(["--overwrite"] if overwrite else []), *(["--quiet"] if quiet else []),
-                       *arguments({k: v for k, v in given.items() if v is not None})], out_dir)
+        try:
+            launch(nproc, ["train", str(data), "--out", str(out_dir), *(["--config", str(config)] if config else []),
+                           *(["--val-dir", str(val_dir)] if val_dir else []), *(["--resume"] if resume else []),
+                           *(["--overwrite"] if overwrite else []), *(["--quiet"] if quiet else []),
+                           *arguments({k: v for k, v in given.items() if v is not None})])
+        except RunError as exc:
+            if status_of(out_dir) in (RUNNING, INTERRUPTED):
+                raise RunError(f"{exc}; {out_dir} is resumable: the same command with --resume") from None
+            raise
         return
     if resume:
         classifier = train_run(data, out_dir, val_data=val_dir, reporter=Reporter(quiet=quiet), resume=True, **asked)

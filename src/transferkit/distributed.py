@@ -38,11 +38,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import run
 from .data import LabelledImages, allocate
 from .errors import ConfigError, RunError, TransferkitError
 from .inference import predict_logits, predict_proba
-from .runtime import resolve_device
 
 TIMEOUT = timedelta(minutes=10)  # a rank that stops answering without dying (a lost node) ends the job
 CHUNK_BYTES = 64 << 20  # gathers move at most this much per rank and message
@@ -53,12 +51,13 @@ LAUNCHED = "TRANSFERKIT_LAUNCHED"  # set for the ranks that `launch` starts: it 
 @dataclass
 class Context:
     """This process's place in the job: torchrun's RANK, WORLD_SIZE, LOCAL_RANK and
-    LOCAL_WORLD_SIZE (one process: 0, 1, 0, 1)."""
+    LOCAL_WORLD_SIZE (one process without torchrun: 0, 1, 0, 1)."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    launched: bool = False  # by torchrun: a job even with one rank (DDP, NCCL: what a one-GPU check runs)
     scratch_dir: Path | None = None  # rank > 0: where it spills, instead of the run folder
     rows: tuple[slice, int] = (slice(None), 0)  # this rank's rows of the current global batch, and its size
 
@@ -68,32 +67,31 @@ class Context:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.launched or self.world_size > 1
 
     # -- the job ------------------------------------------------------------------------------
 
     def device(self, setting: str, batch_size: int) -> torch.device:
-        """The device of this rank: one GPU per local rank (`auto` or `cuda`, NCCL), else the CPU
-        (gloo); checks that each rank gets an equal part of every batch."""
-        if not self.distributed:
-            return resolve_device(setting)
+        """The device of this rank of a job: one GPU per local rank (`auto` or `cuda`, NCCL), else
+        the CPU (gloo); checks that each rank gets an equal part of every batch."""
         if batch_size % self.world_size:
             raise ConfigError(f"batch_size {batch_size} is not a multiple of the world size {self.world_size}: "
                               f"each rank trains on batch_size / {self.world_size} images of every step; "
                               f"use e.g. --batch-size {batch_size + self.world_size - batch_size % self.world_size}")
-        if setting.startswith("cuda:"):
+        if setting.startswith("cuda:") and self.local_world_size > 1:
             raise ConfigError(f"device {setting!r} names one GPU for every rank; use --device cuda (or auto): "
                               "each local rank takes its own GPU")
         if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
             return torch.device("cpu")
-        if setting not in ("auto", "cuda"):
-            raise ConfigError(f"device {setting!r} cannot be shared by {self.world_size} ranks; use auto, cpu or cuda")
+        if setting != "auto" and setting.partition(":")[0] != "cuda":
+            raise ConfigError(f"device {setting!r} cannot run a torchrun job; use auto, cpu or cuda")
+        index = int(setting.partition(":")[2] or self.local_rank)
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if self.local_rank >= count:
-            raise ConfigError(f"local rank {self.local_rank} needs cuda:{self.local_rank}, but this machine has "
-                              f"{count} GPU(s): start at most {count} process(es) per machine, or use --device cpu")
-        torch.cuda.set_device(self.local_rank)
-        return torch.device("cuda", self.local_rank)
+        if index >= count:
+            raise ConfigError(f"local rank {self.local_rank} needs cuda:{index}, but this machine has {count} GPU(s): "
+                              f"start at most {count} process(es) per machine, or use --device cpu")
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
 
     def scratch(self, run_spill: Path) -> Path:
         """Where this rank spills arrays: the run's cache folder for rank 0, a private temporary
@@ -337,15 +335,15 @@ def start() -> Context:
     for host memory and, where CUDA is, NCCL for GPU tensors. Without torchrun: the one process."""
     global _CURRENT
     env = os.environ
-    if int(env.get("WORLD_SIZE", "1")) <= 1:
+    if "RANK" not in env or "WORLD_SIZE" not in env:
         _CURRENT = Context()
         return _CURRENT
     if not dist.is_initialized():
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo", timeout=TIMEOUT)
         atexit.register(_leave)
-    if _CURRENT.rank != dist.get_rank() or _CURRENT.world_size != dist.get_world_size():
+    if not _CURRENT.launched:
         _CURRENT = Context(dist.get_rank(), dist.get_world_size(), int(env.get("LOCAL_RANK", "0")),
-                           int(env.get("LOCAL_WORLD_SIZE", "1")))
+                           int(env.get("LOCAL_WORLD_SIZE", "1")), launched=True)
     return _CURRENT
 
 
@@ -356,17 +354,16 @@ def _leave() -> None:
 
 # -- `transferkit train --nproc N`: torchrun's launcher on this machine --------------------------
 
-def launch(nproc: int, args: list[str], out: Path) -> None:
+def launch(nproc: int, args: list[str]) -> None:
     """Run `python -m transferkit ARGS` in `nproc` processes on this machine with torchrun's own
     launcher (c10d rendezvous on a free local port). A rank that fails ends the job; the failure
-    that caused it becomes one RunError naming the rank and the cause (and whether the run folder
-    `out` can be resumed)."""
+    that caused it becomes one RunError naming the rank and the cause."""
     import logging
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if "RANK" in os.environ:
         raise ConfigError("--nproc starts the processes itself; under torchrun leave it out")
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1)
@@ -377,9 +374,7 @@ def launch(nproc: int, args: list[str], out: Path) -> None:
     try:
         elastic_launch(config, sys.executable)("-m", "transferkit", *args)
     except ChildFailedError as exc:
-        resumable = run.status_of(out) in (run.RUNNING, run.INTERRUPTED)
-        raise RunError(describe_failure(exc.failures) + (f"; {out} is resumable: the same command with --resume"
-                                                         if resumable else "")) from None
+        raise RunError(describe_failure(exc.failures)) from None
     finally:
         quiet.setLevel(level)
         del os.environ[LAUNCHED]

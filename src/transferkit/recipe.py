@@ -37,7 +37,7 @@ from .inference import predict_logits, to_batch
 from .metrics import classification_metrics, expected_calibration_error, predict_labels
 from .model import TransferModel
 from .progress import Reporter
-from .runtime import seed_everything, set_threads, stop_on_signals
+from .runtime import resolve_device, seed_everything, set_threads, stop_on_signals
 
 DIVERGED = 3.0  # a training loss this many times the first epoch's: the run diverged (warned)
 
@@ -50,7 +50,8 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
     `val_data`: a separate labelled set for validation; otherwise a stratified `val_split` of
     `data`. Keyword overrides change single settings: `train("data", "runs/x", epochs=3)`.
     `out` holding a complete run is refused unless `overwrite` (the old run stays until the new
-    one completes); `resume` continues an interrupted run with its own settings.
+    one completes); `resume` continues an interrupted run with its own settings. Under torchrun
+    every rank calls this; rank 0 returns the classifier, the others None.
     """
     out = Path(out)
     ctx = distributed.start()  # under torchrun: this rank of the job; rank 0 alone decides and writes
@@ -60,7 +61,7 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
     if resume:
         config = ctx.on_main(resumed_config, work, data, config, overrides, ctx.world_size)
     reporter = (reporter or Reporter()) if ctx.main else Reporter(live=False, quiet=True)
-    device = ctx.device(config.device, config.batch_size)
+    device = ctx.device(config.device, config.batch_size) if ctx.distributed else resolve_device(config.device)
     seed_everything(config.seed)
     listing = ctx.on_main(list_data, data, val_data)  # every check that needs no decoding, before anything loads
 
