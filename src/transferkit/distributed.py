@@ -93,6 +93,11 @@ class Context:
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
 
+    def describe(self, device: torch.device, batch_size: int) -> str:
+        backend = dist.get_backend() if dist.is_initialized() else "none"
+        return (f"Data-parallel: {self.world_size} rank(s), {self.local_world_size} on this machine; {device}, "
+                f"process group {backend}; {batch_size // self.world_size} images per rank and step")
+
     def scratch(self, run_spill: Path) -> Path:
         """Where this rank spills arrays: the run's cache folder for rank 0, a private temporary
         folder (removed at exit) for the others, which write nothing in the run folder."""

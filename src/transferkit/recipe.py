@@ -62,6 +62,8 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
         config = ctx.on_main(resumed_config, work, data, config, overrides, ctx.world_size)
     reporter = (reporter or Reporter()) if ctx.main else Reporter(live=False, quiet=True)
     device = ctx.device(config.device, config.batch_size) if ctx.distributed else resolve_device(config.device)
+    if ctx.distributed:
+        reporter.log(ctx.describe(device, config.batch_size))
     seed_everything(config.seed)
     listing = ctx.on_main(list_data, data, val_data)  # every check that needs no decoding, before anything loads
 
