@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -228,3 +229,16 @@ def test_the_failure_reported_is_the_cause_not_its_consequences(tmp_path):
     assert describe_failure({0: lost, 3: failure(3, 2, "rank 3: data/x.png: cannot read")}) == \
         "rank 3 (pid 1003) failed: data/x.png: cannot read; the job stopped"
     assert describe_failure({1: failure(1, 1)}) == "rank 1 (pid 1001) failed with exit status 1; the job stopped"
+
+
+@pytest.mark.slow
+def test_a_user_error_in_the_ranks_is_one_line_from_the_launcher(data, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "transferkit", "train", str(data), "--out", str(tmp_path / "run"),
+                             "--nproc", "2", "--batch-size", "7"], env=environment(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.fullmatch(
+        r"error: rank [01] \(pid \d+\) failed: batch_size 7 is not a multiple of the world size 2: each rank trains on "
+        r"batch_size / 2 images of every step; use e.g. --batch-size 8; the job stopped", lines[0]), result.stderr
+    assert not (tmp_path / "run").exists()

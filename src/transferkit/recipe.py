@@ -221,8 +221,9 @@ def _decode(raw: LabelledImages, name: str, size: int, config: TrainConfig, spil
             reporter: Reporter) -> LabelledImages:
     reporter.start(f"decoding {name}", len(raw))
     try:
-        return distributed.current().decode(decode, raw, size, spill_dir=spill_dir, budget=memory_budget(config.cache_memory_gb),
-                      keep=config.keep_cache, progress=lambda i, n: reporter.advance())
+        return distributed.current().decode(  # under torchrun each rank decodes its shard of the files
+            decode, raw, size, spill_dir=spill_dir, budget=memory_budget(config.cache_memory_gb),
+            keep=config.keep_cache, progress=lambda i, n: reporter.advance())
     finally:
         reporter.stop()
 
