@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .adapters import adapter_for
 from .config import TrainConfig
 from .data import LabelledImages, allocate, image_key, memory_budget
@@ -113,7 +114,8 @@ class FeatureStore:
         self.root, self.cap_bytes, self.shapes = Path(root), cap_bytes, shapes
         digest = hashlib.sha256(json.dumps({**settings, "v": self.VERSION}, sort_keys=True).encode())
         self.dir = self.root / digest.hexdigest()[:24]
-        write_text(self.dir / "settings.json", json.dumps(settings, indent=2, sort_keys=True))
+        if distributed.current().main:  # the index; the other ranks of a job add only their shard's views
+            write_text(self.dir / "settings.json", json.dumps(settings, indent=2, sort_keys=True))
         self.hits = 0
 
     def _path(self, key: str, view: int) -> Path:
@@ -351,18 +353,20 @@ def build_views(model: TransferModel, train_data: LabelledImages, val_data: Labe
         common = dict(cut=cut, chain=chain, batch_size=config.batch_size, device=device,
                       dtype=np.dtype(config.cache_dtype), in_ram=cache_plan.in_ram, spill_dir=spill_dir,
                       keep=config.keep_cache, progress=reporter.advance)
-        pooled, boundaries = extract(model, train_data.images, cache_plan.views, autocast=cache_plan.bf16,
-                                     store=stores[0], keys=train_data.keys(), **common)
+        shards = distributed.current()  # under torchrun each rank extracts its shard of the images
+        pooled, boundaries = shards.extract(extract, model, train_data.images, cache_plan.views,
+                                            autocast=cache_plan.bf16, store=stores[0], keys=train_data.keys(),
+                                            **common)
         # validation in float32: the numbers that pick the kept epoch are the deployed model's
-        val_pooled, val_boundaries = extract(model, val_data.images, 1, autocast=False, store=stores[1],
-                                             keys=val_data.keys(), **common)
+        val_pooled, val_boundaries = shards.extract(extract, model, val_data.images, 1, autocast=False,
+                                                    store=stores[1], keys=val_data.keys(), **common)
     finally:
         reporter.stop()
     hits = sum(s.hits for s in stores if s)
     computed = cache_plan.views * len(train_data) + len(val_data) - hits
     reporter.log(f"Extracted {computed} views in {time.perf_counter() - started:.1f}s"
                  + (f"; reused {hits} from {stores[0].root}" if stores[0] else "; no view store"))
-    if stores[0]:
+    if stores[0] and shards.main:
         stores[0].trim()
     head = HeadForward(model)
     phase1 = (Views(pooled, train_data.labels, head), Views(val_pooled, val_data.labels, head))

@@ -11,7 +11,9 @@ from __future__ import annotations
 import csv
 import inspect
 import json
+import os
 import sys
+import time
 import traceback
 from enum import Enum
 from pathlib import Path
@@ -28,7 +30,7 @@ try:  # typer >= 0.20 carries its own copy of click
 except ImportError:  # pragma: no cover - older typer on click
     from click.exceptions import NoArgsIsHelpError, UsageError
 
-from .config import DEFAULT_BACKBONE, TrainConfig, flag, read_settings, settings, shown
+from .config import DEFAULT_BACKBONE, TrainConfig, flag, option_name, read_settings, settings, shown
 from .errors import Interrupted, TransferkitError
 
 class Boundary(TyperGroup):
@@ -38,7 +40,8 @@ class Boundary(TyperGroup):
         try:
             return super().invoke(ctx)
         except Interrupted as exc:  # Ctrl-C or SIGTERM during a run: it was left resumable
-            typer.echo(str(exc), err=True)
+            if not os.environ.get("TRANSFERKIT_LAUNCHED"):  # a rank of `train --nproc`: the launcher says it
+                typer.echo(str(exc), err=True)
             raise typer.Exit(exc.exit_code) from None
         except NoArgsIsHelpError:
             raise
@@ -59,14 +62,26 @@ class Boundary(TyperGroup):
 def bug():
     """Inside an `except` block: the traceback, and a request to report it; exit status 1."""
     traceback.print_exc()
+    tell_launcher("a bug in transferkit: " + traceback.format_exc().strip().splitlines()[-1])
     typer.echo("This is a bug in transferkit, not a problem with your input: please report it "
                "with the traceback above.", err=True)
     raise typer.Exit(1) from None
 
 
 def fail(message: str):
-    typer.echo(f"error: {message}", err=True)
+    tell_launcher(message)
+    if not os.environ.get("TRANSFERKIT_LAUNCHED"):  # a rank of `train --nproc`: the launcher says it once
+        typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
+
+
+def tell_launcher(message: str) -> None:
+    """Under torchrun, leave a rank's one-line error where its launcher reads the cause of a failed
+    rank (TORCHELASTIC_ERROR_FILE, in the JSON form of torch.distributed.elastic's error files)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump({"message": message, "timestamp": str(int(time.time()))}, fh)
 
 
 app = typer.Typer(cls=Boundary, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -106,7 +121,7 @@ def setting_parameters() -> list[inspect.Parameter]:
 
 
 def train(data: Path, out_dir: Path, config: Optional[Path], val_dir: Optional[Path], resume: bool, overwrite: bool,
-          quiet: bool, **given):
+          quiet: bool, nproc: Optional[int], **given):
     """Train a classifier: frozen backbone + new head, then fine-tune from --fine-tune-at."""
     from .progress import Reporter
     from .recipe import train as train_run
@@ -114,13 +129,41 @@ def train(data: Path, out_dir: Path, config: Optional[Path], val_dir: Optional[P
     values = {**(read_settings(config) if config else {}), **{k: v for k, v in given.items() if v is not None}}
     settings_ = TrainConfig.from_dict(values, str(config) if config else None)
     asked = {k: getattr(settings_, k) for k in values}  # only what was asked for; resume checks it
+    if nproc and nproc > 1:
+        from .distributed import launch
+        from .errors import RunError
+        from .run import INTERRUPTED, RUNNING, status_of
+
+        try:
+            launch(nproc, ["train", str(data), "--out", str(out_dir), *(["--config", str(config)] if config else []),
+                           *(["--val-dir", str(val_dir)] if val_dir else []), *(["--resume"] if resume else []),
+                           *(["--overwrite"] if overwrite else []), *(["--quiet"] if quiet else []),
+                           *arguments({k: v for k, v in given.items() if v is not None})])
+        except RunError as exc:
+            if status_of(out_dir) in (RUNNING, INTERRUPTED):
+                raise RunError(f"{exc}; {out_dir} is resumable: the same command with --resume") from None
+            raise
+        return
     if resume:
-        train_run(data, out_dir, val_data=val_dir, reporter=Reporter(quiet=quiet), resume=True, **asked)
+        classifier = train_run(data, out_dir, val_data=val_dir, reporter=Reporter(quiet=quiet), resume=True, **asked)
     else:
-        train_run(data, out_dir, settings_, val_data=val_dir, reporter=Reporter(quiet=quiet), overwrite=overwrite)
-    if not quiet:
+        classifier = train_run(data, out_dir, settings_, val_data=val_dir, reporter=Reporter(quiet=quiet),
+                               overwrite=overwrite)
+    if not quiet and classifier is not None:  # None: a rank other than 0 of a torchrun job
         typer.echo(f"Wrote {out_dir}/ (model.safetensors, model.json, metrics.json, history.csv, "
                    "learning_curves.png, skipped.csv, val_predictions.csv, report.html)", err=True)
+
+
+def arguments(given: dict) -> list[str]:
+    """Settings as command-line arguments again (for the ranks `--nproc` starts)."""
+    args = []
+    for name, value in given.items():
+        option = option_name(name)
+        if isinstance(value, bool):
+            args.append(option if value else "--no-" + option[2:])
+        else:
+            args += [option, str(value)]
+    return args
 
 
 train.__signature__ = inspect.Signature([
@@ -142,6 +185,9 @@ train.__signature__ = inspect.Signature([
                                    "completes).")),
     inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
         False, help="Only errors.")),
+    inspect.Parameter("nproc", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[int], default=typer.Option(
+        None, min=1, help="Train data-parallel in N processes on this machine (starts torchrun's launcher; "
+                          "several machines: torchrun ... -m transferkit train).")),
     *setting_parameters(),
 ])
 train.__annotations__ = {p.name: p.annotation for p in train.__signature__.parameters.values()}

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import run
+from . import distributed, run
 from .backbones import Backbone, create_backbone, resolve_fine_tune_at
 from .balance import class_weights, epoch_order
 from .cache import PhaseViews, Views, build_views, plain_views, plan
@@ -33,7 +33,7 @@ from .data import (LabelledImages, check_labels, decode, load_labelled, memory_b
 from .errors import ConfigError, DataError, Interrupted
 from .experiment import open_log
 from .files import atomic_path, write_text
-from .inference import predict_logits, predict_proba, to_batch
+from .inference import predict_logits, to_batch
 from .metrics import evaluation_metrics, expected_calibration_error, predict_labels, predict_sets
 from .model import TransferModel
 from .progress import Reporter
@@ -50,50 +50,66 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
     `val_data`: a separate labelled set for validation; otherwise a stratified `val_split` of
     `data`. Keyword overrides change single settings: `train("data", "runs/x", epochs=3)`.
     `out` holding a complete run is refused unless `overwrite` (the old run stays until the new
-    one completes); `resume` continues an interrupted run with its own settings.
+    one completes); `resume` continues an interrupted run with its own settings. Under torchrun
+    every rank calls this; rank 0 returns the classifier, the others None.
     """
     out = Path(out)
+    ctx = distributed.start()  # under torchrun: this rank of the job; rank 0 alone decides and writes
     if not resume:
         config = TrainConfig.from_dict({**(config or TrainConfig()).to_dict(), **overrides})
-    work = run.prepare(out, resume, overwrite)  # refuses before any work
+    work = ctx.on_main(run.prepare, out, resume, overwrite)  # refuses before any work
     if resume:
-        config = resumed_config(work, data, config, overrides)
-    reporter = reporter or Reporter()
-    device = resolve_device(config.device)
+        config = ctx.on_main(resumed_config, work, data, config, overrides, ctx.world_size)
+    reporter = (reporter or Reporter()) if ctx.main else Reporter(live=False, quiet=True)
+    device = ctx.device(config.device, config.batch_size) if ctx.distributed else resolve_device(config.device)
+    if ctx.distributed:
+        reporter.log(ctx.describe(device, config.batch_size))
     seed_everything(config.seed)
-    listing = list_data(data, val_data, config)  # every check that needs no decoding, before anything loads
+    listing = ctx.on_main(list_data, data, val_data, config)  # every check that needs no decoding, before anything loads
 
-    record = {"config": config.to_dict(), "data": str(data), "val_data": None if val_data is None else str(val_data)}
-    run.start(work, record)
-    with stop_on_signals(reporter.interrupt):
+    record = {"config": config.to_dict(), "data": str(data), "val_data": None if val_data is None else str(val_data),
+              "world_size": ctx.world_size}
+    if ctx.main:
+        run.start(work, record)
+    with stop_on_signals(reporter.interrupt), ctx.failures():
         try:
             classifier = train_steps(listing, record, work, config, reporter, device)
         except Interrupted as exc:
+            if not ctx.main:
+                raise Interrupted(exc.signum) from None
             run.set_status(work, run.INTERRUPTED)
             raise Interrupted(exc.signum, f"interrupted; {out} is left interrupted, resumable: "
                                           f"{run.resume_command(record, out)}") from None
         except BaseException:
+            if not ctx.main:
+                raise
             if not (work / run.CHECKPOINT).is_file():  # nothing worth resuming: leave no half run behind
                 shutil.rmtree(work, ignore_errors=True)
             else:
                 run.set_status(work, run.INTERRUPTED)
             raise
-    run.finish(work, out)
+    if ctx.main:
+        run.finish(work, out)
     return classifier
 
 
 def train_steps(listing: "Listing", record: dict, work: Path, config: TrainConfig, reporter: Reporter,
                 device: torch.device) -> Classifier:
-    """The recipe, step by step, writing into the run folder `work` (`record`: its data paths)."""
+    """The recipe, step by step, writing into the run folder `work` (`record`: its data paths). Under
+    torchrun every rank trains; rank 0 alone saves (the others return None)."""
+    ctx = distributed.current()
+    spill = ctx.scratch(work / "cache")
     backbone, fine_tune_at = build_backbone(config, reporter)
     train_set, val_set, skipped = prepare_data(listing, record["data"], record["val_data"],
-                                               backbone.preprocess.image_size, config, work / "cache", reporter)
+                                               backbone.preprocess.image_size, config, spill, reporter)
     model = build_model(backbone, len(train_set.classes), config, device, train_set.multilabel)
 
     started = time.perf_counter()
-    trainer = fit(model, train_set, val_set, config, fine_tune_at, reporter, device, work / "cache",
+    trainer = fit(model, train_set, val_set, config, fine_tune_at, reporter, device, spill,
                   backbone.weights_sha256, checkpoints=work)
     seconds = time.perf_counter() - started
+    if not ctx.main:
+        return None
     best = trainer.best
     reporter.log(f"Kept epoch {best['epoch']} (phase {best['phase']}, best {config.monitor}); "
                  f"val_accuracy {best['val_accuracy']:.4f}; training took {seconds:.0f}s")
@@ -101,12 +117,16 @@ def train_steps(listing: "Listing", record: dict, work: Path, config: TrainConfi
                     reporter, record)
 
 
-def resumed_config(work: Path, data, config: TrainConfig | None, overrides: dict) -> TrainConfig:
-    """The interrupted run's own settings; other data or a different value asked for now is an
-    error."""
-    trained_on = (run.read_json(work / run.META) or {}).get("data")
+def resumed_config(work: Path, data, config: TrainConfig | None, overrides: dict, world_size: int = 1) -> TrainConfig:
+    """The interrupted run's own settings; other data, another world size or a different value
+    asked for now is an error."""
+    meta = run.read_json(work / run.META) or {}
+    trained_on = meta.get("data")
     if trained_on is not None and Path(trained_on).resolve() != Path(data).resolve():
         raise ConfigError(f"{work} was started on {trained_on}, not {data}; resume it with the same data")
+    if meta.get("world_size", 1) != world_size:
+        raise ConfigError(f"{work} was trained by {meta.get('world_size', 1)} process(es), not {world_size}; resume it "
+                          "with the same world size (the order and the batches depend on it)")
     saved = TrainConfig.from_file(work / run.META)
     asked = {**(config.changed() if config else {}), **overrides}
     different = {k: v for k, v in asked.items() if saved.to_dict().get(k, object()) != v}
@@ -210,8 +230,9 @@ def _decode(raw: LabelledImages, name: str, size: int, config: TrainConfig, spil
             reporter: Reporter) -> LabelledImages:
     reporter.start(f"decoding {name}", len(raw))
     try:
-        return decode(raw, size, spill_dir=spill_dir, budget=memory_budget(config.cache_memory_gb),
-                      keep=config.keep_cache, progress=lambda i, n: reporter.advance())
+        return distributed.current().decode(  # under torchrun each rank decodes its shard of the files
+            decode, raw, size, spill_dir=spill_dir, budget=memory_budget(config.cache_memory_gb),
+            keep=config.keep_cache, progress=lambda i, n: reporter.advance())
     finally:
         reporter.stop()
 
@@ -258,7 +279,8 @@ class Trainer:
         self.warnings: list[str] = []
         self.stopped: dict[str, dict] = {}  # phase -> where and why it stopped early
         self.resumed_optimizer: dict | None = None
-        self.experiment = open_log(config.log_to, checkpoints, config.to_dict()) if checkpoints else None
+        self.experiment = open_log(config.log_to, checkpoints, config.to_dict()) \
+            if checkpoints and distributed.current().main else None
         self.class_weight = class_weights(train_set.labels, model.num_classes, config.class_weight)
         if self.class_weight is not None or config.sampler != "none":
             weights = "off" if self.class_weight is None else [round(w, 3) for w in self.class_weight.tolist()]
@@ -288,6 +310,7 @@ class Trainer:
         if done and self.resumed_optimizer is not None:  # resuming inside this phase
             optimizer.load_state_dict(self.resumed_optimizer)
         threads = set_threads(self.config.threads)
+        train_views = distributed.current().replicate(self.model, train_views)
         self.reporter.log(f"Phase {phase}: {'head only' if phase == 1 else f'fine-tuning layers {trainable_from}..'}"
                           f", {sum(p.numel() for p in params):,} trainable parameters, lr {lr:g}, {threads} thread(s)")
         for _ in range(epochs - done):
@@ -316,7 +339,7 @@ class Trainer:
             self.warnings.append(f"the training loss grew from {first:.4g} (epoch 1) to {train_loss:.4g} (epoch "
                                  f"{epoch}): the learning rate ({lr:g}) is probably too high")
             self.reporter.log(f"warning: {self.warnings[-1]}")
-        val = evaluation_metrics(val_views.labels, predict_proba(
+        val = evaluation_metrics(val_views.labels, distributed.current().predict_proba(
             self.model, val_views.inputs[0], val_views.forward, self.config.batch_size, self.device), self.classes,
             0.5)
         row = {"epoch": epoch, "phase": phase, "lr": lr, "train_loss": train_loss, "train_accuracy": train_acc,
@@ -367,7 +390,7 @@ class Trainer:
         return keys
 
     def checkpoint(self, phase: int, optimizer) -> None:
-        if self.checkpoints is None:
+        if self.checkpoints is None or not distributed.current().main:
             return
         keys = self.changing_keys()
         current = self.model.state_dict()
@@ -388,7 +411,7 @@ class Trainer:
 
     def restore(self) -> None:
         """Continue from the checkpoint in the run folder, if there is one."""
-        found = run.load_checkpoint(self.checkpoints)
+        found = distributed.current().on_main(run.load_checkpoint, self.checkpoints)
         if found is None:
             return
         tensors, state = found
@@ -416,23 +439,26 @@ def train_epoch(model: TransferModel, views: Views, optimizer, batch_size: int,
     """One pass in a seeded random order (class-balanced draws with `sampler="balanced"`), one
     stored view per image; returns (loss, accuracy: multi-label, every label right)."""
     model.train()
+    ctx = distributed.current()  # under torchrun: each rank takes its part of every batch
     n = len(views.labels)
     order = epoch_order(views.labels, rng, sampler)
     pick = rng.integers(0, views.num_views, n) if views.num_views > 1 else np.zeros(n, dtype=np.int64)
     total_loss, correct = 0.0, 0
     for start in range(0, n, batch_size):
-        index = order[start:start + batch_size]
+        batch = ctx.batch(order[start:start + batch_size], views.labels, class_weight)
+        index = batch.index
         x = to_batch(views.inputs[pick[index], index], device)
         y = torch.from_numpy(views.labels[index]).to(device)  # class indices, or multi-label 0/1 (B, C)
         logits = views.forward(x)
-        loss = model.loss(logits, y, class_weight)
+        loss = batch.loss(model.loss(logits, y, class_weight), logits)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += loss.item() * len(y)
+        total_loss += loss.item() * batch.share
         correct += exact_matches(model.probabilities(logits.detach()).cpu().numpy(), views.labels[index])
         seen = start + len(index)
         reporter.advance(f"loss {total_loss / seen:.4f} acc {correct / seen:.3f}")
+    total_loss, correct = ctx.sum(total_loss, correct)
     return total_loss / n, correct / n
 
 
@@ -530,6 +556,7 @@ def save_run(out: Path, model: TransferModel, backbone: Backbone, fine_tune_at: 
         "early_stopping": trainer.stopped,
         "data": record["data"],
         "val_data": record["val_data"],
+        "world_size": record["world_size"],
     })
     run.save_weights(classifier, out)
     metrics = evaluation_metrics(val_set.labels, val_probs, val_set.classes, classifier.threshold)

@@ -50,7 +50,8 @@ def status_of(run_dir: str | Path) -> str | None:
 
 def resume_command(meta: dict, run_dir) -> str:
     val = f" --val-dir {meta['val_data']}" if meta.get("val_data") else ""
-    return f"transferkit train {meta.get('data', 'DATA')} --out {run_dir}{val} --resume"
+    nproc = f" --nproc {meta['world_size']}" if meta.get("world_size", 1) > 1 else ""  # or the same torchrun
+    return f"transferkit train {meta.get('data', 'DATA')} --out {run_dir}{val} --resume{nproc}"
 
 
 def start(run_dir: str | Path, meta: dict) -> None:

@@ -70,8 +70,11 @@ def free_cores(sample: float = 0.25) -> int:
 def set_threads(threads: int | None) -> int:
     """CPU threads for torch: as asked, else the cores that are free now. On a machine where
     another process holds a core, OpenMP's spin-waiting makes two threads many times slower than
-    one (measured in docs/benchmarks.md), so the default counts free cores before each phase."""
-    n = threads or free_cores()
+    one (measured in docs/benchmarks.md), so the default counts free cores before each phase.
+    Under torchrun each of the machine's ranks takes its share of the cores (the others are busy by
+    design, so free cores would undercount)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    n = threads or (free_cores() if local == 1 else max(1, usable_cores() // local))
     torch.set_num_threads(n)
     return n
 
