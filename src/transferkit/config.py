@@ -315,12 +315,12 @@ def shown(value) -> str:
 
 def markdown_table() -> str:
     """The README's options table, by group."""
-    lines = ["| option | default | what it does |", "|---|---|---|"]
+    lines = ["| | option | default | what it does |", "|---|---|---|---|"]
     for group, members in grouped():
-        lines.append(f"| **{group}** | | |")
-        for name, rule, default in members:
+        for i, (name, rule, default) in enumerate(members):
             choices = f" ({' / '.join(rule.choices)})" if rule.choices else ""
-            lines.append(f"| `{flag(name)}` | `{shown(default)}` | {rule.help}{choices} |")
+            lines.append(f"| {'**' + group + '**' if i == 0 else ''} | `{flag(name)}` | `{shown(default)}` | "
+                         f"{rule.help}{choices} |")
     return "\n".join(lines)
 
 
