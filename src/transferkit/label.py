@@ -45,7 +45,6 @@ from .errors import DataError, TransferkitError
 from .files import write_text
 from .serve import ApiError
 
-QUEUE = 50  # images ranked at a time; the page shows the first ones
 SHOWN = 24  # queue entries sent to the page (the grid)
 SHOWN_BAD = 200  # skipped files listed on the page (all are counted)
 REVIEW = 100  # suspicious labels listed by the review
@@ -373,7 +372,9 @@ class Session:
                 self.retraining = False
 
     def rank(self) -> None:
-        """The next `QUEUE` images by the strategy, among the unlabelled ones not skipped."""
+        """The next batch by the strategy, among the unlabelled images not skipped: as many as
+        the labels between two retrains (`retrain_every`), the batch the head learns from next.
+        Labelled past it before the retrain is done, the queue is ranked again (`state`)."""
         with self.lock:
             keep = np.array([i for i in range(len(self.labels)) if i not in self.user_skipped], dtype=np.int64)
             n = int((self.labels[keep] == UNLABELLED).sum()) if len(keep) else 0
@@ -383,7 +384,7 @@ class Session:
             probabilities = None
             if self.probabilities is not None and self.strategy == "uncertainty":
                 probabilities = self.probabilities[keep]
-            picks = suggest(self.features[keep], self.labels[keep], min(QUEUE, n), self.strategy,
+            picks = suggest(self.features[keep], self.labels[keep], min(self.retrain_every, n), self.strategy,
                             seed=self.retrains, probabilities=probabilities)
             self.queue = keep[picks].tolist()
 
