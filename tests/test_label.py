@@ -110,6 +110,7 @@ def test_labels_csv_is_exactly_what_train_reads_and_resumes(tmp_path):
     ("path,label\na.png,cat\nb.png,\n", r"labels.csv:3: empty path or label"),
     ("path,label\na.png,cat\n./a.png,dog\n", r"labels.csv:3: ./a.png is labelled 'dog' here and 'cat' earlier"),
     (b"path,label\n\xff\xfe,cat\n", r"labels.csv: cannot read CSV"),
+    ("path,label\na.png," + "x" * 101 + "\n", r"labels.csv:2: class name must be 1-100 characters"),
 ])
 def test_a_bad_labels_csv_is_refused_with_the_line(tmp_path, text, message):
     path = tmp_path / "labels.csv"
@@ -305,6 +306,23 @@ def test_skip_strategy_new_class_and_restart_resume(pool, featurizer, tmp_path):
         assert state["classes"] == ["face", "background"]  # in the CSV's order
         assert set(faces) <= {p for p, j in zip(session.paths, session.labels) if j == 0}
         assert (session.labels == UNLABELLED).sum() == len(truth) - 5
+
+
+def test_a_run_gives_the_features_and_the_first_predictions(pool, binary_run, tmp_path):
+    root, truth = pool
+    classifier, run = binary_run
+    session = Session(root, LabelFile(tmp_path / "labels.csv"), Featurizer.build(run=run, cache_dir=""),
+                      retrain_every=2)
+    with TestClient(create_app(session), base_url="http://127.0.0.1") as client:
+        state = wait_ready(client)
+    assert state["classes"] == classifier.classes and state["retrains"] == 0
+    want = {Path(r["path"]).relative_to(root).as_posix(): r["probabilities"]
+            for r in classifier.predict_files([str(root / p) for p in truth])}
+    for item in state["queue"]:
+        shown = {p["label"]: p["p"] for p in item["predictions"]}
+        assert shown == pytest.approx(want[item["path"]], abs=1e-5)
+    margins = {p: abs(want[p]["face"] - want[p]["background"]) for p in truth}
+    assert {i["path"] for i in state["queue"]} <= set(sorted(margins, key=margins.get)[:6])  # 3k most uncertain
 
 
 def test_label_binds_loopback_by_default():

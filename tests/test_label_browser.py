@@ -11,8 +11,11 @@ import time
 
 import httpx
 
-from test_browser import DevTools, browser, websockets  # noqa: F401 - `browser` is a fixture
+import test_browser
+from test_browser import DevTools, websockets
 from test_label import make_pool, row, rows, start_label
+
+browser = test_browser.browser  # the fixture: headless chromium with a fresh profile
 
 KEYS = {"1": ("Digit1", 49), "2": ("Digit2", 50), "u": ("KeyU", 85)}
 
@@ -31,7 +34,7 @@ def wait_csv(csv_path, want: list[str], timeout: float = 30) -> None:
     assert rows(csv_path) == want
 
 
-def test_label_undo_retrain_and_review_in_the_page(browser, tmp_path):  # noqa: F811
+def test_label_undo_retrain_and_review_in_the_page(browser, tmp_path):
     root = tmp_path / "pool"
     root.mkdir()
     truth = make_pool(root, faces=40, backgrounds=40)

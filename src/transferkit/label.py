@@ -111,6 +111,10 @@ class LabelFile:
             raw, label = (row["path"] or "").strip(), (row["label"] or "").strip()
             if not raw or not label:
                 raise DataError(f"{self.path}:{line}: empty path or label; fix or remove the line first")
+            try:
+                check_class_name(label)
+            except DataError as exc:
+                raise DataError(f"{self.path}:{line}: {exc}") from None
             file = self.key(raw if os.path.isabs(raw) else self.folder / raw)
             if found.get(file, label) != label:
                 raise DataError(f"{self.path}:{line}: {raw} is labelled {label!r} here and {found[file]!r} "
@@ -275,8 +279,9 @@ class Session:
             raise DataError(f"{root}: not a folder (expected a folder of images to label)")
         self.top = os.path.realpath(self.root)
         self.strategy, self.retrain_every = strategy, retrain_every
-        names = [check_class_name(c) for c in [*(classes or []), *featurizer.classes, *labels.rows.values()]]
-        self.classes = list(dict.fromkeys(names))
+        # the run's classes first: its probabilities' columns
+        self.classes = list(dict.fromkeys([*featurizer.classes, *map(check_class_name, classes or []),
+                                           *labels.rows.values()]))
         self.lock = threading.RLock()
         self.status, self.error, self.done = "listing", None, 0
         self.files, self.bad = list_pool(self.root, {str(labels.path)})
