@@ -351,9 +351,9 @@ def label(
     if run is not None and backbone != DEFAULT_BACKBONE:
         fail("--backbone and --run exclude each other (a run brings its own backbone)")
     names = [c.strip() for c in classes.split(",")] if classes else []
-    featurizer = Featurizer.build(run, backbone, None, image_size, cache_dir)
-    labels_file = LabelFile(labels)
+    labels_file = LabelFile(labels)  # a bad or busy CSV is refused before the backbone loads
     try:
+        featurizer = Featurizer.build(run, backbone, None, image_size, cache_dir)
         session = Session(pool, labels_file, featurizer, names, strategy, retrain_every)
     except TransferkitError:
         labels_file.close()
