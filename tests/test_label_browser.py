@@ -1,6 +1,7 @@
 """The labelling page in a real headless chromium over the DevTools protocol: label three images
 with the keyboard, undo one (the CSV holds exactly the other two), retrain (the next image
-changes), and find an injected wrong label in the review, then fix it in place.
+changes), find an injected wrong label in the review and fix it in place, then label two images
+selected in the grid with one key.
 
 Skipped when chromium is missing, unless TRANSFERKIT_REQUIRE_BROWSER=1 (CI), then it fails
 (test_browser's rule, imported with its fixture)."""
@@ -85,6 +86,14 @@ def test_label_undo_retrain_and_review_in_the_page(browser, tmp_path):
             want = [r.replace(row(csv_path, root / wrong, "background"), row(csv_path, root / wrong, "face"))
                     for r in initial] + [row(csv_path, root / p, truth[p]) for p in done]
             wait_csv(csv_path, want)  # fixed in place: the same line, the new label
+            tools.evaluate("document.querySelector('[data-view=grid]').click()")  # the grid: select two, one key
+            tiles = tools.wait_for("[...document.querySelectorAll('#grid .tile')].map(t => t.dataset.path)")
+            assert len(tiles) == 5
+            tools.evaluate("document.querySelectorAll('#grid .tile')[0].click()")
+            tools.evaluate("document.querySelectorAll('#grid .tile')[1].click()")
+            assert tools.evaluate("document.querySelectorAll('#grid .tile.sel').length") == 2
+            press(tools, "2")
+            wait_csv(csv_path, want + [row(csv_path, root / p, "face") for p in tiles[:2]])
     finally:
         process.terminate()
         process.wait(30)
