@@ -15,7 +15,8 @@ _PUBLIC = {
     "TrainConfig": "config", "TransferkitError": "errors", "train": "recipe", "load": "run",
     "load_engine": "run", "Classifier": "classifier", "available_backbones": "sources",
     "register_weights": "sources", "WeightSource": "sources", "create_backbone": "backbones",
-    "list_layers": "adapters",
+    "list_layers": "adapters", "suggest": "active", "find_label_issues": "active",
+    "cross_val_accuracy": "active",
 }
 __all__ = [*_PUBLIC, "__version__"]
 

@@ -408,6 +408,49 @@ def serve(
 
 
 @app.command()
+def label(
+    pool: Path = typer.Argument(..., help="Folder of images to label (recursive)."),
+    labels: Path = typer.Option(..., "--labels", help="CSV to write (path,label; paths relative to it): what "
+                                                      "`train` reads. An existing one is resumed."),
+    run: Optional[Path] = typer.Option(None, help="A trained run: its backbone gives the features, its model "
+                                                  "the first predictions and classes."),
+    classes: Optional[str] = typer.Option(None, help="Class names, comma-separated (more can be added on the page)."),
+    strategy: str = typer.Option("uncertainty", help="Which image next: uncertainty, diversity or random."),
+    retrain_every: int = typer.Option(10, min=1, help="Retrain the head after this many new labels."),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, help="Backbone for the features (without --run)."),
+    image_size: Optional[int] = typer.Option(None, min=8, help="Input size; default: the weights' own."),
+    cache_dir: Optional[str] = typer.Option(None, help="Feature store, as for train; default: ~/.cache/transferkit; "
+                                                       "'': off."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (default: this machine only)."),
+    port: int = typer.Option(8000, min=1, max=65535),
+):
+    """Label a folder of images in the browser: the model picks the next image, retrains in
+    seconds on cached features, and points at labels that look wrong."""
+    import uvicorn
+
+    from .label import Featurizer, LabelFile, Session, create_app
+    from .serve import header_timeout_protocol
+
+    if run is not None and backbone != DEFAULT_BACKBONE:
+        fail("--backbone and --run exclude each other (a run brings its own backbone)")
+    names = [c.strip() for c in classes.split(",")] if classes else []
+    labels_file = LabelFile(labels)  # a bad or busy CSV is refused before the backbone loads
+    try:
+        featurizer = Featurizer.build(run, backbone, None, image_size, cache_dir)
+        session = Session(pool, labels_file, featurizer, names, strategy, retrain_every)
+    except TransferkitError:
+        labels_file.close()
+        raise
+    loopback = host in ("127.0.0.1", "localhost")
+    application = create_app(session, ["127.0.0.1", "localhost"] if loopback else None,
+                             log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"Labelling {len(session.files)} file(s) of {pool} into {labels} on http://{host}:{port}/ "
+               "(Ctrl-C stops; every label is written at once)", err=True)
+    uvicorn.run(application, host=host, port=port, log_level="warning", timeout_keep_alive=5,
+                http=header_timeout_protocol(10.0))
+
+
+@app.command()
 def backbones():
     """Backbones whose weights are available right now without a network, and from where."""
     from .sources import available_backbones
