@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+from contextlib import contextmanager
 import socket
 import subprocess
 import sys
@@ -89,30 +90,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(binary_run):
-    """`transferkit serve` in its own process on loopback; yields its base URL."""
+@contextmanager
+def serving(run: Path, *options: str):
+    """`transferkit serve RUN` in its own process on loopback until the block ends; yields its URL."""
     import httpx
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    process = subprocess.Popen([sys.executable, "-m", "transferkit.cli", "serve", str(binary_run[1]),
-                                "--port", str(port), "--engine", "torch"], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen([sys.executable, "-m", "transferkit.cli", "serve", str(run), "--port", str(port),
+                                *options], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            assert process.poll() is None, process.stderr.read().decode()
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read().decode()
             time.sleep(0.2)
-    yield url
-    process.terminate()
-    process.wait(10)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
+@pytest.fixture(scope="module")
+def server(binary_run):
+    """`transferkit serve` of the shared run (PyTorch engine); yields its base URL."""
+    with serving(binary_run[1], "--engine", "torch") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -113,29 +112,13 @@ def check_page(tools: DevTools, server: str, image: Path, want: dict) -> None:
 
 
 def test_a_multilabel_run_shows_every_predicted_label_at_once(browser, multilabel_export, multilabel_run):
-    from conftest import free_port
+    from conftest import serving
     from transferkit.run import load
 
     image = multilabel_run[2].parent / "face_grass0.png"
     want = next(load(multilabel_export).predict_files([str(image)]))
     assert len(want["labels"]) >= 2, want  # the test needs a two-label answer
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    process = subprocess.Popen([sys.executable, "-m", "transferkit.cli", "serve", str(multilabel_export),
-                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                httpx.get(url + "/health", timeout=1)
-                break
-            except httpx.TransportError:
-                assert process.poll() is None and time.monotonic() < deadline
-                time.sleep(0.2)
+    with serving(multilabel_export) as url:
         page = next(t for t in httpx.get(browser + "/json/list").json() if t["type"] == "page")
         with websockets.connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30) as ws:
             check_page(DevTools(ws), url, image, want)
-    finally:
-        process.terminate()
-        process.wait(10)

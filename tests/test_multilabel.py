@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +20,7 @@ from transferkit.data import check_labels, from_csv, load_labelled, multilabel_s
 from transferkit.errors import ConfigError, DataError
 from transferkit.metrics import multilabel_metrics, predict_sets
 
-from conftest import free_port, write_csv
+from conftest import serving, write_csv
 
 CLASSES = ["brick", "face", "grass"]
 runner = CliRunner()
@@ -244,20 +240,8 @@ def test_the_service_answers_with_label_lists_like_the_engines(multilabel_export
 
     from transferkit.run import load
 
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    process = subprocess.Popen([sys.executable, "-m", "transferkit.cli", "serve", str(multilabel_export),
-                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                health = httpx.get(url + "/health", timeout=1).json()
-                break
-            except httpx.TransportError:
-                assert process.poll() is None and time.monotonic() < deadline, process.stderr.read().decode()
-                time.sleep(0.2)
+    with serving(multilabel_export) as url:
+        health = httpx.get(url + "/health").json()
         assert health["task"] == "multilabel" and health["engine"] == "onnx" and len(health["threshold"]) == 3
         classifier = load(multilabel_export)
         for name in ("face_brick0.png", "none0.png", "grass1.png"):
@@ -270,9 +254,6 @@ def test_the_service_answers_with_label_lists_like_the_engines(multilabel_export
         assert heat.status_code == 200 and heat.content[:4] == b"\x89PNG"
         wrong = httpx.post(url + "/explain?label=owl", files={"file": path.read_bytes()}, timeout=60)
         assert wrong.status_code == 422 and "owl" in wrong.json()["error"]
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 @pytest.mark.slow
