@@ -288,7 +288,6 @@ def predict(
     stream = sys.stdout if stdout.isatty() else stdout
     writer = csv.writer(stream)
     key = "labels" if classifier.multilabel else "label"
-    sep = classifier.meta.get("label_sep", "|")
     if format is Format.csv:
         writer.writerow(["path", key, *[f"p_{c}" for c in classifier.classes], "error"])
     failures = total = 0
@@ -301,7 +300,7 @@ def predict(
             probs = record.get("probabilities", {})
             decided = record.get(key, "")
             if isinstance(decided, list):  # multi-label: the CSV cell as train reads it
-                decided = sep.join(decided)
+                decided = classifier.label_sep.join(decided)
             if format is Format.json:
                 line = json.dumps(record)
             elif format is Format.csv:

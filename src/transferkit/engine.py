@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import decode_source, decoded_batches
+from .data import LabelledImages, decode_source, decoded_batches
 from .errors import RunError
 from .metrics import evaluation_metrics, predict_labels, predict_sets
 
@@ -87,6 +87,11 @@ class Engine(ABC):
         return "multilabel" if self.multilabel else "multiclass"
 
     @property
+    def label_sep(self) -> str:
+        """The separator of class names in a multi-label CSV (model.json's `label_sep`)."""
+        return str(self.meta.get("label_sep", "|"))
+
+    @property
     def image_size(self) -> int:
         return int(self.meta["preprocess"]["image_size"])
 
@@ -128,10 +133,15 @@ class Engine(ABC):
                 yield {"path": path, "labels" if self.multilabel else "label": label,
                        "probabilities": {c: float(v) for c, v in zip(self.classes, p)}}
 
+    def read_labelled(self, source: str | Path) -> LabelledImages:
+        """A labelled folder or CSV decoded for this model: its size, its classes, its task (a
+        multi-label model reads multi-label data) and its separator."""
+        return decode_source(source, self.image_size, self.classes, self.task, self.label_sep)
+
     def evaluate(self, source: str | Path, batch_size: int = 64, tta: bool = False) -> dict:
         """Metrics on a labelled folder or CSV whose classes are among this model's (multi-label
         data for a multi-label model)."""
-        data = decode_source(source, self.image_size, self.classes, self.task, self.meta.get("label_sep", "|"))
+        data = self.read_labelled(source)
         probs = self.predict_proba(data.images, batch_size, tta)
         metrics = evaluation_metrics(data.labels, probs, self.classes, self.threshold)
         metrics.update(source=str(source), tta=tta,

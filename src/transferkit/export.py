@@ -22,7 +22,6 @@ from torch import nn
 
 from . import __version__
 from .classifier import Classifier
-from .data import decode_source
 from .errors import ExportError
 from .files import atomic_path
 from .metrics import evaluation_metrics
@@ -212,8 +211,7 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
     if val_data is None and not force:
         raise ExportError("quantization needs validation data to check the accuracy (val_data; --val-dir "
                           "on the command line), or force to skip the check")
-    data = None if val_data is None else decode_source(val_data, classifier.image_size, classifier.classes,
-                                                       classifier.task, classifier.meta.get("label_sep", "|"))
+    data = None if val_data is None else classifier.read_labelled(val_data)
     if quantize_mode == "int8" and data is None:
         raise ExportError("static int8 quantization calibrates on images: give validation data (--val-dir)")
     images = None if data is None else data.images

@@ -16,7 +16,7 @@ import numpy as np
 
 from .classifier import Classifier
 from .config import grouped, shown
-from .data import decode_source, load_image
+from .data import load_image
 from .errors import ImageError, RunError, TransferkitError
 from .files import write_text
 from .metrics import evaluation_metrics, predict_labels, predict_sets
@@ -386,13 +386,12 @@ def report(run_dir: str | Path, data: str | Path | None = None, tta: bool = Fals
     run_dir = Path(run_dir)
     classifier = load(run_dir)
     if data is not None:
-        decoded = decode_source(data, classifier.image_size, classifier.classes, classifier.task,
-                                classifier.meta.get("label_sep", "|"))
+        decoded = classifier.read_labelled(data)
         probs = classifier.predict_proba(decoded.images, batch_size, tta)
         return write_report(run_dir, classifier, f"test set {data}", decoded.paths, decoded.labels, probs,
                             decoded.images, decoded.skipped, tta, output)
     saved = run_dir / "val_predictions.csv"
     if not saved.is_file():
         raise RunError(f"{saved}: not found; give a labelled folder: transferkit report {run_dir} DATA_DIR")
-    paths, labels, probs = read_predictions(saved, classifier.classes, classifier.meta.get("label_sep", "|"))
+    paths, labels, probs = read_predictions(saved, classifier.classes, classifier.label_sep)
     return write_report(run_dir, classifier, "validation", paths, labels, probs, output=output)
