@@ -15,7 +15,7 @@ from .data import decoded_batches
 from .errors import RunError
 from .files import write_bytes
 from .inference import to_batch
-from .metrics import predict_labels
+from .metrics import predict_labels, predict_sets
 from .model import TransferModel, to_unit
 
 
@@ -84,8 +84,8 @@ def explained_classes(classifier, probs: np.ndarray, label: str | None) -> list[
         return [[classifier.classes.index(label)]] * len(probs)
     if not classifier.multilabel:
         return [[int(c)] for c in predict_labels(probs, classifier.threshold)]
-    chosen = np.asarray(probs) >= np.asarray(classifier.threshold)
-    return [list(np.flatnonzero(row)) or [int(np.argmax(p))] for row, p in zip(chosen, probs)]
+    chosen = predict_sets(probs, classifier.threshold)
+    return [[int(c) for c in np.flatnonzero(row)] or [int(np.argmax(p))] for row, p in zip(chosen, probs)]
 
 
 def explain_files(classifier, paths: Iterable[str | Path], out_dir: str | Path,

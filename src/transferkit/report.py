@@ -152,7 +152,7 @@ def label_mistakes_html(classifier: Classifier, paths: list[str], labels: np.nda
                         predicted: np.ndarray, images: np.ndarray | None) -> str:
     """Multi-label: the worst images with their missed and extra labels, one Grad-CAM per predicted
     label (the most probable class when none is predicted)."""
-    from .explain import gradcam, overlay_png
+    from .explain import explained_classes, gradcam, overlay_png
 
     chosen = worst_label_sets(labels, probs, predicted, MISTAKES)
     if len(chosen) == 0:
@@ -161,8 +161,7 @@ def label_mistakes_html(classifier: Classifier, paths: list[str], labels: np.nda
     figures, note = [], ("Grad-CAM: warm colours mark where the image holds the evidence for each predicted "
                          "class. Missed: true labels not predicted; extra: predicted labels not true.")
     names = classifier.classes
-    for i, array in zip(found, arrays):
-        shown_classes = list(np.flatnonzero(predicted[i])) or [int(np.argmax(probs[i]))]
+    for i, array, shown_classes in zip(found, arrays, explained_classes(classifier, probs[found], None)):
         try:
             pictures = [overlay_png(array, gradcam(classifier.model, array[None], np.array([c]),
                                                    device=classifier.device)[0][0]) for c in shown_classes]
