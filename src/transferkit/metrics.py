@@ -62,6 +62,13 @@ def expected_calibration_error(y_true: np.ndarray, probabilities: np.ndarray, bi
     return float(ece)
 
 
+def binary_calibration_error(y_true: np.ndarray, p: np.ndarray) -> float:
+    """ECE of independent yes/no decisions (multi-label): every (image, class) pair's probability
+    against its 0/1 truth."""
+    p = np.asarray(p, dtype=np.float64).ravel()
+    return expected_calibration_error(np.asarray(y_true).ravel(), np.stack([1 - p, p], 1))
+
+
 def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str],
                            threshold: float = 0.5) -> dict:
     """Accuracy (with its 95 % Wilson interval), balanced accuracy, log loss, ECE, per-class
@@ -125,19 +132,20 @@ def multilabel_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: l
         averages[average] = {"precision": float(p), "recall": float(r), "f1": float(f)}
     ap = [float(average_precision_score(y_true[:, i], probabilities[:, i])) if y_true[:, i].any() else None
           for i in range(len(classes))]
+    present = [a for a in ap if a is not None]
     exact = int((y_pred == y_true).all(1).sum())
     flat_p = np.clip(probabilities.ravel(), 1e-7, 1 - 1e-7)
     return {
         "task": "multilabel",
         "n": int(len(y_true)),
-        "map": mean_average_precision(y_true, probabilities),
+        "map": float(np.mean(present)) if present else 0.0,  # mean_average_precision, from the classes' APs
         "accuracy": float(accuracy_score(y_true, y_pred)),  # subset accuracy: every label right
         "accuracy_ci95": list(wilson_interval(exact, len(y_true))),
         "hamming_loss": float(hamming_loss(y_true, y_pred)),
         "f1_micro": averages["micro"]["f1"],
         "f1_macro": averages["macro"]["f1"],
         "loss": float(log_loss(y_true.ravel(), flat_p, labels=[0, 1])),
-        "ece": expected_calibration_error(y_true.ravel(), np.stack([1 - flat_p, flat_p], 1)),
+        "ece": binary_calibration_error(y_true, flat_p),
         "label_cardinality": {"true": float(y_true.sum(1).mean()), "predicted": float(y_pred.sum(1).mean())},
         "thresholds": {c: float(t) for c, t in zip(classes, thresholds)},
         "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),

@@ -34,7 +34,8 @@ from .errors import ConfigError, DataError, Interrupted
 from .experiment import open_log
 from .files import atomic_path, write_text
 from .inference import predict_logits, to_batch
-from .metrics import evaluation_metrics, expected_calibration_error, predict_labels, predict_sets
+from .metrics import (binary_calibration_error, evaluation_metrics, expected_calibration_error, predict_labels,
+                      predict_sets)
 from .model import TransferModel
 from .progress import Reporter
 from .runtime import resolve_device, seed_everything, set_threads, stop_on_signals
@@ -512,8 +513,8 @@ def calibrate_labels(model: TransferModel, logits: np.ndarray, labels: np.ndarra
     flat = labels.reshape(-1)
     calibration = {"temperature": temperatures, "method": "temperature scaling per class on the validation set",
                    "loss_before": nll(logits.reshape(-1, 1), flat), "loss_after": nll(scaled.reshape(-1, 1), flat),
-                   "ece_before": expected_calibration_error(flat, np.stack([1 - before.ravel(), before.ravel()], 1)),
-                   "ece_after": expected_calibration_error(flat, np.stack([1 - probs.ravel(), probs.ravel()], 1))}
+                   "ece_before": binary_calibration_error(labels, before),
+                   "ece_after": binary_calibration_error(labels, probs)}
     if config.threshold_metric == "none":
         return probs, calibration, {"metric": "fixed", "threshold": [config.threshold] * labels.shape[1]}
     chosen = [choose_threshold(labels[:, j], probs[:, j], config.threshold_metric) for j in range(labels.shape[1])]
