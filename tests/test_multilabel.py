@@ -325,3 +325,17 @@ def test_quantized_export_is_guarded_by_the_subset_accuracy(multilabel_export, m
     from transferkit.onnx_engine import OnnxClassifier
 
     assert OnnxClassifier(tmp_path / "q.onnx").multilabel
+
+
+def test_the_same_picture_in_two_class_folders_carries_both_classes(tmp_path):
+    from transferkit.data import decode, merge_duplicates
+    from conftest import lfw_arrays, write_folders
+
+    images, _ = lfw_arrays()
+    root = write_folders(tmp_path / "data", {"cat": [images[0], images[1]], "dog": [images[0], images[2]]})
+    data = merge_duplicates(decode(load_labelled(root, task="multilabel"), 32), "data")
+    assert data.classes == ["cat", "dog"] and data.labels.tolist() == [[1, 1], [1, 0], [0, 1]]
+    assert data.skipped == [(str(root / "dog" / "000.png"),
+                             f"same image as {root / 'cat' / '000.png'} (merged; their labels combined)")]
+    assert data.notes == ["data: 1 duplicate image(s) merged, 1 of them with their labels combined "
+                          "(listed in skipped.csv)"]
