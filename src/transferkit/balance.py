@@ -24,15 +24,20 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tens
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def check_sampler(labels: np.ndarray, mode: str) -> None:
+    """The balanced sampler draws classes of single-label data; ConfigError for multi-label data."""
+    if mode == "balanced" and labels.ndim == 2:
+        raise ConfigError("sampler balanced draws single-label classes; for multi-label data use class_weight "
+                          "balanced (a pos_weight per label)")
+
+
 def epoch_order(labels: np.ndarray, rng: np.random.Generator, mode: str) -> np.ndarray:
     """Indices of one epoch: a permutation ("none"), or as many draws with replacement where every
     class is equally likely ("balanced", PyTorch's WeightedRandomSampler with 1 / n_c weights)."""
     n = len(labels)
     if mode == "none":
         return rng.permutation(n)
-    if labels.ndim == 2:
-        raise ConfigError("sampler balanced draws single-label classes; for multi-label data use class_weight "
-                          "balanced (a pos_weight per label)")
+    check_sampler(labels, mode)
     counts = np.bincount(labels)
     p = 1.0 / counts[labels]
     return rng.choice(n, size=n, replace=True, p=p / p.sum())

@@ -23,7 +23,7 @@ import torch
 
 from . import distributed, run
 from .backbones import Backbone, create_backbone, resolve_fine_tune_at
-from .balance import class_weights, epoch_order
+from .balance import check_sampler, class_weights, epoch_order
 from .cache import PhaseViews, Views, build_views, plain_views, plan
 from .calibrate import choose_threshold, fit_temperature, fit_temperatures, nll
 from .classifier import Classifier
@@ -172,9 +172,7 @@ def list_data(data: str | Path, val_data: str | Path | None, config: TrainConfig
     is validated on multi-label data)."""
     listing = Listing(load_labelled(data, task=config.task, sep=config.label_sep), None)
     check_labels(listing.train, str(data), split=val_data is None)
-    if listing.train.multilabel and config.sampler == "balanced":
-        raise ConfigError("sampler balanced draws single-label classes; for multi-label data use class_weight "
-                          "balanced (a pos_weight per label)")
+    check_sampler(listing.train.labels, config.sampler)
     if val_data is not None:
         task = "multilabel" if listing.train.multilabel else "multiclass"
         listing.val = load_labelled(val_data, listing.train.classes, task, config.label_sep)
