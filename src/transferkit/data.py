@@ -331,11 +331,7 @@ def read_image(source, size: int, draft: bool = True, max_pixels: int | None = N
             if width * height > max_pixels:
                 raise ImageError(f"too many pixels: {width}x{height} > {max_pixels} (decompression bomb guard)",
                                  "size")
-            if draft and image.format == "JPEG":
-                image.draft("RGB", (size * 2, size * 2))
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            rgb = _to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
+            rgb = decoded_rgb(image, size * 2 if draft else None).resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(rgb, dtype=np.uint8)
     except ImageError:
         raise
@@ -345,6 +341,15 @@ def read_image(source, size: int, draft: bool = True, max_pixels: int | None = N
         raise ImageError(f"too many pixels (decompression bomb guard): {exc}", "size") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"unreadable image ({exc})") from None
+
+
+def decoded_rgb(image: Image.Image, draft: int | None = None) -> Image.Image:
+    """An opened image decoded as `train` sees it: EXIF orientation applied, any mode as RGB; a
+    JPEG decoded at a reduced scale of at least `draft` pixels a side when given."""
+    if draft and image.format == "JPEG":
+        image.draft("RGB", (draft, draft))
+    image.load()
+    return _to_rgb(ImageOps.exif_transpose(image))
 
 
 def _try_load(args: tuple[str, int]) -> np.ndarray | str:

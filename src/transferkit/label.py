@@ -34,13 +34,13 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image, ImageOps
+from PIL import Image
 from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from .active import STRATEGIES, UNLABELLED, cross_val_accuracy, find_label_issues, head, suggest
 from .config import DEFAULT_BACKBONE
-from .data import _to_rgb, image_key, iter_decoded, walk_files
+from .data import decoded_rgb, image_key, iter_decoded, walk_files
 from .errors import DataError, TransferkitError
 from .files import write_text
 from .serve import ApiError
@@ -512,10 +512,7 @@ def display_jpeg(file: Path, size: int) -> bytes:
     pixels a side, as JPEG."""
     try:
         with Image.open(file) as image:
-            if image.format == "JPEG":
-                image.draft("RGB", (size, size))
-            image.load()
-            rgb = _to_rgb(ImageOps.exif_transpose(image))
+            rgb = decoded_rgb(image, size)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise ApiError(422, f"{file.name}: unreadable image ({exc})") from None
     rgb.thumbnail((size, size))
