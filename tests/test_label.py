@@ -230,6 +230,9 @@ def test_requests_a_web_page_could_forge_are_refused(app_client):
     plain = client.post("/api/label", content=f'{{"path": "{path}", "label": "face"}}',
                         headers={"content-type": "text/plain"})
     assert form.status_code == plain.status_code == 415
+    huge = client.post("/api/label", content=b'{"path": "' + b"x" * 70000 + b'"}',
+                       headers={"content-type": "application/json"})
+    assert huge.status_code == 413
     assert client.get("/api/state", headers={"host": "attacker.example:8000"}).status_code == 400  # DNS rebinding
     assert not csv_path.exists()
     page = client.get("/")

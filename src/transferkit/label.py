@@ -43,7 +43,7 @@ from .config import DEFAULT_BACKBONE
 from .data import decoded_rgb, image_key, iter_decoded, walk_files
 from .errors import DataError, TransferkitError
 from .files import write_text
-from .serve import ApiError
+from .serve import ApiError, read_body
 
 SHOWN = 24  # queue entries sent to the page (the grid)
 SHOWN_BAD = 200  # skipped files listed on the page (all are counted)
@@ -530,9 +530,7 @@ async def json_body(request: Request) -> dict:
     cross-origin only after a CORS preflight, which this app never allows (no CSRF by a form)."""
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
         raise ApiError(415, "send a JSON object with Content-Type: application/json")
-    body = await request.body()
-    if len(body) > 65536:
-        raise ApiError(413, "request body too large")
+    body = await read_body(request, 65536)  # refused as soon as it passes the limit, not after reading it all
     try:
         value = json.loads(body)
     except ValueError as exc:
