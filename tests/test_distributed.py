@@ -242,6 +242,9 @@ def test_the_failure_reported_is_the_cause_not_its_consequences(tmp_path):
     assert describe_failure({0: lost, 3: failure(3, 2, "rank 3: data/x.png: cannot read")}) == \
         "rank 3 (pid 1003) failed: data/x.png: cannot read; the job stopped"
     assert describe_failure({1: failure(1, 1)}) == "rank 1 (pid 1001) failed with exit status 1; the job stopped"
+    # the race of a user error in both ranks: each wrote its error, the launcher's SIGTERM found them still exiting
+    assert describe_failure({0: failure(0, -signal.SIGTERM), 1: failure(1, -signal.SIGTERM, "rank 1: batch_size 7 is bad")}) \
+        == "rank 1 (pid 1001) failed: batch_size 7 is bad; the job stopped"
 
 
 @pytest.mark.slow

@@ -394,22 +394,24 @@ def describe_failure(failures: dict) -> str:
         message = str(failure.message)
         stopped = failure.exitcode in [sign * s for s in (signal.SIGTERM, signal.SIGINT) for sign in (-1, 1)] or \
             failure.exitcode - 128 in (signal.SIGTERM, signal.SIGINT)
-        kind = 3 if message.startswith(f"rank {rank}: {LOST}") else 2 if stopped else 0 if has_message(failure) else 1
+        kind = 3 if message.startswith(f"rank {rank}: {LOST}") else 0 if has_message(failure) else 2 if stopped else 1
         return kind, failure.timestamp, rank
 
     rank, failure = min(failures.items(), key=caused)
-    if failure.exitcode < 0:
+    if has_message(failure):  # its own error, even when the launcher's SIGTERM found it still exiting
+        cause = "failed: " + str(failure.message).removeprefix(f"rank {rank}: ")
+    elif failure.exitcode < 0:
         name = failure.signal_name()
         cause = f"was killed by {name}" + (" (by a user, or by the kernel when memory ran out)"
                                            if -failure.exitcode == signal.SIGKILL else "")
-    elif has_message(failure):
-        cause = "failed: " + str(failure.message).removeprefix(f"rank {rank}: ")
     else:
         cause = f"failed with exit status {failure.exitcode}"
     return f"rank {rank} (pid {failure.pid}) {cause}; the job stopped"
 
 
 def has_message(failure) -> bool:
-    """The rank left its own error (torchrun's text otherwise is a pointer to its documentation)."""
-    return failure.exitcode > 0 and bool(failure.message) and not str(failure.message).startswith("To enable")
+    """The rank left its own one-line error (`cli.tell_launcher` writes the message as a string;
+    torchrun's own records hold a mapping, and a rank without a file gets torchrun's placeholder)."""
+    message = failure.error_file_data.get("message")
+    return os.path.isfile(failure.error_file) and isinstance(message, str) and bool(message)
 
