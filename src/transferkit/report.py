@@ -240,16 +240,19 @@ def skipped_html(run_dir: Path, eval_skipped: list[tuple[str, str]]) -> str:
 def settings_html(meta: dict) -> str:
     """Every setting of the run, by group, from the settings' declarations; the ones changed from
     the defaults are marked."""
-    config = meta.get("config", {})
+    config, auto = meta.get("config", {}), set(meta.get("auto_settings", []))
     rows = []
     for group, members in grouped():
         for name, _, default in members:
             if name in config:
-                changed = config[name] != default
+                changed = config[name] != default and name not in auto
+                note = "auto" if name in auto else f"default {shown(default)}" if changed else ""
                 rows.append([group, f"<b>{name}</b>" if changed else name, html.escape(shown(config[name]))
-                             + (f" <span class=\"note\">(default {html.escape(shown(default))})</span>" if changed else "")])
+                             + (f" <span class=\"note\">({html.escape(note)})</span>" if note else "")])
+    decisions = "".join(f"<li>{html.escape(d)}</li>" for d in meta.get("decisions", []))
     return ("<h3>Settings</h3>" + table(["group", "setting", "value"], rows, numeric_from=3, escape=False)
-            + '<p class="note">Bold: changed from the default.</p>')
+            + '<p class="note">Bold: changed from the default. Auto: decided by the preset and the data'
+            + (f':</p><ul class="note">{decisions}</ul>' if decisions else ".</p>"))
 
 
 def facts_html(meta: dict, classes: list[str]) -> str:
