@@ -11,7 +11,7 @@ torchrun) answers as if this module were not there:
   its B / world-size rows, weighted so that the gradient DDP averages is the one process's batch
   gradient, and dropout draws the whole batch's mask and keeps its rows (`batch`, `replicate`);
 - what trains is wrapped in DistributedDataParallel for each phase (`replicate`);
-- validation is sharded and gathered (`predict_proba`), epoch sums are all-reduced (`sum`);
+- validation is sharded and gathered (`predict_logits`), epoch sums are all-reduced (`sum`);
 - only rank 0 writes the run folder, the report and the cross-run cache's index (`main`); the
   other ranks write only their own shard's views, and spill to a private scratch folder.
 """
@@ -40,7 +40,7 @@ from torch import nn
 
 from .data import LabelledImages, allocate
 from .errors import ConfigError, RunError, TransferkitError
-from .inference import predict_logits, predict_proba
+from .inference import predict_logits
 
 TIMEOUT = timedelta(minutes=10)  # a rank that stops answering without dying (a lost node) ends the job
 CHUNK_BYTES = 64 << 20  # gathers move at most this much per rank and message
@@ -237,12 +237,12 @@ class Context:
         boundary = self.gather(None if found is None else found[1], 1, make) if has_boundary else None
         return pooled, boundary
 
-    def predict_proba(self, model, inputs: np.ndarray, forward, batch_size: int, device) -> np.ndarray:
-        """Validation: each rank the logits of its shard, gathered; probabilities on every rank."""
+    def predict_logits(self, model, inputs: np.ndarray, forward, batch_size: int, device) -> np.ndarray:
+        """Validation: each rank the logits of its shard, gathered on every rank."""
         if not self.distributed:
-            return predict_proba(model, inputs, forward, batch_size, device)
+            return predict_logits(model, inputs, forward, batch_size, device)
         logits = predict_logits(model, inputs[self.shard(len(inputs))], forward, batch_size, device)
-        return model.probabilities(torch.from_numpy(self.gather(logits, 0, np.empty))).numpy()
+        return self.gather(logits, 0, np.empty)
 
     def replicate(self, model, views):
         """The views of one phase with their forward wrapped in DistributedDataParallel: the head,

@@ -33,7 +33,7 @@ from .data import (LabelledImages, check_labels, decode, load_labelled, memory_b
 from .errors import ConfigError, DataError, Interrupted
 from .experiment import open_log
 from .files import atomic_path, write_text
-from .inference import predict_logits, to_batch
+from .inference import to_batch
 from .metrics import (binary_calibration_error, evaluation_metrics, expected_calibration_error, predict_labels,
                       predict_sets)
 from .model import TransferModel
@@ -279,6 +279,7 @@ class Trainer:
         self.history: list[dict] = []
         self.best: dict | None = None
         self.best_state: dict | None = None
+        self.best_logits: np.ndarray | None = None
         self.timings: dict[str, float] = {}
         self.warnings: list[str] = []
         self.stopped: dict[str, dict] = {}  # phase -> where and why it stopped early
@@ -343,15 +344,17 @@ class Trainer:
             self.warnings.append(f"the training loss grew from {first:.4g} (epoch 1) to {train_loss:.4g} (epoch "
                                  f"{epoch}): the learning rate ({lr:g}) is probably too high")
             self.reporter.log(f"warning: {self.warnings[-1]}")
-        val = evaluation_metrics(val_views.labels, distributed.current().predict_proba(
-            self.model, val_views.inputs[0], val_views.forward, self.config.batch_size, self.device), self.classes,
-            0.5)
+        logits = distributed.current().predict_logits(self.model, val_views.inputs[0], val_views.forward,
+                                                      self.config.batch_size, self.device)
+        val = evaluation_metrics(val_views.labels, self.model.probabilities(torch.from_numpy(logits)).numpy(),
+                                 self.classes, 0.5)
         row = {"epoch": epoch, "phase": phase, "lr": lr, "train_loss": train_loss, "train_accuracy": train_acc,
                "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_map": val["map"],
                "seconds": time.perf_counter() - start}
         self.history.append(row)
         if is_better(row, self.best, self.config.monitor):
             self.best, self.best_state = row, copy.deepcopy(self.model.state_dict())
+            self.best_logits = logits  # what calibration needs: the kept model's validation logits
         self.reporter.log(f"epoch {epoch:>3} phase {phase}  loss {train_loss:.4f}  acc {train_acc:.4f}"
                           f"  val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}"
                           + (f"  val_map {row['val_map']:.4f}" if self.model.multilabel else "") +
@@ -399,7 +402,7 @@ class Trainer:
         keys = self.changing_keys()
         current = self.model.state_dict()
         tensors = {**{f"model.{k}": current[k] for k in keys}, **{f"best.{k}": self.best_state[k] for k in keys},
-                   "rng.torch": torch.get_rng_state()}
+                   "rng.torch": torch.get_rng_state(), "best_logits": torch.from_numpy(self.best_logits)}
         saved = optimizer.state_dict()
         for index, values in saved["state"].items():
             for name, value in values.items():
@@ -423,6 +426,7 @@ class Trainer:
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
         self.best_state = {**initial, **{k[5:]: v for k, v in tensors.items() if k.startswith("best.")}}
         self.history, self.best, self.stopped = state["history"], state["best"], state["stopped"]
+        self.best_logits = tensors["best_logits"].numpy()
         self.timings, self.warnings = state["timings"], state["warnings"]
         self.rng.bit_generator.state = state["rng_numpy"]
         torch.set_rng_state(tensors["rng.torch"])
@@ -532,7 +536,7 @@ def save_run(out: Path, model: TransferModel, backbone: Backbone, fine_tune_at: 
     skipped files, the validation predictions, the report, and last model.json ("complete")."""
     from .report import write_report
 
-    val_logits = predict_logits(model, val_set.images, batch_size=config.batch_size, device=trainer.device)
+    val_logits = trainer.best_logits  # the kept epoch's, from its validation (the same model, the cached inputs)
     val_probs, calibration, selection = calibrate(model, val_logits, val_set.labels, config)
     reporter.log(f"Calibration on validation: temperature {shown(calibration['temperature'])}, ECE "
                  f"{calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}"

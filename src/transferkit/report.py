@@ -366,7 +366,8 @@ def write_report(run_dir: str | Path, classifier: Classifier, eval_name: str, pa
         + ('<p class="note">Multi-label: an image counts once for each of its classes.</p>' if multilabel else ""),
         skipped=skipped_html(run_dir, list(eval_skipped)),
         settings=settings_html(meta), model_facts=facts_html(meta, classes),
-        learning_curves=figure_uri(lambda f: learning_curves(history, f, fine_tune_start=fine_start)),
+        learning_curves=data_uri((run_dir / "learning_curves.png").read_bytes())  # drawn once, when the run was saved
+        if (run_dir / "learning_curves.png").is_file() else figure_uri(lambda f: learning_curves(history, f, fine_tune_start=fine_start)),
         curves_note=("The dashed line marks the start of fine-tuning (phase 2); the kept epoch is "
                      f"{meta.get('best_epoch')}."),
         class_heading="Per-class metrics and precision-recall" if multilabel else
