@@ -10,6 +10,7 @@ accuracy per minute and peak memory; then each way's mean and worst set.
     python bench/suite.py --sets digits lfw --ways defaults seed --seeds 0
     python bench/suite.py --list                   # the sets, their sources and licences
     python bench/suite.py --prepare-only           # write the sets' folders and splits
+    python bench/suite.py --table                  # the table of runs/suite/results.jsonl so far
 
 Keras: `--keras-python ~/venv-keras/bin/python` (the peer's README says how to make that venv);
 without it the Keras rows are left out. Time only on a quiet machine: each run is a separate
@@ -39,8 +40,11 @@ PEER = ROOT.parent / "shared" / "peer" / "keras_peer.py"
 WAYS = {
     "defaults": [],
     "before": ["--fine-tune-at", "blocks.4.0.conv_pw", "--fine-tune-epochs", "8"],  # the defaults before issue 16
+    "shallow": ["--fine-tune-at", "blocks.5.2.conv_pw"],  # the last quarter of Lite0's layers (layer 78)
+    "plain": ["--no-cache"],  # the defaults without the cache: the seed's loop, every epoch through the whole model
     "fast": ["--preset", "fast"],
-    "best": ["--preset", "best"],
+    "best": ["--preset", "best"],  # its 10-minute budget
+    "best-20": ["--preset", "best", "--time-budget", "20"],
     "seed": ["--backbone", "mobilenetv2_100", "--image-size", "160", "--epochs", "5", "--fine-tune-epochs", "5",
              "--fine-tune-at", "120", "--rotation", "0.2"],
     "keras": None,  # the seed's own code
@@ -125,9 +129,10 @@ FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", 
                    "ankle-boot"]
 
 
-def write_fashion(out: Path) -> dict:
-    """5,000 training and 1,000 test images drawn (seed 0, stratified) from Fashion-MNIST's own
-    training and test files."""
+def write_fashion(out: Path, per_class: int | None = None) -> dict:
+    """5,000 training and 1,000 test images drawn at random (seed 0) from Fashion-MNIST's own
+    training and test files; `per_class`: only the first that many training images of each class
+    of those 5,000 (the same 1,000 test images)."""
     import gzip
 
     if not FASHION.is_dir():
@@ -142,9 +147,11 @@ def write_fashion(out: Path) -> dict:
     (train_x, train_y), (test_x, test_y) = read("train"), read("t10k")
     train = np.sort(rng.choice(len(train_y), 5000, replace=False))
     test = np.sort(rng.choice(len(test_y), 1000, replace=False))
+    if per_class:
+        train = np.sort(np.concatenate([train[train_y[train] == c][:per_class] for c in range(10)]))
     images = [*train_x[train], *test_x[test]]
     labels = [FASHION_CLASSES[y] for y in (*train_y[train], *test_y[test])]
-    return save_split(out, images, labels, test_size=1000, fixed_test=np.arange(5000, 6000))
+    return save_split(out, images, labels, test_size=1000, fixed_test=np.arange(len(train), len(train) + 1000))
 
 
 SETS = {s.name: s for s in (
@@ -156,6 +163,9 @@ SETS = {s.name: s for s in (
              "2 classes, 200 natural photos (faces vs. background), 25 px grey", write_lfw),
     ImageSet("fashion", "Debian dataset-fashion-mnist (Zalando Research, Xiao et al. 2017)", "MIT",
              "10 classes, 6,000 product photos (5,000 training), 28 px grey", write_fashion),
+    ImageSet("fashion-small", "Debian dataset-fashion-mnist (Zalando Research, Xiao et al. 2017)", "MIT",
+             "10 classes, the first 40 training images per class of `fashion` (400), its 1,000 test images",
+             lambda out: write_fashion(out, per_class=40)),
     ImageSet("textures", "scikit-image data.brick/grass/gravel", "CC0",
              "3 classes, 64 px tiles of three natural texture photos", write_textures),
 )}
@@ -231,6 +241,7 @@ def main() -> None:
     parser.add_argument("--keras-python", help="the TensorFlow venv's python for the seed's Keras code")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--prepare-only", action="store_true")
+    parser.add_argument("--table", action="store_true", help="print the table of the results so far and stop")
     args = parser.parse_args()
     if args.list:
         for s in SETS.values():
@@ -239,6 +250,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    if args.table:
+        print(table(rows))
+        return
     for name in args.sets:
         data = args.data / name
         counts = SETS[name].write(data)

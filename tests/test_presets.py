@@ -76,6 +76,7 @@ def cheap(monkeypatch, *candidates):
 
 def test_best_keeps_the_candidate_best_on_validation_and_records_the_search(lfw_split, tmp_path, monkeypatch):
     cheap(monkeypatch, Candidate("default", {}, 1.0), Candidate("more dropout", {"dropout": 0.5}, 1.0),
+          Candidate("broken", {"weights": str(tmp_path / "missing.safetensors")}, 1.0),
           Candidate("too dear", {"dropout": 0.3}, 1e6))
     out = tmp_path / "best"
     classifier = transferkit.train(lfw_split[0], out, preset="best", time_budget=30, image_size=SIZE, epochs=2,
@@ -83,7 +84,8 @@ def test_best_keeps_the_candidate_best_on_validation_and_records_the_search(lfw_
     found = json.loads((out / "search.json").read_text())
     tried = [c for c in found["candidates"] if "seconds" in c]
     assert [c["name"] for c in tried] == ["default", "more dropout"]
-    assert found["candidates"][2]["skipped"].startswith("estimated ")  # a million times the default's time
+    assert "missing.safetensors" in found["candidates"][2]["failed"]  # a failed candidate is passed over
+    assert found["candidates"][3]["skipped"].startswith("estimated ")  # a million times the default's time
     kept = [c for c in tried if c["kept"]]
     assert len(kept) == 1 and kept[0]["val_loss"] == min(c["val_loss"] for c in tried)
     meta = json.loads((out / "model.json").read_text())
@@ -91,6 +93,7 @@ def test_best_keeps_the_candidate_best_on_validation_and_records_the_search(lfw_
                                                                            else 0.2)
     assert classifier.classes == ["background", "face"]
     assert not (tmp_path / ".best.best").exists()
+    assert "<title>transferkit report: best</title>" in (out / "report.html").read_text()  # titled by the run's folder, not the candidate's
 
 
 def test_best_interrupted_keeps_the_best_completed_candidate(lfw_split, tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from pathlib import Path
 from . import recipe, run
 from .classifier import Classifier
 from .config import BEST_BUDGET_MINUTES, TrainConfig, default_of
-from .errors import ConfigError, Interrupted
+from .errors import ConfigError, Interrupted, TransferkitError
 from .files import write_text
 from .progress import Reporter
 
@@ -87,8 +87,15 @@ def search(data, out: Path, config: TrainConfig, val_data, reporter: Reporter, o
                          + (f" (estimated {estimate:.0f}s)" if estimate else " (always: the reference)")
                          + f"; {left:.0f}s of the {budget:.0f}s budget left")
             settings = {**config.to_dict(), "preset": "default", "time_budget": None, **candidate.settings}
-            folder, began = side / f"{i}", time.perf_counter()
-            recipe.train(data, folder, TrainConfig.from_dict(settings), val_data, reporter)
+            folder, began = side / str(i) / out.name, time.perf_counter()  # the report is titled by the folder's name
+            try:
+                recipe.train(data, folder, TrainConfig.from_dict(settings), val_data, reporter)
+            except TransferkitError as exc:
+                if kept is None:  # the reference itself: the data or a setting is wrong
+                    raise
+                reporter.log(f"Best: {candidate.name} failed ({exc}); going on without it")
+                tried.append({"name": candidate.name, "failed": str(exc)})
+                continue
             row = kept_row(folder, config.monitor)
             tried.append({"name": candidate.name, "settings": candidate.settings, "folder": folder,
                           "seconds": round(time.perf_counter() - began, 1), **row})
@@ -101,6 +108,9 @@ def search(data, out: Path, config: TrainConfig, val_data, reporter: Reporter, o
             shutil.rmtree(side, ignore_errors=True)
             raise
         reporter.log(f"Best: interrupted; keeping {kept[0]['name']}, the best completed candidate")
+    except BaseException:
+        shutil.rmtree(side, ignore_errors=True)
+        raise
     chosen = kept[0]
     if work.exists():
         work.rmdir()  # prepare leaves an empty or no folder
