@@ -16,7 +16,7 @@ from transferkit.presets import SMALL_CLASS, SMALL_FINE_TUNE_EPOCHS, resolve, sm
 from transferkit.search import Candidate
 
 LAYERS = [(f"blocks.{b}.{i}", None) for b in range(8) for i in range(4)]  # 32 layers in 8 blocks
-BACKBONE = SimpleNamespace(layers=LAYERS, default_fine_tune_at="blocks.2.0")  # index 8: a deep default
+BACKBONE = SimpleNamespace(layers=LAYERS, default_fine_tune_at="blocks.2.0")  # index 8
 
 
 def test_unset_settings_take_the_presets_values_and_given_ones_win():
@@ -31,13 +31,16 @@ def test_unset_settings_take_the_presets_values_and_given_ones_win():
     assert notes == ["Preset fast: fine_tune_epochs 0"]
 
 
-def test_small_data_fine_tunes_the_last_quarter_for_fewer_epochs_unless_told_otherwise():
+def test_small_data_fine_tunes_for_fewer_epochs_unless_told_otherwise():
     config, at, notes = resolve(TrainConfig(), BACKBONE, smallest=SMALL_CLASS - 1)
-    assert LAYERS[at][0] == "blocks.6.0" and at == 24  # the first block boundary at 3/4 of the layers
     assert config.fine_tune_epochs == SMALL_FINE_TUNE_EPOCHS < PRESETS["default"]["fine_tune_epochs"]
-    assert any("Small data (99 training images in the smallest class" in n for n in notes)
+    assert at == 8  # the backbone's own depth
+    assert notes[1] == (f"Small data (99 training images in the smallest class, under {SMALL_CLASS}): "
+                        f"{SMALL_FINE_TUNE_EPOCHS} phase-2 epochs instead of 8")
     config, at, notes = resolve(TrainConfig(fine_tune_at=4, fine_tune_epochs=8), BACKBONE, smallest=10)
     assert (at, config.fine_tune_epochs) == (4, 8) and not any("Small" in n for n in notes)
+    config, _, notes = resolve(TrainConfig(preset="fast"), BACKBONE, smallest=10)
+    assert config.fine_tune_epochs == 0 and len(notes) == 1  # no phase 2 to shorten
 
 
 def test_the_smallest_class_counts_the_training_part_only():
@@ -117,7 +120,8 @@ def test_best_interrupted_keeps_the_best_completed_candidate(lfw_split, tmp_path
 def test_best_refuses_resume_and_a_backbone_you_chose_is_not_swapped(lfw_split, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="--resume does not apply to --preset best"):
         transferkit.train(lfw_split[0], tmp_path / "r", resume=True, preset="best")
-    cheap(monkeypatch, Candidate("default", {}, 1.0), Candidate("Lite2", {"backbone": "tf_efficientnet_lite2"}, 1.0))
+    cheap(monkeypatch, Candidate("default", {}, 1.0), Candidate("Lite2", {"backbone": "tf_efficientnet_lite2"}, 1.0,
+                                                                 default_backbone=True))
     out = tmp_path / "pinned"
     transferkit.train(lfw_split[0], out, preset="best", image_size=SIZE, epochs=1, fine_tune_epochs=0, batch_size=16)
     found = json.loads((out / "search.json").read_text())

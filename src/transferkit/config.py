@@ -127,8 +127,8 @@ class TrainConfig:
                         choices=TASKS)
     label_sep: str = setting("|", "Separator of the class names in a CSV's `labels` column.", "data", str)
     preset: str = setting("default", "fast: the head alone on cached features (seconds to a minute); default: both "
-                          "phases; best: the default, then bigger backbones while --time-budget lasts, keeping the "
-                          "best on validation. Settings you give win over the preset's.", "preset", str,
+                          "phases; best: the default, then deeper fine-tuning and bigger backbones while --time-budget "
+                          "lasts, keeping the best on validation. Settings you give win over the preset's.", "preset", str,
                           choices=tuple(PRESETS))
     time_budget: float | None = setting(
         None, f"Minutes of wall time for --preset best (default {BEST_BUDGET_MINUTES:g}): a candidate starts only if "
@@ -147,7 +147,7 @@ class TrainConfig:
         "default 8; 5 when the smallest class has under 100 training images).", "recipe", int, low=0, optional=True, unset="auto")
     fine_tune_at: int | str | None = setting(
         None, "First unfrozen layer in phase 2: index or name (`transferkit layers`); default: the backbone's (the "
-        "last quarter of its layers when the smallest class has under 100 training images).",
+        "last quarter of its layers, the seed's rule: layer 78 of EfficientNet-Lite0's 98).",
         "recipe", "layer", optional=True, unset="auto")
     lr: float = setting(1e-3, "Base learning rate (Adam) of phase 1.", "recipe", float, low=0, low_open=True)
     fine_tune_lr_factor: float = setting(0.1, "Phase 2's learning rate as a multiple of lr (the seed: 0.1).",

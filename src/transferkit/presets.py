@@ -2,15 +2,14 @@
 
 First the preset's values (`config.PRESETS`); then one rule that depends on the data, measured on
 the benchmark suite (docs/benchmarks.md, "Benchmark suite"): when the smallest class has fewer
-than `SMALL_CLASS` training images, phase 2 fine-tunes only the last quarter of the backbone's
-layers (the seed's depth) for at most `SMALL_FINE_TUNE_EPOCHS` epochs: the deeper, longer phase 2
-that helps on hundreds of images per class overfits a few dozen. A setting given explicitly always
-wins. Every decision is returned as a sentence for the log.
+than `SMALL_CLASS` training images, phase 2 runs `SMALL_FINE_TUNE_EPOCHS` epochs (the seed's)
+instead of the preset's: on a few dozen images per class the longer phase 2 gains nothing and
+overfits. A setting given explicitly always wins. Every decision is returned as a sentence for
+the log and the report.
 """
 
 from __future__ import annotations
 
-from .adapters import last_quarter
 from .backbones import Backbone, resolve_fine_tune_at
 from .config import PRESETS, TrainConfig
 from .data import LabelledImages
@@ -40,23 +39,14 @@ def filled(config: TrainConfig) -> TrainConfig:
 
 
 def resolve(config: TrainConfig, backbone: Backbone, smallest: int) -> tuple[TrainConfig, int, list[str]]:
-    """The settings with every unset one decided, the index of the first layer phase 2 trains, and
-    what was decided (one sentence each)."""
+    """The settings with every unset one decided, the index of the first layer phase 2 trains (the
+    backbone's default unless given), and what was decided (one sentence each)."""
     values, decided = preset_values(config)
-    notes = []
-    if decided:
-        notes.append(f"Preset {config.preset}: " + ", ".join(f"{k} {v}" for k, v in decided.items()))
-    small = smallest < SMALL_CLASS
-    layers = backbone.layers
-    if config.fine_tune_at is not None:
-        fine_tune_at = resolve_fine_tune_at(layers, config.fine_tune_at)
-    elif small and values["fine_tune_epochs"]:
-        fine_tune_at = resolve_fine_tune_at(layers, last_quarter(layers))
-        notes.append(f"Small data ({smallest} training images in the smallest class, under {SMALL_CLASS}): phase 2 "
-                     f"fine-tunes the last quarter of the layers, from {fine_tune_at} ({layers[fine_tune_at][0]})")
-    else:
-        fine_tune_at = resolve_fine_tune_at(layers, backbone.default_fine_tune_at)
-    if small and "fine_tune_epochs" in decided and values["fine_tune_epochs"] > SMALL_FINE_TUNE_EPOCHS:
+    notes = [f"Preset {config.preset}: " + ", ".join(f"{k} {v}" for k, v in decided.items())] if decided else []
+    if smallest < SMALL_CLASS and "fine_tune_epochs" in decided and values["fine_tune_epochs"] > SMALL_FINE_TUNE_EPOCHS:
         values["fine_tune_epochs"] = SMALL_FINE_TUNE_EPOCHS
-        notes.append(f"Small data: {SMALL_FINE_TUNE_EPOCHS} phase-2 epochs instead of {decided['fine_tune_epochs']}")
+        notes.append(f"Small data ({smallest} training images in the smallest class, under {SMALL_CLASS}): "
+                     f"{SMALL_FINE_TUNE_EPOCHS} phase-2 epochs instead of {decided['fine_tune_epochs']}")
+    fine_tune_at = resolve_fine_tune_at(backbone.layers, config.fine_tune_at if config.fine_tune_at is not None
+                                        else backbone.default_fine_tune_at)
     return TrainConfig.from_dict(values), fine_tune_at, notes
