@@ -35,8 +35,8 @@ class Candidate:
 
 
 # In the order tried: where the benchmark suite found accuracy (docs/benchmarks.md, "Benchmark suite").
-# Fine-tuning from block 4 of EfficientNet-Lite0 (layer 48, not the last quarter): about a point more,
-# at 1.6x the time (measured: ELPV 332 / 210 s, digits 244 / 153 s). The bigger backbones' costs are
+# Fine-tuning from block 4 of EfficientNet-Lite0 (layer 48, not the last quarter): 1.3 points more,
+# at 1.6x the time (measured: ELPV 332 / 210 s, digits 244 / 148 s). The bigger backbones' costs are
 # their multiply-adds per image at their own sizes over Lite0's at 224 px (407 M; 631 M and 899 M,
 # Tan & Le's EfficientNet-Lite table).
 CANDIDATES = (
