@@ -68,7 +68,7 @@ def efficientnet_lite(n: int, file: str, sha256: str) -> WeightSource:
 
 # Fine-tuning starts at the adapter's default, the last quarter of the layers (Lite0: layer 78 of 98,
 # blocks.5.2). From block 4 (layer 48) the benchmark suite measured 1.3 points more (ELPV 87.3 vs
-# 86.0 %, digits 98.3 vs 97.0 %, three seeds) for 1.6x the training time; that depth is a candidate of
+# 86.0 %, digits 98.3 vs 96.9 %, three seeds) for 1.6x the training time; that depth is a candidate of
 # --preset best (search.py), not the default. See docs/benchmarks.md, "Benchmark suite".
 register_weights(efficientnet_lite(0, "efficientnet-lite0-57934424.pth",
                                    "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"))
