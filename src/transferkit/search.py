@@ -104,19 +104,19 @@ def search(data, out: Path, config: TrainConfig, val_data, reporter: Reporter, o
             row = kept_row(folder, config.monitor)
             tried.append({"name": candidate.name, "settings": candidate.settings, "folder": folder,
                           "seconds": round(time.perf_counter() - began, 1), **row})
-            if kept is None or recipe.is_better(row, kept[1], config.monitor):
-                kept = (tried[-1], row)
+            if kept is None or recipe.is_better(row, kept, config.monitor):
+                kept = tried[-1]
             reporter.log(f"Best: {candidate.name}: validation {config.monitor} {row[config.monitor]:.4f} "
-                         f"(accuracy {row['val_accuracy']:.4f}); keeping {kept[0]['name']}")
+                         f"(accuracy {row['val_accuracy']:.4f}); keeping {kept['name']}")
     except Interrupted:
         if kept is None:
             shutil.rmtree(side, ignore_errors=True)
             raise
-        reporter.log(f"Best: interrupted; keeping {kept[0]['name']}, the best completed candidate")
+        reporter.log(f"Best: interrupted; keeping {kept['name']}, the best completed candidate")
     except BaseException:
         shutil.rmtree(side, ignore_errors=True)
         raise
-    chosen = kept[0]
+    chosen = kept
     if work.exists():
         work.rmdir()  # prepare leaves an empty or no folder
     os.replace(chosen["folder"], work)
