@@ -21,6 +21,7 @@ from PIL import Image
 
 from transferkit.backbones import create_backbone
 from transferkit.data import iter_decoded, load_image
+from transferkit.fold import fold_batchnorm
 
 BATCH = 32
 
@@ -31,13 +32,14 @@ def forward_configs(model: torch.nn.Module, size: int) -> dict:
     x = torch.rand(BATCH, 3, size, size)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    folded = fold_batchnorm(model.to(memory_format=torch.channels_last))  # a channels_last copy
 
-    def run(inp, grad_mode, autocast=False, threads=None):
+    def run(inp, grad_mode, autocast=False, threads=None, net=model):
         def go():
             if threads:
                 torch.set_num_threads(threads)
             with grad_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-                model(inp)
+                net(inp)
             if threads:
                 torch.set_num_threads(default_threads)
         return go
@@ -48,11 +50,13 @@ def forward_configs(model: torch.nn.Module, size: int) -> dict:
         "+ torch.no_grad": (run(x, torch.no_grad), False),
         "+ torch.inference_mode": (run(x, torch.inference_mode), False),
         "+ channels_last": (run(x_cl, torch.inference_mode), True),
+        "+ BatchNorm folded into the convolutions": (run(x_cl, torch.inference_mode, net=folded), True),
     }
     if bf16:
-        configs["+ bfloat16 autocast (native on this CPU)"] = (run(x_cl, torch.inference_mode, True), True)
-    configs[f"same, 1 thread instead of {default_threads}"] = (
-        run(x_cl, torch.inference_mode, bf16, threads=1), True)
+        configs["+ bfloat16 autocast (native on this CPU)"] = (run(x_cl, torch.inference_mode, True, net=folded), True)
+        configs["same, BatchNorm not folded"] = (run(x_cl, torch.inference_mode, True), True)
+    configs[f"same as the folded rows, 1 thread instead of {default_threads}"] = (
+        run(x_cl, torch.inference_mode, bf16, threads=1, net=folded), True)
     return configs
 
 

@@ -26,7 +26,11 @@ def model_and_config(**overrides):
 
 
 @pytest.mark.parametrize("fine_tune_epochs", [0, 2])
-def test_cached_and_plain_loops_give_the_same_weights_without_augmentation(lfw_data, fine_tune_epochs):
+def test_cached_and_plain_loops_give_the_same_weights_without_augmentation(lfw_data, fine_tune_epochs, monkeypatch):
+    # The arithmetic of caching alone: extraction through the model's own layers, as the plain loop
+    # runs them. (Folded BatchNorm changes the stored inputs by float rounding, ~1e-6 relative, which
+    # Adam's normalised steps amplify on weights whose gradient is near zero; test_fold checks it.)
+    monkeypatch.setattr("transferkit.cache.fold_batchnorm", lambda backbone: backbone)
     train, val = lfw_data.subset(np.arange(0, 48, 2)), lfw_data.subset(np.arange(1, 48, 2))
     results = []
     for cache in (False, True):

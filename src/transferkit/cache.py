@@ -29,6 +29,7 @@ from .adapters import adapter_for
 from .config import TrainConfig
 from .data import LabelledImages, allocate, image_key, memory_budget
 from .files import atomic_path, write_text
+from .fold import fold_batchnorm
 from .inference import to_batch
 from .model import TransferModel, to_unit
 from .progress import Reporter
@@ -174,13 +175,17 @@ def extract(model: TransferModel, images: np.ndarray, views: int, cut: int | Non
             dtype=np.float16, in_ram: bool = True, spill_dir=None, autocast: bool = False,
             store: FeatureStore | None = None, keep: bool = False,
             progress: Callable[[], None] | None = None,
-            keys: list[str] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Pooled features (V, N, F) and, when `cut` is given, boundary activations (V, N, ...).
+            keys: list[str] | None = None,
+            backbone: nn.Module | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pooled features (V, N, F) and, when `cut` is given, boundary activations (V, N, ...), of
+    `backbone` (default: the model's; `chain` is then its chain) after the model's augmentation and
+    normalisation.
 
     View 0 is the clean image; view k > 0 is drawn by the model's augmentation with a seed made
     of the image's content and k (`keys`: the images' `image_key`s, when already known). Views found
     in `store` are read instead of computed."""
     n = len(images)
+    backbone = backbone or model.backbone
     keys = keys or [image_key(images[i]) for i in range(n)]
     arrays: dict[str, np.ndarray] = {}
 
@@ -209,8 +214,8 @@ def extract(model: TransferModel, images: np.ndarray, views: int, cut: int | Non
                 x = model.normalize(model.augment(to_unit(x), seeds))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                     b = run_chain(chain[:cut], x) if cut is not None else None
-                    rest = run_chain(chain[cut:], b) if b is not None else model.backbone.forward_features(x)
-                    f = model.backbone.forward_head(rest, pre_logits=True)
+                    rest = run_chain(chain[cut:], b) if b is not None else backbone.forward_features(x)
+                    f = backbone.forward_head(rest, pre_logits=True)
             pooled = f.float().cpu().numpy()
             boundary = None if b is None else b.float().cpu().numpy().astype(dtype)
             put("pooled", view, index, pooled, np.float32)
@@ -327,7 +332,7 @@ def feature_store(config: TrainConfig, model: TransferModel, weights_sha256: str
     settings = {"backbone": config.backbone, "weights_sha256": weights_sha256,
                 "image_size": image_size, "flip": model.augment.flip,
                 "rotation": model.augment.rotation, "boundary": boundary, "dtype": config.cache_dtype,
-                "bf16": bf16, "torch": torch.__version__.split("+")[0], "timm": timm.__version__}
+                "bf16": bf16, "folded": True, "torch": torch.__version__.split("+")[0], "timm": timm.__version__}
     return FeatureStore(root, settings, int(config.cache_cap_gb * 2**30), shapes)
 
 
@@ -338,8 +343,9 @@ def build_views(model: TransferModel, train_data: LabelledImages, val_data: Labe
                 cache_plan: CachePlan, device: torch.device, spill_dir, weights_sha256: str | None,
                 reporter: Reporter) -> tuple[PhaseViews, PhaseViews]:
     """(train, validation) views for each phase: the cached outputs of the frozen layers, read
-    from the cross-run store or computed once."""
+    from the cross-run store or computed once (by a copy of the backbone with BatchNorm folded)."""
     chain, cut = cache_plan.chain, cache_plan.cut
+    folded = fold_batchnorm(model.backbone)
     boundary = chain[cut][0] if cut is not None else None
     size = int(train_data.images.shape[1])
     shapes = ((model.head.in_features,), cache_plan.boundary_shape)
@@ -350,7 +356,8 @@ def build_views(model: TransferModel, train_data: LabelledImages, val_data: Labe
     total = -(-len(train_data) // config.batch_size) * cache_plan.views + -(-len(val_data) // config.batch_size)
     reporter.start("extracting features", total)
     try:
-        common = dict(cut=cut, chain=chain, batch_size=config.batch_size, device=device,
+        common = dict(cut=cut, chain=None if cut is None else feature_chain(folded), backbone=folded,
+                      batch_size=config.batch_size, device=device,
                       dtype=np.dtype(config.cache_dtype), in_ram=cache_plan.in_ram, spill_dir=spill_dir,
                       keep=config.keep_cache, progress=reporter.advance)
         shards = distributed.current()  # under torchrun each rank extracts its shard of the images

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
 from .engine import Engine
+from .fold import fold_batchnorm
 from .inference import predict_proba
 from .model import TransferModel
 
@@ -24,5 +27,10 @@ class Classifier(Engine):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @functools.cached_property
+    def folded(self) -> torch.nn.Module:
+        """The backbone with BatchNorm folded into its convolutions: the same probabilities, faster."""
+        return fold_batchnorm(self.model.backbone)
+
     def _proba(self, images: np.ndarray, batch_size: int) -> np.ndarray:
-        return predict_proba(self.model, images, batch_size=batch_size, device=self.device)
+        return predict_proba(self.model, images, lambda x: self.model(x, self.folded), batch_size, self.device)

@@ -213,15 +213,16 @@ def extract_pool(featurizer: Featurizer, files: list[Path], progress: Callable[[
     import torch
 
     from .cache import extract
+    from .fold import fold_batchnorm
 
     kept, rows, skipped, first, pending = [], [], [], {}, []
-    done = 0
+    done, backbone = 0, fold_batchnorm(featurizer.model.backbone)  # as `train` extracts
 
     def flush() -> None:
         nonlocal done
         pooled, _ = extract(featurizer.model, np.stack([p[1] for p in pending]), 1, None, None, batch_size,
                             torch.device("cpu"), dtype=np.float32, store=featurizer.store,
-                            keys=[p[2] for p in pending])
+                            keys=[p[2] for p in pending], backbone=backbone)
         rows.append(np.asarray(pooled[0], dtype=np.float32))
         kept.extend(p[0] for p in pending)
         done += len(pending)

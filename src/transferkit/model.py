@@ -106,13 +106,15 @@ class TransferModel(nn.Module):
         """uint8 [0, 255] or float [0, 1] images to the backbone's normalised input."""
         return (to_unit(x) - self.mean) / self.std
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features of normalised images (global average pooling for CNNs)."""
-        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+    def features(self, x: torch.Tensor, backbone: nn.Module | None = None) -> torch.Tensor:
+        """Pooled backbone features of normalised images (global average pooling for CNNs);
+        `backbone`: another copy of it (in inference, one with BatchNorm folded)."""
+        backbone = backbone or self.backbone
+        return backbone.forward_head(backbone.forward_features(x), pre_logits=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, backbone: nn.Module | None = None) -> torch.Tensor:
         x = self.normalize(self.augment(to_unit(x)))
-        return self.head(self.dropout(self.features(x)))
+        return self.head(self.dropout(self.features(x, backbone)))
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor,
              class_weight: torch.Tensor | None = None) -> torch.Tensor:
