@@ -353,7 +353,7 @@ class Trainer:
                "seconds": time.perf_counter() - start}
         self.history.append(row)
         if is_better(row, self.best, self.config.monitor):
-            self.best, self.best_state = row, copy.deepcopy(self.model.state_dict())
+            self.best, self.best_state = row, {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.best_logits = logits  # what calibration needs: the kept model's validation logits
         self.reporter.log(f"epoch {epoch:>3} phase {phase}  loss {train_loss:.4f}  acc {train_acc:.4f}"
                           f"  val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}"
