@@ -15,7 +15,8 @@ accuracy per minute and peak memory; then each way's mean and worst set.
 Keras: `--keras-python ~/venv-keras/bin/python` (the peer's README says how to make that venv);
 without it the Keras rows are left out. Time only on a quiet machine: each run is a separate
 process, measured back to back; results go to runs/suite/results.jsonl as they come, so a
-stopped suite continues where it stopped (runs already there are not repeated).
+stopped suite continues where it stopped (runs already there are not repeated, unless `--again`:
+each row records the commit it ran, and the table shows the last row of each set, way and seed).
 """
 
 from __future__ import annotations
@@ -203,6 +204,16 @@ def run_keras(python: str, data: Path, seed: int, out: Path) -> dict:
             "n": result["final_val_total"], "seconds": round(seconds, 1), "peak_mib": round(result["peak_rss_mb"])}
 
 
+def latest(rows: list[dict]) -> list[dict]:
+    """The last row of each (set, way, seed): a way run `--again` replaces its earlier rows."""
+    return list({(r["set"], r["way"], r["seed"]): r for r in rows}.values())
+
+
+def commit() -> str:
+    done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
 def table(rows: list[dict]) -> str:
     from transferkit.metrics import wilson_interval
 
@@ -210,7 +221,7 @@ def table(rows: list[dict]) -> str:
              "time (s) | accuracy per minute | peak memory (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
     for name in SETS:
         for way in WAYS:
-            found = [r for r in rows if r["set"] == name and r["way"] == way]
+            found = [r for r in latest(rows) if r["set"] == name and r["way"] == way]
             if not found:
                 continue
             acc = np.array([r["accuracy"] for r in found])
@@ -224,6 +235,7 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {name} | {way} | {len(found)} | {shown} | {low:.1%}–{high:.1%} | "
                          f"{'' if np.isnan(balanced) else f'{balanced:.1%}'} | {seconds:.0f} | "
                          f"{acc.mean() / (seconds / 60):.1%} | {max((r['peak_mib'] or 0) for r in found)} |")
+    rows = latest(rows)
     means = {way: [np.mean([r["accuracy"] for r in rows if r["set"] == name and r["way"] == way]) for name in SETS
                    if any(r["set"] == name and r["way"] == way for r in rows)] for way in WAYS}
     lines.append("")
@@ -242,6 +254,8 @@ def main() -> None:
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--prepare-only", action="store_true")
     parser.add_argument("--table", action="store_true", help="print the table of the results so far and stop")
+    parser.add_argument("--again", action="store_true",
+                        help="run even where results.jsonl has the row (the table then shows the new one)")
     args = parser.parse_args()
     if args.list:
         for s in SETS.values():
@@ -263,12 +277,12 @@ def main() -> None:
             if way == "keras" and not args.keras_python:
                 continue
             for seed in args.seeds:
-                if any(r["set"] == name and r["way"] == way and r["seed"] == seed for r in rows):
+                if not args.again and any(r["set"] == name and r["way"] == way and r["seed"] == seed for r in rows):
                     continue
                 out = args.out / f"{name}-{way}-{seed}"
                 result = (run_keras(args.keras_python, data, seed, out) if way == "keras" else
                           run_transferkit(data, out, way, seed))
-                row = {"set": name, "way": way, "seed": seed, **result}
+                row = {"set": name, "way": way, "seed": seed, **result, "commit": commit()}
                 rows.append(row)
                 with open(results, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
