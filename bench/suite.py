@@ -217,11 +217,13 @@ def commit() -> str:
 def table(rows: list[dict]) -> str:
     from transferkit.metrics import wilson_interval
 
+    rows = latest(rows)
+
     lines = ["| set | way | runs | test accuracy, mean ± spread (min) | one run's 95 % interval | balanced accuracy | "
              "time (s) | accuracy per minute | peak memory (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
     for name in SETS:
         for way in WAYS:
-            found = [r for r in latest(rows) if r["set"] == name and r["way"] == way]
+            found = [r for r in rows if r["set"] == name and r["way"] == way]
             if not found:
                 continue
             acc = np.array([r["accuracy"] for r in found])
@@ -235,7 +237,6 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {name} | {way} | {len(found)} | {shown} | {low:.1%}–{high:.1%} | "
                          f"{'' if np.isnan(balanced) else f'{balanced:.1%}'} | {seconds:.0f} | "
                          f"{acc.mean() / (seconds / 60):.1%} | {max((r['peak_mib'] or 0) for r in found)} |")
-    rows = latest(rows)
     means = {way: [np.mean([r["accuracy"] for r in rows if r["set"] == name and r["way"] == way]) for name in SETS
                    if any(r["set"] == name and r["way"] == way for r in rows)] for way in WAYS}
     lines.append("")

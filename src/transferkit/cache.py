@@ -185,7 +185,7 @@ def extract(model: TransferModel, images: np.ndarray, views: int, cut: int | Non
     of the image's content and k (`keys`: the images' `image_key`s, when already known). Views found
     in `store` are read instead of computed."""
     n = len(images)
-    backbone = backbone or model.backbone
+    backbone = model.backbone if backbone is None else backbone
     keys = keys or [image_key(images[i]) for i in range(n)]
     arrays: dict[str, np.ndarray] = {}
 

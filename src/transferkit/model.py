@@ -109,7 +109,7 @@ class TransferModel(nn.Module):
     def features(self, x: torch.Tensor, backbone: nn.Module | None = None) -> torch.Tensor:
         """Pooled backbone features of normalised images (global average pooling for CNNs);
         `backbone`: another copy of it (in inference, one with BatchNorm folded)."""
-        backbone = backbone or self.backbone
+        backbone = self.backbone if backbone is None else backbone
         return backbone.forward_head(backbone.forward_features(x), pre_logits=True)
 
     def forward(self, x: torch.Tensor, backbone: nn.Module | None = None) -> torch.Tensor:
