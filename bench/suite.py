@@ -173,21 +173,24 @@ SETS = {s.name: s for s in (
 
 
 def run_transferkit(data: Path, out: Path, way: str, seed: int) -> dict:
-    """One training and test-set evaluation in a child process: accuracy, time, peak memory."""
-    code = ("import json, sys, transferkit; from transferkit.config import from_arguments; "
-            "c = transferkit.train(sys.argv[1] + '/train', sys.argv[2], from_arguments(sys.argv[3:]), overwrite=True); "
-            "m = c.evaluate(sys.argv[1] + '/test'); "
-            "import resource; peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
-            "print(json.dumps({**{k: m[k] for k in ('accuracy', 'accuracy_ci95', 'balanced_accuracy', 'n')}, "
-            "'peak_mib': round(peak)}))")
-    args = [sys.executable, "-c", code, str(data), str(out), *WAYS[way], "--seed", str(seed)]
+    """One `transferkit train --test-dir` in a child process, the command a user runs: the test
+    set's accuracy, the wall time from start to exit, the child's peak memory."""
+    args = [sys.executable, "-m", "transferkit", "train", str(data / "train"), "--out", str(out), "--overwrite",
+            "--test-dir", str(data / "test"), *WAYS[way], "--seed", str(seed)]
     with tempfile.TemporaryDirectory() as cold:  # a new user's first run: no views stored by an earlier run
-        started = time.perf_counter()
-        done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "XDG_CACHE_HOME": cold})
-        seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"{way} on {data} failed:\n{done.stderr[-2000:]}")
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "seconds": round(seconds, 1)}
+        log = Path(cold) / "log"
+        with open(log, "w") as fh:
+            started = time.perf_counter()
+            child = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "XDG_CACHE_HOME": cold})
+            _, status, usage = os.wait4(child.pid, 0)  # reaps it with its own resource usage
+            seconds = time.perf_counter() - started
+            child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode != 0:
+            raise SystemExit(f"{way} on {data} failed:\n{log.read_text()[-2000:]}")
+    m = json.loads((out / "test_metrics.json").read_text())
+    return {**{k: m[k] for k in ("accuracy", "accuracy_ci95", "balanced_accuracy", "n")},
+            "peak_mib": round(usage.ru_maxrss / 1024), "seconds": round(seconds, 1)}
 
 
 def run_keras(python: str, data: Path, seed: int, out: Path) -> dict:

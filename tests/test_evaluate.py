@@ -11,7 +11,8 @@ import torch
 
 from transferkit.balance import class_weights, epoch_order
 from transferkit.calibrate import choose_threshold, fit_temperature, nll
-from transferkit.metrics import classification_metrics, expected_calibration_error, wilson_interval
+from transferkit.metrics import (classification_metrics, epoch_metrics, expected_calibration_error,
+                                multilabel_metrics, wilson_interval)
 
 # 4 negatives (3 right, p1 = 0.6 wrong) and 6 positives (4 right, 0.4 and 0.45 wrong)
 P1 = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.45, 0.7, 0.8, 0.9, 0.95])
@@ -33,6 +34,23 @@ def test_binary_metrics_match_hand_computed_values():
     assert m["loss"] == pytest.approx(-np.log(p_true).mean())
     assert m["accuracy_ci95"] == pytest.approx([0.3968, 0.8922], abs=1e-4)  # Wilson, 7 of 10
     assert m["positive_class"] == "pos" and "top_k_accuracy" not in m
+
+
+def test_epoch_metrics_are_the_headline_numbers_of_the_full_metrics():
+    probabilities = np.stack([1 - P1, P1], 1)
+    each_epoch, full = epoch_metrics(Y, probabilities, 0.5), classification_metrics(Y, probabilities, ["n", "p"])
+    assert each_epoch == {k: full[k] for k in ("loss", "accuracy", "map")}
+    assert each_epoch["accuracy"] == pytest.approx(0.7)
+    assert epoch_metrics(Y, probabilities, 0.42)["accuracy"] == pytest.approx(0.8)  # 0.45 is now right
+    truth = np.array([[1, 0], [0, 1], [1, 1]])
+    p = np.array([[0.9, 0.2], [0.4, 0.7], [0.6, 0.3]])
+    bce = -np.mean(truth * np.log(p) + (1 - truth) * np.log(1 - p))
+    for thresholds, subset_accuracy in (([0.5, 0.5], 2 / 3), ([0.5, 0.25], 1.0)):
+        each_epoch = epoch_metrics(truth, p, thresholds)
+        full = multilabel_metrics(truth, p, ["a", "b"], thresholds)
+        assert each_epoch["accuracy"] == pytest.approx(subset_accuracy) == full["accuracy"]
+        assert each_epoch["loss"] == pytest.approx(bce) == full["loss"]
+        assert each_epoch["map"] == pytest.approx(full["map"])
 
 
 def test_threshold_changes_predictions():

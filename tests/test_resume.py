@@ -166,6 +166,24 @@ def test_early_stopping_stops_where_the_history_says(data, tmp_path):
         assert "stopped early" in (out / "report.html").read_text()
 
 
+def test_free_cores_leave_out_this_process_and_measure_afresh_when_the_last_look_is_old(monkeypatch):
+    from transferkit import runtime
+
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 4)
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 4)
+    slept = []
+    monkeypatch.setattr(runtime.time, "sleep", slept.append)
+    # (idle, total, this process) CPU seconds: 2 s of wall time on 4 cores is 8 CPU seconds
+    monkeypatch.setattr(runtime, "_last_sample", (0.0, 0.0, 0.0))
+    monkeypatch.setattr(runtime, "_cpu_times", lambda: (4.0, 8.0, 4.0))  # all busy time is ours
+    assert runtime.free_cores() == 4 and slept == []
+    monkeypatch.setattr(runtime, "_cpu_times", lambda: (6.0, 16.0, 6.0))  # others kept 2 cores busy
+    assert runtime.free_cores() == 2 and slept == []
+    samples = iter([(1000.0, 2000.0, 10.0), (1000.5, 2001.0, 10.0)])  # 250 s later: measure over 0.25 s
+    monkeypatch.setattr(runtime, "_cpu_times", lambda: next(samples))
+    assert runtime.free_cores() == 2 and slept == [0.25]
+
+
 def test_threads_follow_the_setting_and_default_to_the_free_cores(data, tmp_path):
     from transferkit.runtime import free_cores, usable_cores
 

@@ -151,6 +151,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, binary_run, lfw_spl
         ("train", lfw_split[0], "--out", tmp_path / "r", "--backbone", "nonsense_net"),
         ("train", lfw_split[0], "--out", tmp_path / "r", "--fine-tune-at", "no_such_layer"),
         ("train", lfw_split[0], "--out", tmp_path / "r", "--val-split", "1.5"),
+        ("train", lfw_split[0], "--out", tmp_path / "r", "--test-dir", tmp_path / "missing"),
         ("predict", tmp_path / "not_a_run", lfw_split[1]),
         ("evaluate", binary_run[1], tmp_path / "missing"),
         ("layers", "nonsense_net"),
@@ -161,6 +162,19 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, binary_run, lfw_spl
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and result.stderr.strip().endswith(errors[0]), result.stderr
         assert "Traceback" not in result.stderr
+    assert not (tmp_path / "r").exists()  # every train case failed before writing anything
+
+
+def test_cli_train_with_a_test_dir_reports_the_held_out_metrics(lfw_split, tmp_path):
+    out = tmp_path / "run"
+    result = cli("train", lfw_split[0], "--out", out, "--test-dir", lfw_split[1], "--preset", "fast",
+                 "--image-size", SIZE, "--epochs", 3, "--seed", 1)
+    written = json.loads((out / "test_metrics.json").read_text())
+    again = transferkit.load(out).evaluate(lfw_split[1])
+    assert written["n"] == 60 and written["accuracy"] == again["accuracy"] and written["accuracy"] >= 0.8
+    assert abs(written["loss"] - again["loss"]) < 1e-6
+    assert f"{lfw_split[1]}: 60 images, accuracy {written['accuracy']:.4f}" in result.stdout
+    assert "confusion matrix" in result.stdout
 
 
 def test_cli_evaluate_backbones_layers(binary_run, lfw_split, tmp_path):
@@ -172,3 +186,19 @@ def test_cli_evaluate_backbones_layers(binary_run, lfw_split, tmp_path):
     assert layers[0] == "Number of layers in the base model: 98"
     assert layers[1].split()[:2] == ["0", "conv_stem"]
     assert sum("default fine_tune_at" in line for line in layers) == 1
+
+
+def test_the_command_leaves_its_objects_to_the_operating_system_at_exit(monkeypatch, capsys):
+    import gc
+
+    from transferkit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["transferkit", "backbones"])
+    gc.unfreeze()
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        assert exit_.value.code == 0 and "tf_efficientnet_lite0" in capsys.readouterr().out
+        assert gc.get_freeze_count() > 0  # the last collection on the way out skips them (1 s with torch loaded)
+    finally:
+        gc.unfreeze()

@@ -9,6 +9,7 @@ imported inside the commands that need them, so `--help` and `backbones` answer 
 from __future__ import annotations
 
 import csv
+import gc
 import inspect
 import json
 import os
@@ -31,7 +32,7 @@ except ImportError:  # pragma: no cover - older typer on click
     from click.exceptions import NoArgsIsHelpError, UsageError
 
 from .config import DEFAULT_BACKBONE, TrainConfig, flag, option_name, read_settings, settings, shown
-from .errors import Interrupted, TransferkitError
+from .errors import ConfigError, Interrupted, TransferkitError
 
 class Boundary(TyperGroup):
     """User errors as one line (exit 2); a bug with its traceback and a request to report it."""
@@ -120,12 +121,14 @@ def setting_parameters() -> list[inspect.Parameter]:
     return params
 
 
-def train(data: Path, out_dir: Path, config: Optional[Path], val_dir: Optional[Path], resume: bool, overwrite: bool,
-          quiet: bool, nproc: Optional[int], **given):
+def train(data: Path, out_dir: Path, config: Optional[Path], val_dir: Optional[Path], test_dir: Optional[Path],
+          resume: bool, overwrite: bool, quiet: bool, nproc: Optional[int], **given):
     """Train a classifier: frozen backbone + new head, then fine-tune from --fine-tune-at."""
     from .progress import Reporter
     from .search import train as train_run
 
+    if test_dir is not None and not test_dir.exists():  # before the training, not after it
+        raise ConfigError(f"{test_dir}: no such folder or CSV (--test-dir)")
     values = {**(read_settings(config) if config else {}), **{k: v for k, v in given.items() if v is not None}}
     settings_ = TrainConfig.from_dict(values, str(config) if config else None)
     asked = {k: getattr(settings_, k) for k in values}  # only what was asked for; resume checks it
@@ -143,15 +146,33 @@ def train(data: Path, out_dir: Path, config: Optional[Path], val_dir: Optional[P
             if status_of(out_dir) in (RUNNING, INTERRUPTED):
                 raise RunError(f"{exc}; {out_dir} is resumable: the same command with --resume") from None
             raise
+        evaluate_held_out(out_dir, test_dir, quiet)
         return
     if resume:
         classifier = train_run(data, out_dir, val_data=val_dir, reporter=Reporter(quiet=quiet), resume=True, **asked)
     else:
         classifier = train_run(data, out_dir, settings_, val_data=val_dir, reporter=Reporter(quiet=quiet),
                                overwrite=overwrite)
-    if not quiet and classifier is not None:  # None: a rank other than 0 of a torchrun job
+    if classifier is None:  # a rank other than 0 of a torchrun job
+        return
+    if not quiet:
         typer.echo(f"Wrote {out_dir}/ (model.safetensors, model.json, metrics.json, history.csv, "
                    "learning_curves.png, skipped.csv, val_predictions.csv, report.html)", err=True)
+    evaluate_held_out(out_dir, test_dir, quiet, classifier)
+
+
+def evaluate_held_out(out_dir: Path, test_dir: Optional[Path], quiet: bool, classifier=None) -> None:
+    """`train --test-dir`: the trained model's metrics on held-out images, as `evaluate` gives them,
+    written to the run's test_metrics.json."""
+    from .files import write_text
+    from .run import load
+
+    if test_dir is None:
+        return
+    metrics = (classifier if classifier is not None else load(out_dir)).evaluate(test_dir)
+    write_text(out_dir / "test_metrics.json", json.dumps(metrics, indent=2) + "\n")
+    if not quiet:
+        print_metrics(test_dir, metrics)
 
 
 def arguments(given: dict) -> list[str]:
@@ -177,6 +198,9 @@ train.__signature__ = inspect.Signature([
                                "options on the command line win.")),
     inspect.Parameter("val_dir", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
         None, help="Separate validation folder/CSV (else a stratified split).")),
+    inspect.Parameter("test_dir", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
+        None, help="Held-out labelled folder/CSV: after training, its metrics (as `evaluate` gives them) are "
+                   "printed and written to the run's test_metrics.json.")),
     inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
         False, "--resume", help="Continue the interrupted (or killed) run in --out from its last epoch, with its own "
                                 "settings.")),
@@ -208,6 +232,11 @@ def evaluate(
     metrics = load(run).evaluate(data, tta=tta)
     if output:
         write_text(output, json.dumps(metrics, indent=2) + "\n")
+    print_metrics(data, metrics, tta)
+
+
+def print_metrics(data: Path, metrics: dict, tta: bool = False) -> None:
+    """`evaluate`'s summary: the headline numbers, the per-class table and the confusion matrix."""
     if metrics.get("task") == "multilabel":
         print_multilabel(data, metrics, tta)
         return
@@ -497,7 +526,13 @@ def import_keras(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    finally:
+        # Leave the millions of objects that importing torch, timm and scikit-learn made to the
+        # operating system: Python's last garbage collection would walk them all for about 1 s on
+        # its way out (measured in docs/benchmarks.md, "Fixed costs").
+        gc.freeze()
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ from .errors import ConfigError, DataError, Interrupted
 from .experiment import open_log
 from .files import atomic_path, write_text
 from .inference import to_batch
-from .metrics import (binary_calibration_error, evaluation_metrics, expected_calibration_error, predict_labels,
-                      predict_sets)
+from .metrics import (binary_calibration_error, epoch_metrics, evaluation_metrics, expected_calibration_error,
+                      predict_labels, predict_sets)
 from .model import TransferModel
 from .presets import filled, resolve, smallest_class
 from .progress import Reporter
@@ -273,7 +273,6 @@ class Trainer:
                  reporter: Reporter, device: torch.device, checkpoints: Path | None = None):
         self.model, self.config, self.reporter, self.device = model, config, reporter, device
         self.checkpoints = checkpoints
-        self.classes = train_set.classes
         self.n_batches = -(-len(train_set) // config.batch_size)
         self.rng = np.random.default_rng(config.seed)
         self.history: list[dict] = []
@@ -346,8 +345,7 @@ class Trainer:
             self.reporter.log(f"warning: {self.warnings[-1]}")
         logits = distributed.current().predict_logits(self.model, val_views.inputs[0], val_views.forward,
                                                       self.config.batch_size, self.device)
-        val = evaluation_metrics(val_views.labels, self.model.probabilities(torch.from_numpy(logits)).numpy(),
-                                 self.classes, 0.5)
+        val = epoch_metrics(val_views.labels, self.model.probabilities(torch.from_numpy(logits)).numpy(), 0.5)
         row = {"epoch": epoch, "phase": phase, "lr": lr, "train_loss": train_loss, "train_accuracy": train_acc,
                "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_map": val["map"],
                "seconds": time.perf_counter() - start}

@@ -42,29 +42,43 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _cpu_times() -> tuple[float, float] | None:
+def _cpu_times() -> tuple[float, float, float] | None:
+    """Idle and total CPU seconds of the whole machine (/proc/stat) and this process's CPU seconds."""
     try:
         with open("/proc/stat") as fh:
             values = [float(v) for v in fh.readline().split()[1:]]
     except (OSError, ValueError):
         return None
+    tick = os.sysconf("SC_CLK_TCK")
     idle = values[3] + (values[4] if len(values) > 4 else 0.0)
-    return idle, sum(values)
+    own = os.times()
+    return idle / tick, sum(values) / tick, own.user + own.system
 
 
-def free_cores(sample: float = 0.25) -> int:
-    """Cores not used by other processes right now (sampled from /proc/stat over `sample` seconds,
-    while this process waits); all usable cores where that cannot be measured."""
+_last_sample = _cpu_times()  # free_cores measures from here (import time) on, then from its last call
+
+
+def free_cores(sample: float = 0.25, recent: float = 10.0) -> int:
+    """Cores not used by other processes now: the machine's busy CPU time less this process's own,
+    since the last measurement (or the import of this module) if that was at most `recent` seconds
+    ago, else over a fresh `sample` seconds; at least `sample` seconds either way (this process
+    waits for the rest). All usable cores where that cannot be measured."""
+    global _last_sample
     cores = usable_cores()
-    before = _cpu_times()
-    if before is None:
-        return cores
-    time.sleep(sample)
-    after = _cpu_times()
-    total = after[1] - before[1]
-    idle_share = (after[0] - before[0]) / total if total > 0 else 1.0
     machine = os.cpu_count() or cores
-    return max(1, min(cores, int(round(idle_share * machine))))
+    now, since = _cpu_times(), _last_sample
+    if now is None:
+        return cores
+    elapsed = (now[1] - since[1]) / machine if since else 0.0  # wall seconds, as the machine counts them
+    if since is None or elapsed > recent:  # too long ago to tell what is free now
+        since, elapsed = now, 0.0
+    if elapsed < sample:
+        time.sleep(sample - elapsed)
+        now = _cpu_times()
+    _last_sample = now
+    total = now[1] - since[1]
+    others = (total - (now[0] - since[0]) - (now[2] - since[2])) / total if total > 0 else 0.0
+    return max(1, min(cores, round((1 - others) * machine)))
 
 
 def set_threads(threads: int | None) -> int:
