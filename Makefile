@@ -24,8 +24,7 @@ test: setup
 
 demo: setup
 	$(BIN)/python bench/prepare_elpv.py $(DATA) --split
-	$(BIN)/transferkit train $(DATA)/train --out $(RUN)
-	$(BIN)/transferkit evaluate $(RUN) $(DATA)/test --output $(RUN)/test_metrics.json
+	$(BIN)/transferkit train $(DATA)/train --out $(RUN) --test-dir $(DATA)/test
 	$(BIN)/transferkit report $(RUN) $(DATA)/test --output $(RUN)/test_report.html
 	$(BIN)/transferkit predict $(RUN) $(DATA)/test/defective/$$(ls $(DATA)/test/defective | head -1) \
 		$(DATA)/test/functional/$$(ls $(DATA)/test/functional | head -1)

@@ -42,6 +42,7 @@ WAYS = {
     "defaults": [],
     "before": ["--fine-tune-at", "blocks.4.0.conv_pw", "--fine-tune-epochs", "8"],  # the defaults before issue 16
     "shallow": ["--fine-tune-at", "blocks.5.2.conv_pw"],  # the last quarter of Lite0's layers (layer 78)
+    "300px": ["--image-size", "300"],  # the defaults at ELPV's own resolution (Lite0's is 224)
     "plain": ["--no-cache"],  # the defaults without the cache: the seed's loop, every epoch through the whole model
     "fast": ["--preset", "fast"],
     "best": ["--preset", "best"],  # its 10-minute budget

@@ -531,7 +531,7 @@ def main() -> None:
     finally:
         # Leave the millions of objects that importing torch, timm and scikit-learn made to the
         # operating system: Python's last garbage collection would walk them all for about 1 s on
-        # its way out (measured in docs/benchmarks.md, "Fixed costs").
+        # its way out (measured in docs/benchmarks.md, "Fixed costs of a short run").
         gc.freeze()
 
 

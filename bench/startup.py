@@ -1,0 +1,59 @@
+"""What a short run pays before and after its work: importing the libraries a training run needs,
+in the order it imports them, and the interpreter's exit with and without `gc.freeze()` (what
+`transferkit`'s command does on its way out), each in fresh processes, as medians of `--repeats`.
+
+    python bench/startup.py [--repeats 5]
+
+Time it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+IMPORTS = ("torch", "timm", "sklearn.metrics", "matplotlib.figure", "transferkit.recipe")
+ALL = ", ".join(IMPORTS)
+
+
+def child(code: str) -> float:
+    """Runs `code` in a fresh interpreter; the seconds from its last printed time to its exit."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return time.time() - float(done.stdout.split()[-1])
+
+
+def import_seconds(repeats: int) -> dict[str, float]:
+    """Each library's own import time, importing them one after another as a run does."""
+    code = ("import time, importlib, json; t = {}\n"
+            f"for name in {IMPORTS!r}:\n"
+            "    s = time.perf_counter(); importlib.import_module(name); t[name] = time.perf_counter() - s\n"
+            "print(json.dumps(t)); print(time.time())")
+    runs = []
+    for _ in range(repeats):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        runs.append(json.loads(done.stdout.splitlines()[0]))
+    return {name: statistics.median(r[name] for r in runs) for name in IMPORTS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    imports = import_seconds(args.repeats)
+    print("| import (in this order) | seconds |\n|---|---|")
+    for name, seconds in imports.items():
+        print(f"| {name} | {seconds:.2f} |")
+    print(f"| all | {sum(imports.values()):.2f} |")
+    plain = statistics.median(child(f"import time, {ALL}; print(time.time())") for _ in range(args.repeats))
+    frozen = statistics.median(child(f"import gc, time, {ALL}; print(time.time()); gc.freeze()")
+                               for _ in range(args.repeats))
+    print(f"\nexit after these imports: {plain:.2f} s; with gc.freeze() first: {frozen:.2f} s "
+          f"({plain / frozen:.1f}x less)")
+
+
+if __name__ == "__main__":
+    main()
