@@ -31,11 +31,11 @@ def import_seconds(repeats: int) -> dict[str, float]:
     code = ("import time, importlib, json; t = {}\n"
             f"for name in {IMPORTS!r}:\n"
             "    s = time.perf_counter(); importlib.import_module(name); t[name] = time.perf_counter() - s\n"
-            "print(json.dumps(t)); print(time.time())")
+            "print(json.dumps(t))")
     runs = []
     for _ in range(repeats):
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        runs.append(json.loads(done.stdout.splitlines()[0]))
+        runs.append(json.loads(done.stdout))
     return {name: statistics.median(r[name] for r in runs) for name in IMPORTS}
 
 

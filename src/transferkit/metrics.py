@@ -76,8 +76,7 @@ def epoch_metrics(y_true: np.ndarray, probabilities: np.ndarray, threshold) -> d
     y_true = np.asarray(y_true)
     if y_true.ndim == 2:
         probabilities = np.asarray(probabilities, dtype=np.float64)
-        y_pred = predict_sets(probabilities, np.broadcast_to(np.asarray(threshold, dtype=np.float64),
-                                                             (probabilities.shape[1],)))
+        y_pred = predict_sets(probabilities, threshold)
         loss = log_loss(y_true.ravel(), np.clip(probabilities.ravel(), 1e-7, 1 - 1e-7), labels=[0, 1])
     else:
         probabilities = np.asarray(probabilities)
