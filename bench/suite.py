@@ -43,6 +43,8 @@ WAYS = {
     "before": ["--fine-tune-at", "blocks.4.0.conv_pw", "--fine-tune-epochs", "8"],  # the defaults before issue 16
     "shallow": ["--fine-tune-at", "blocks.5.2.conv_pw"],  # the last quarter of Lite0's layers (layer 78)
     "300px": ["--image-size", "300"],  # the defaults at ELPV's own resolution (Lite0's is 224)
+    "lite1": ["--backbone", "tf_efficientnet_lite1"],  # the defaults on EfficientNet-Lite1 at its own 240 px
+    "lite2": ["--backbone", "tf_efficientnet_lite2"],  # the defaults on EfficientNet-Lite2 at its own 260 px
     "plain": ["--no-cache"],  # the defaults without the cache: the seed's loop, every epoch through the whole model
     "fast": ["--preset", "fast"],
     "best": ["--preset", "best"],  # its 10-minute budget
