@@ -14,15 +14,27 @@ from pathlib import Path
 import numpy as np
 
 
-def elpv_labels() -> tuple[list[Path], np.ndarray]:
-    """Image paths and binary labels (1 = defective) from the installed package."""
+def elpv_rows() -> list[tuple[Path, float]]:
+    """Each image's path and the defect probability the experts gave it (0, 1/3, 2/3 or 1), from
+    the installed package."""
     try:
         import elpv_dataset
     except ImportError:
         raise SystemExit("error: elpv-dataset is not installed (pip install elpv-dataset)") from None
     root = Path(elpv_dataset.__file__).parent / "data"
     rows = [line.split() for line in (root / "labels.csv").read_text().splitlines() if line.strip()]
-    return [root / r[0] for r in rows], np.array([float(r[1]) >= 0.5 for r in rows], dtype=int)
+    return [(root / r[0], float(r[1])) for r in rows]
+
+
+def elpv_probabilities() -> dict[str, float]:
+    """The defect probability of each image, by its file name (cell0001.png)."""
+    return {path.name: p for path, p in elpv_rows()}
+
+
+def elpv_labels() -> tuple[list[Path], np.ndarray]:
+    """Image paths and binary labels (1 = defective: probability at least 0.5)."""
+    rows = elpv_rows()
+    return [path for path, _ in rows], np.array([p >= 0.5 for _, p in rows], dtype=int)
 
 
 def write(out: Path, split: bool) -> dict[str, int]:
