@@ -30,7 +30,10 @@ def main() -> None:
     expert = elpv_probabilities()
     decoded, probabilities, labels = {}, [], None
     for run in args.runs:
-        clf = transferkit.load(run)
+        try:
+            clf = transferkit.load(run)
+        except transferkit.TransferkitError as exc:
+            raise SystemExit(f"error: {exc}") from None
         if clf.image_size not in decoded:
             decoded[clf.image_size] = clf.read_labelled(args.data / "test")
         test = decoded[clf.image_size]

@@ -87,6 +87,7 @@ def test_best_keeps_the_candidate_best_on_validation_and_records_the_search(lfw_
     found = json.loads((out / "search.json").read_text())
     tried = [c for c in found["candidates"] if "seconds" in c]
     assert [c["name"] for c in tried] == ["default", "more dropout"]
+    assert "estimated_seconds" not in tried[0] and tried[1]["estimated_seconds"] == round(tried[0]["seconds"], 1)
     assert "missing.safetensors" in found["candidates"][2]["failed"]  # a failed candidate is passed over
     assert found["candidates"][3]["skipped"].startswith("estimated ")  # a million times the default's time
     kept = [c for c in tried if c["kept"]]
