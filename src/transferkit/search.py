@@ -35,15 +35,15 @@ class Candidate:
 
 
 # In the order tried: the most accuracy for its time first (docs/benchmarks.md, "Benchmark suite").
-# Costs are wall times over the default's, measured on ELPV, 3 seeds each, on one quiet machine
-# (default 195 s): fine-tuning from block 4 of EfficientNet-Lite0 (layer 48, not the last quarter)
-# 340 s, 87.9 % against the default's 86.1 % (digits: 98.3 % against 97.3 %); EfficientNet-Lite1 at
-# its 240 px 355 s, 87.6 %; Lite2 at 260 px 454 s, 87.4 %.
+# Costs are training times (model.json's training_seconds) over the default's, measured on ELPV,
+# 3 seeds each, back to back on one quiet machine (default 165 s, 86.1 %): fine-tuning from block 4
+# of EfficientNet-Lite0 (layer 48, not the last quarter) 315 s, 87.9 % (digits: 98.3 % against
+# 97.3 %); EfficientNet-Lite1 at its 240 px 318 s, 87.6 %; Lite2 at 260 px 412 s, 87.4 %.
 CANDIDATES = (
     Candidate("default", {}, 1.0),
-    Candidate("fine-tuning from block 4", {"fine_tune_at": "blocks.4.0.conv_pw"}, 1.75, default_backbone=True),
-    Candidate("EfficientNet-Lite1 at 240 px", {"backbone": "tf_efficientnet_lite1"}, 1.83, default_backbone=True),
-    Candidate("EfficientNet-Lite2 at 260 px", {"backbone": "tf_efficientnet_lite2"}, 2.33, default_backbone=True),
+    Candidate("fine-tuning from block 4", {"fine_tune_at": "blocks.4.0.conv_pw"}, 1.91, default_backbone=True),
+    Candidate("EfficientNet-Lite1 at 240 px", {"backbone": "tf_efficientnet_lite1"}, 1.93, default_backbone=True),
+    Candidate("EfficientNet-Lite2 at 260 px", {"backbone": "tf_efficientnet_lite2"}, 2.50, default_backbone=True),
 )
 
 
