@@ -14,9 +14,9 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import balanced_accuracy_score
 
 import transferkit
+from transferkit.metrics import classification_metrics, predict_labels
 from prepare_elpv import elpv_probabilities
 
 LEVELS = (0.0, 1 / 3, 2 / 3, 1.0)
@@ -28,19 +28,22 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("data/suite/elpv"))
     args = parser.parse_args()
     expert = elpv_probabilities()
-    decoded, probabilities, labels = {}, [], None
+    decoded, probabilities, first = {}, [], None
     for run in args.runs:
         try:
             clf = transferkit.load(run)
         except transferkit.TransferkitError as exc:
             raise SystemExit(f"error: {exc}") from None
+        first = first or clf
+        if (clf.classes, clf.threshold) != (first.classes, first.threshold):  # else the mean mixes classes
+            raise SystemExit(f"error: {run}: classes {clf.classes} at threshold {clf.threshold}, but "
+                             f"{args.runs[0]} has {first.classes} at {first.threshold}")
         if clf.image_size not in decoded:
             decoded[clf.image_size] = clf.read_labelled(args.data / "test")
         test = decoded[clf.image_size]
         level = np.array([expert[Path(p).name] for p in test.paths])
         p = clf.predict_proba(test.images)
-        wrong = np.asarray(clf.labels(p)) != np.array(clf.classes)[test.labels]
-        labels = np.asarray(test.labels)
+        wrong = predict_labels(p, clf.threshold) != np.asarray(test.labels)
         probabilities.append(p)
         certain = (level == 0) | (level == 1)
         by_level = ", ".join(f"{lv:.2f}: {int(wrong[np.isclose(level, lv)].sum())} of {int(np.isclose(level, lv).sum())}"
@@ -49,11 +52,9 @@ def main() -> None:
               f"accuracy on certain cells (0 or 1) {1 - wrong[certain].mean():.1%}, on uncertain ones "
               f"{1 - wrong[~certain].mean():.1%}", flush=True)
     if len(probabilities) > 1:
-        mean = np.mean(probabilities, axis=0)
-        predicted = mean.argmax(axis=1)
-        print(f"ensemble of {len(probabilities)} (mean probability): accuracy {(predicted == labels).mean():.1%}, "
-              f"balanced accuracy {balanced_accuracy_score(labels, predicted):.1%}")
-
+        m = classification_metrics(test.labels, np.mean(probabilities, axis=0), first.classes, first.threshold)
+        print(f"ensemble of {len(probabilities)} (mean probability): accuracy {m['accuracy']:.1%}, "
+              f"balanced accuracy {m['balanced_accuracy']:.1%}")
 
 if __name__ == "__main__":
     main()
