@@ -32,8 +32,8 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).parent))
 from prepare_elpv import write  # noqa: E402
 
-from transferkit.active import UNLABELLED, find_label_issues, head, suggest  # noqa: E402
-from transferkit.label import Featurizer, extract_pool  # noqa: E402
+from transferkit.apps.label import Featurizer, extract_pool
+from transferkit.curate.active import UNLABELLED, find_label_issues, head, suggest
 
 BUDGETS = (50, 100, 200, 400, 800)
 STRATEGIES = ("random", "uncertainty", "diversity")

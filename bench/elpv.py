@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from prepare_elpv import write  # noqa: E402
 
 import transferkit  # noqa: E402
-from transferkit.config import from_arguments  # noqa: E402
+from transferkit.cfg.settings import from_arguments
 
 
 def main() -> None:

@@ -14,10 +14,10 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from prepare_elpv import elpv_probabilities
 
 import transferkit
-from transferkit.metrics import classification_metrics, predict_labels
-from prepare_elpv import elpv_probabilities
+from transferkit.predict.metrics import classification_metrics, predict_labels
 
 LEVELS = (0.0, 1 / 3, 2 / 3, 1.0)
 

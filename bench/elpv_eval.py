@@ -15,10 +15,12 @@ import numpy as np
 import torch
 
 import transferkit
-from transferkit.calibrate import choose_threshold, fit_temperature
-from transferkit.data import decode, load_labelled, stratified_split
-from transferkit.inference import predict_logits
-from transferkit.metrics import classification_metrics
+from transferkit.data.decode import decode
+from transferkit.data.listing import load_labelled
+from transferkit.data.split import stratified_split
+from transferkit.models.inference import predict_logits
+from transferkit.predict.metrics import classification_metrics
+from transferkit.training.calibrate import choose_threshold, fit_temperature
 
 KEYS = ("accuracy", "balanced_accuracy", "roc_auc", "average_precision", "loss", "ece")
 

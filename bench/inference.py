@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from transferkit.backbones import create_backbone
-from transferkit.data import iter_decoded, load_image
-from transferkit.fold import fold_batchnorm
+from transferkit.data.decode import iter_decoded, load_image
+from transferkit.models.backbones import create_backbone
+from transferkit.models.fold import fold_batchnorm
 
 BATCH = 32
 

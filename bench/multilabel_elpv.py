@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import transferkit
-from transferkit.config import from_arguments
+from transferkit.cfg.settings import from_arguments
 
 
 def elpv_rows() -> tuple[list[str], np.ndarray, list[str]]:

@@ -23,10 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from transferkit.data import decode, from_folder, load_labelled, stratified_split  # noqa: E402
-from transferkit.onnx_engine import OnnxClassifier  # noqa: E402
-from transferkit.export import export  # noqa: E402
-from transferkit.run import load  # noqa: E402
+from transferkit.data.decode import decode
+from transferkit.data.listing import from_folder, load_labelled
+from transferkit.data.split import stratified_split
+from transferkit.deploy.export import export
+from transferkit.predict.onnx_engine import OnnxClassifier
+from transferkit.predict.run import load
 
 
 def validation_csv(run: Path, train: Path, out: Path) -> Path:

@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from prepare_elpv import write  # noqa: E402
 
-from transferkit.config import default_of  # noqa: E402
+from transferkit.cfg.settings import default_of
 
 
 def subset(train_dir: Path, n: int, out: Path) -> Path:
@@ -47,7 +47,7 @@ def job(args: tuple) -> dict:
     import torch
 
     import transferkit
-    from transferkit.backbones import create_backbone
+    from transferkit.models.backbones import create_backbone
 
     start = time.perf_counter()
     clf = transferkit.train(data, out, **settings)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-IMPORTS = ("torch", "timm", "sklearn.metrics", "matplotlib.figure", "transferkit.recipe")
+IMPORTS = ("torch", "timm", "sklearn.metrics", "matplotlib.figure", "transferkit.training.recipe")
 ALL = ", ".join(IMPORTS)
 
 

@@ -221,7 +221,7 @@ def commit() -> str:
 
 
 def table(rows: list[dict]) -> str:
-    from transferkit.metrics import wilson_interval
+    from transferkit.predict.metrics import wilson_interval
 
     rows = latest(rows)
 

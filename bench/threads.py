@@ -24,10 +24,10 @@ def worker(threads: int | None) -> None:
     import numpy as np
     import torch
 
-    from transferkit.backbones import create_backbone, resolve_fine_tune_at
-    from transferkit.cache import SuffixForward, boundary_layer, cut_index, feature_chain
-    from transferkit.model import TransferModel
-    from transferkit.runtime import set_threads
+    from transferkit.models.backbones import create_backbone, resolve_fine_tune_at
+    from transferkit.models.transfer import TransferModel
+    from transferkit.training.cache import SuffixForward, boundary_layer, cut_index, feature_chain
+    from transferkit.utils.runtime import set_threads
 
     used = set_threads(threads)
     backbone = create_backbone()

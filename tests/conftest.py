@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import csv
 import os
-from contextlib import contextmanager
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +76,7 @@ def binary_run(lfw_split, tmp_path_factory):
 @pytest.fixture(scope="module")
 def lfw_data():
     """48 real LFW crops (24 backgrounds, 24 faces) decoded at the test size, without a folder."""
-    from transferkit.data import LabelledImages
+    from transferkit.data.listing import LabelledImages
 
     images, labels = lfw_arrays()
     pick = np.r_[0:24, 100:124]
@@ -128,7 +128,7 @@ def exported(binary_run, tmp_path_factory):
     """A copy of the shared run with a float ONNX export (NHWC) next to its weights."""
     import shutil
 
-    from transferkit.export import export
+    from transferkit.deploy.export import export
 
     run = tmp_path_factory.mktemp("export") / "run"
     shutil.copytree(binary_run[1], run)
@@ -192,7 +192,7 @@ def multilabel_run(tmp_path_factory):
 def multilabel_export(multilabel_run, tmp_path_factory):
     import shutil
 
-    from transferkit.export import export
+    from transferkit.deploy.export import export
 
     run = tmp_path_factory.mktemp("mlexport") / "run"
     shutil.copytree(multilabel_run[0], run)

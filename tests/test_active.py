@@ -1,17 +1,17 @@
-"""Active labelling (`transferkit.active`) on real pooled features: 300 real images of three
+"""Active labelling (`transferkit.curate.active`) on real pooled features: 300 real images of three
 classes (LFW backgrounds, LFW faces, texture photos) through the real backbone, once per module."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import SIZE, lfw_arrays, texture_crops
 from PIL import Image
 from sklearn.model_selection import train_test_split
 from threadpoolctl import threadpool_limits
 
-from conftest import SIZE, lfw_arrays, texture_crops
-from transferkit.active import cross_val_accuracy, find_label_issues, head, suggest
-from transferkit.errors import DataError
+from transferkit.curate.active import cross_val_accuracy, find_label_issues, head, suggest
+from transferkit.utils.errors import DataError
 
 pytestmark = pytest.mark.slow  # extracts features of 300 images
 
@@ -23,8 +23,8 @@ def data() -> tuple[np.ndarray, np.ndarray]:
     """(300, F) pooled features and true labels: 0 background, 1 face (LFW), 2 texture."""
     import torch
 
-    from transferkit.backbones import create_backbone
-    from transferkit.model import TransferModel
+    from transferkit.models.backbones import create_backbone
+    from transferkit.models.transfer import TransferModel
 
     images, labels = lfw_arrays()
     grey = [*images, *texture_crops(100)]

@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from transferkit import backbones
-from transferkit.adapters import adapter_for
-from transferkit.backbones import create_backbone, resolve_fine_tune_at
-from transferkit.errors import BackboneError
-from transferkit.sources import WEIGHT_SOURCES
+from transferkit.models import backbones
+from transferkit.models.adapters import adapter_for
+from transferkit.models.backbones import create_backbone, resolve_fine_tune_at
+from transferkit.models.sources import WEIGHT_SOURCES
+from transferkit.utils.errors import BackboneError
 
 LITE0 = WEIGHT_SOURCES["tf_efficientnet_lite0"]
 

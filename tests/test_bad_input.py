@@ -17,13 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import lfw_arrays, write_folders
 from PIL import Image
 from typer.testing import CliRunner
 
 from transferkit.cli import app
-from transferkit.run import read_predictions, read_skipped
-
-from conftest import lfw_arrays, write_folders
+from transferkit.predict.run import read_predictions, read_skipped
 
 pytestmark = pytest.mark.slow  # nearly every row trains a tiny run or loads one
 
@@ -172,7 +171,7 @@ def test_absurd_settings_are_one_line_errors(folder, tmp_path, args, pattern):
 
 def test_a_backbone_without_offline_weights_fails_fast_when_offline(folder, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # make transferkit find out by itself
-    from transferkit import backbones
+    from transferkit.models import backbones
 
     if backbones.online():
         pytest.skip("this machine reaches the weights hub")
@@ -293,7 +292,7 @@ def test_a_client_that_never_finishes_its_headers_is_disconnected():
 
     import uvicorn
 
-    from transferkit.serve import header_timeout_protocol
+    from transferkit.apps.serve import header_timeout_protocol
 
     async def app_(scope, receive, send):  # a trivial ASGI app: the protocol is what is tested
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -324,7 +323,8 @@ def test_a_client_that_never_finishes_its_headers_is_disconnected():
 
 
 def test_decoding_leaves_the_callers_warnings_filters_alone(tmp_path):
-    from transferkit.data import decode, load_labelled
+    from transferkit.data.decode import decode
+    from transferkit.data.listing import load_labelled
 
     write_folders(tmp_path / "d", {"a": [np.zeros((40, 40), np.uint8)] * 3, "b": [np.ones((40, 40), np.uint8)] * 3})
     before = list(warnings.filters)

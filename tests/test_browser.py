@@ -18,7 +18,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-
 websockets = pytest.importorskip("websockets.sync.client")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:
@@ -113,7 +112,8 @@ def check_page(tools: DevTools, server: str, image: Path, want: dict) -> None:
 
 def test_a_multilabel_run_shows_every_predicted_label_at_once(browser, multilabel_export, multilabel_run):
     from conftest import serving
-    from transferkit.run import load
+
+    from transferkit.predict.run import load
 
     image = multilabel_run[2].parent / "face_grass0.png"
     want = next(load(multilabel_export).predict_files([str(image)]))

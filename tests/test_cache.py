@@ -5,16 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from transferkit.cache import SuffixForward, cut_index, feature_chain, run_chain
-from transferkit.backbones import create_backbone
-from transferkit.model import TransferModel
-from transferkit.progress import Reporter
-from transferkit.config import TrainConfig
-from transferkit.recipe import fit
-from transferkit.runtime import seed_everything
-
 from conftest import SIZE
+
+from transferkit.cfg.settings import TrainConfig
+from transferkit.models.backbones import create_backbone
+from transferkit.models.transfer import TransferModel
+from transferkit.training.cache import SuffixForward, cut_index, feature_chain, run_chain
+from transferkit.training.recipe import fit
+from transferkit.utils.progress import Reporter
+from transferkit.utils.runtime import seed_everything
 
 
 def model_and_config(**overrides):
@@ -30,7 +29,7 @@ def test_cached_and_plain_loops_give_the_same_weights_without_augmentation(lfw_d
     # The arithmetic of caching alone: extraction through the model's own layers, as the plain loop
     # runs them. (Folded BatchNorm changes the stored inputs by float rounding, ~1e-6 relative, which
     # Adam's normalised steps amplify on weights whose gradient is near zero; test_fold checks it.)
-    monkeypatch.setattr("transferkit.cache.fold_batchnorm", lambda backbone: backbone)
+    monkeypatch.setattr("transferkit.training.cache.fold_batchnorm", lambda backbone: backbone)
     train, val = lfw_data.subset(np.arange(0, 48, 2)), lfw_data.subset(np.arange(1, 48, 2))
     results = []
     for cache in (False, True):
@@ -86,7 +85,7 @@ def test_chain_reproduces_forward_features_or_declines():
 @pytest.mark.slow  # trains several runs
 def test_views_are_reused_across_runs_with_identical_results(lfw_split, tmp_path):
     import transferkit
-    from transferkit.cache import FeatureStore
+    from transferkit.training.cache import FeatureStore
 
     settings = dict(image_size=SIZE, epochs=2, fine_tune_epochs=1, batch_size=16, bf16=True,
                     cache_dir=str(tmp_path / "cache"))
@@ -136,7 +135,7 @@ def test_a_run_over_its_memory_budget_spills_and_cleans_up(lfw_split, tmp_path, 
 
 
 def test_bf16_extraction_stays_close_to_float32(lfw_data):
-    from transferkit.cache import extract
+    from transferkit.training.cache import extract
 
     model, _ = model_and_config()
     chain = feature_chain(model.backbone)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from transferkit.cfg.settings import TrainConfig, markdown_table, option_name, read_settings, settings
 from transferkit.cli import app
-from transferkit.config import TrainConfig, markdown_table, option_name, read_settings, settings
-from transferkit.errors import ConfigError, TransferkitError
+from transferkit.utils.errors import ConfigError, TransferkitError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -97,7 +97,7 @@ def test_cli_values_are_checked_with_the_same_messages(tmp_path):
 
 
 def test_command_line_overrides_the_config_file(tmp_path, monkeypatch):
-    import transferkit.search as search
+    import transferkit.training.search as search
 
     seen = {}
     monkeypatch.setattr(search, "train", lambda data, out, config, **kw: seen.setdefault("config", config))
@@ -116,7 +116,7 @@ def test_readme_options_table_is_the_generated_one():
 
 
 def test_bench_scripts_take_any_setting_as_the_cli_names_it():
-    from transferkit.config import from_arguments
+    from transferkit.cfg.settings import from_arguments
 
     config = from_arguments(["--epochs", "3", "--no-flip", "--cache", "--fine-tune-at", "blocks.4.0.conv_pw"])
     assert config.changed() == {"epochs": 3, "flip": False, "fine_tune_at": "blocks.4.0.conv_pw"}

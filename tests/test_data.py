@@ -6,13 +6,13 @@ import io
 
 import numpy as np
 import pytest
+from conftest import lfw_arrays
 from PIL import Image
 
-from transferkit.errors import DataError, ImageError
-from transferkit.data import (LabelledImages, check_labels, decode, from_csv, load_image,
-                              load_labelled, stratified_split)
-
-from conftest import lfw_arrays
+from transferkit.data.decode import decode, load_image
+from transferkit.data.listing import LabelledImages, check_labels, from_csv, load_labelled
+from transferkit.data.split import stratified_split
+from transferkit.utils.errors import DataError, ImageError
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from transferkit.distributed import Batch, Context, ShardDropout, describe_failure
-from transferkit.errors import ConfigError
-
 from conftest import free_port, lfw_arrays, write_folders
+
+from transferkit.training.distributed import Batch, Context, ShardDropout, describe_failure
+from transferkit.utils.errors import ConfigError
 
 TESTS = Path(__file__).resolve().parent
 SRC = str(TESTS.parent / "src")
@@ -218,7 +217,7 @@ def test_a_batch_that_does_not_split_evenly_and_a_gpu_for_every_rank_are_refused
 
 
 def test_resume_refuses_another_world_size(tmp_path):
-    from transferkit.recipe import resumed_config
+    from transferkit.training.recipe import resumed_config
 
     (tmp_path / "model.json").write_text(json.dumps({"format_version": 2, "status": "interrupted", "data": "d",
                                                      "world_size": 2, "config": {}}))

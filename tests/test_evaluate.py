@@ -9,10 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from transferkit.balance import class_weights, epoch_order
-from transferkit.calibrate import choose_threshold, fit_temperature, nll
-from transferkit.metrics import (classification_metrics, epoch_metrics, expected_calibration_error,
-                                multilabel_metrics, wilson_interval)
+from transferkit.data.balance import class_weights, epoch_order
+from transferkit.predict.metrics import (
+    classification_metrics,
+    epoch_metrics,
+    expected_calibration_error,
+    multilabel_metrics,
+    wilson_interval,
+)
+from transferkit.training.calibrate import choose_threshold, fit_temperature, nll
 
 # 4 negatives (3 right, p1 = 0.6 wrong) and 6 positives (4 right, 0.4 and 0.45 wrong)
 P1 = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.45, 0.7, 0.8, 0.9, 0.95])
@@ -132,7 +137,8 @@ def test_weighted_loss_is_the_weighted_mean(binary_run):
 
 def test_tta_is_the_mean_over_the_mirror(binary_run, lfw_split):
     classifier, _ = binary_run
-    from transferkit.data import decode, load_labelled
+    from transferkit.data.decode import decode
+    from transferkit.data.listing import load_labelled
 
     images = decode(load_labelled(lfw_split[1]), classifier.image_size).images[:8]
     plain = classifier.predict_proba(images)
@@ -147,7 +153,8 @@ def test_temperature_in_model_json_scales_probabilities(binary_run, lfw_split, t
     import shutil
 
     import transferkit
-    from transferkit.data import decode, load_labelled
+    from transferkit.data.decode import decode
+    from transferkit.data.listing import load_labelled
 
     classifier, out = binary_run
     images = decode(load_labelled(lfw_split[1]), classifier.image_size).images[:6]
@@ -167,8 +174,8 @@ def test_temperature_in_model_json_scales_probabilities(binary_run, lfw_split, t
 def test_calibrate_fits_temperature_and_threshold_or_keeps_a_fixed_one(binary_run):
     import copy
 
-    from transferkit.config import TrainConfig
-    from transferkit.recipe import calibrate
+    from transferkit.cfg.settings import TrainConfig
+    from transferkit.training.recipe import calibrate
 
     model = copy.deepcopy(binary_run[0].model)
     logits = np.array([[-4.0], [-2.0], [1.0], [-0.5], [3.0], [5.0], [0.2], [-1.0]])

@@ -7,9 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import write_folders
+from PIL import Image
 
 S = 128  # a 4 x 4 last feature map for EfficientNet-Lite0
 
@@ -55,7 +54,7 @@ def pattern_run(tmp_path_factory):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_heatmap_mass_is_in_the_half_with_the_pattern(pattern_run, side):
-    from transferkit.explain import gradcam
+    from transferkit.reports.explain import gradcam
 
     classifier, _ = pattern_run
     rng = np.random.default_rng(123)
@@ -94,9 +93,9 @@ def test_explain_cli_writes_overlays_and_reports_bad_files(pattern_run, tmp_path
 def test_other_cnns_work_and_a_transformer_is_a_clear_error():
     import timm
 
-    from transferkit.backbones import Preprocess
-    from transferkit.explain import gradcam
-    from transferkit.model import TransferModel
+    from transferkit.models.backbones import Preprocess
+    from transferkit.models.transfer import TransferModel
+    from transferkit.reports.explain import gradcam
 
     images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3)).astype(np.uint8)
     resnet = TransferModel(timm.create_model("resnet18", num_classes=0), 3, Preprocess(64, (0.5,) * 3, (0.5,) * 3))

@@ -15,11 +15,12 @@ import pytest
 from typer.testing import CliRunner
 
 from transferkit.cli import app
-from transferkit.data import decode, load_labelled
-from transferkit.errors import ExportError, RunError
-from transferkit.export import export
-from transferkit.onnx_engine import OnnxClassifier, read_metadata
-from transferkit.run import load, load_engine, model_version
+from transferkit.data.decode import decode
+from transferkit.data.listing import load_labelled
+from transferkit.deploy.export import export
+from transferkit.predict.onnx_engine import OnnxClassifier, read_metadata
+from transferkit.predict.run import load, load_engine, model_version
+from transferkit.utils.errors import ExportError, RunError
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +192,7 @@ def test_predict_cli_onnx_streams_same_answers_as_torch(exported, lfw_split, tmp
 
 
 def test_predict_progress_bar_on_a_terminal(exported, lfw_split, monkeypatch):
-    import transferkit.progress as progress
+    import transferkit.utils.progress as progress
 
     calls = []
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from test_keras import FIXTURE, TOLERANCE, fixture_images
 from timm.layers import BatchNormAct2d, StdConv2d
 from torch import nn
 
-from transferkit.backbones import create_backbone
-from transferkit.fold import conv_norm_pairs, fold_batchnorm
-from transferkit.model import TransferModel
-
-from test_keras import FIXTURE, TOLERANCE, fixture_images
+from transferkit.models.backbones import create_backbone
+from transferkit.models.fold import conv_norm_pairs, fold_batchnorm
+from transferkit.models.transfer import TransferModel
 
 
 def features(model: TransferModel, backbone: nn.Module | None = None) -> np.ndarray:
@@ -99,7 +98,7 @@ def test_a_model_without_batchnorm_or_that_cannot_be_traced_runs_as_it_is():
 
 
 def test_extraction_through_the_folded_backbone_stores_the_same_views(lfw_data):
-    from transferkit.cache import cut_index, extract, feature_chain
+    from transferkit.training.cache import cut_index, extract, feature_chain
 
     made = create_backbone("tf_efficientnet_lite0", image_size=64)
     model = TransferModel(made.model, 2, made.preprocess, rotation=0.05).eval()

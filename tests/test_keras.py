@@ -13,19 +13,18 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import SIZE, lfw_arrays, write_folders
 from PIL import Image
 from typer.testing import CliRunner
 
 import transferkit
-from transferkit import keras
-from transferkit.backbones import create_backbone, resolve_fine_tune_at
-from transferkit.errors import BackboneError
-from transferkit.sources import WEIGHT_SOURCES
-from transferkit.cache import boundary_layer, cut_index, feature_chain
 from transferkit.cli import app
-from transferkit.model import TransferModel
-
-from conftest import SIZE, lfw_arrays, write_folders
+from transferkit.models import keras
+from transferkit.models.backbones import create_backbone, resolve_fine_tune_at
+from transferkit.models.sources import WEIGHT_SOURCES
+from transferkit.models.transfer import TransferModel
+from transferkit.training.cache import boundary_layer, cut_index, feature_chain
+from transferkit.utils.errors import BackboneError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "keras_mobilenetv2"
 KERAS = json.loads((FIXTURE / "layers.json").read_text())

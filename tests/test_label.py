@@ -18,14 +18,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import SIZE, free_port, lfw_arrays
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest import SIZE, free_port, lfw_arrays
-from transferkit.active import UNLABELLED, k_center_greedy
-from transferkit.data import from_csv
-from transferkit.errors import DataError
-from transferkit.label import Featurizer, LabelFile, Session, check_class_name, create_app, list_pool
+from transferkit.apps.label import Featurizer, LabelFile, Session, check_class_name, create_app, list_pool
+from transferkit.curate.active import UNLABELLED, k_center_greedy
+from transferkit.data.listing import from_csv
+from transferkit.utils.errors import DataError
 
 SRC = Path(__file__).parents[1] / "src"
 

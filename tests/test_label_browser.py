@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 
 import httpx
-
 import test_browser
 from test_browser import DevTools, websockets
 from test_label import make_pool, row, rows, start_label

@@ -5,15 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from transferkit.backbones import create_backbone, is_batchnorm
-from transferkit.cache import Views
-from transferkit.metrics import predict_labels
-from transferkit.model import Augment, TransferModel
-from transferkit.progress import Reporter
-from transferkit.recipe import train_epoch
-
 from conftest import SIZE
+
+from transferkit.models.backbones import create_backbone, is_batchnorm
+from transferkit.models.transfer import Augment, TransferModel
+from transferkit.predict.metrics import predict_labels
+from transferkit.training.cache import Views
+from transferkit.training.recipe import train_epoch
+from transferkit.utils.progress import Reporter
 
 
 def make_model(train_bn=False, classes=2) -> TransferModel:

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import serving, write_csv
 from typer.testing import CliRunner
 
-from transferkit.balance import class_weights
+from transferkit.cfg.settings import TrainConfig
 from transferkit.cli import app
-from transferkit.config import TrainConfig
-from transferkit.data import check_labels, from_csv, load_labelled, multilabel_split, stratified_split
-from transferkit.errors import ConfigError, DataError
-from transferkit.metrics import multilabel_metrics, predict_sets
-
-from conftest import serving, write_csv
+from transferkit.data.balance import class_weights
+from transferkit.data.listing import check_labels, from_csv, load_labelled
+from transferkit.data.split import multilabel_split, stratified_split
+from transferkit.predict.metrics import multilabel_metrics, predict_sets
+from transferkit.utils.errors import ConfigError, DataError
 
 CLASSES = ["brick", "face", "grass"]
 runner = CliRunner()
@@ -89,7 +89,7 @@ def test_a_label_on_fewer_than_two_images_is_refused_before_any_decoding(tmp_pat
 
 
 def test_train_refuses_bad_multilabel_data_before_building_anything(tmp_path, monkeypatch):
-    import transferkit.recipe as recipe
+    import transferkit.training.recipe as recipe
 
     monkeypatch.setattr(recipe, "create_backbone", lambda *a, **k: pytest.fail("built the backbone"))
     path = write_csv(tmp_path / "l.csv", [("a.png", "cat|dog"), ("b.png", "dog"), ("c.png", "cat"), ("d.png", "")])
@@ -124,8 +124,8 @@ def test_pos_weight_is_negatives_over_positives_per_class():
 
 
 def test_model_loss_and_probabilities_are_per_class_sigmoids():
-    from transferkit.backbones import Preprocess
-    from transferkit.model import TransferModel
+    from transferkit.models.backbones import Preprocess
+    from transferkit.models.transfer import TransferModel
 
     backbone = torch.nn.Sequential()
     backbone.num_features = 4
@@ -214,9 +214,9 @@ def test_predict_gives_label_lists_in_every_format(multilabel_run):
 
 @pytest.mark.slow
 def test_onnx_export_matches_pytorch_and_applies_the_same_thresholds(multilabel_export, multilabel_run):
-    from transferkit.data import decode_source
-    from transferkit.onnx_engine import OnnxClassifier
-    from transferkit.run import load
+    from transferkit.data.decode import decode_source
+    from transferkit.predict.onnx_engine import OnnxClassifier
+    from transferkit.predict.run import load
 
     torch_engine, onnx_engine = load(multilabel_export), OnnxClassifier(multilabel_export / "model.onnx")
     assert onnx_engine.multilabel and onnx_engine.threshold == pytest.approx(torch_engine.threshold)
@@ -238,7 +238,7 @@ def test_onnx_export_matches_pytorch_and_applies_the_same_thresholds(multilabel_
 def test_the_service_answers_with_label_lists_like_the_engines(multilabel_export, multilabel_run):
     import httpx
 
-    from transferkit.run import load
+    from transferkit.predict.run import load
 
     with serving(multilabel_export) as url:
         health = httpx.get(url + "/health").json()
@@ -258,7 +258,7 @@ def test_the_service_answers_with_label_lists_like_the_engines(multilabel_export
 
 @pytest.mark.slow
 def test_explain_writes_one_overlay_per_predicted_label_or_the_asked_one(multilabel_run, tmp_path):
-    from transferkit.run import load
+    from transferkit.predict.run import load
 
     out, _, test_csv = multilabel_run
     pair = test_csv.parent / "face_brick1.png"
@@ -303,7 +303,7 @@ def test_config_knows_the_task():
 
 
 def test_monitor_val_map_keeps_the_epoch_with_the_best_mean_average_precision():
-    from transferkit.recipe import is_better
+    from transferkit.training.recipe import is_better
 
     first = {"val_map": 0.80, "val_loss": 0.30, "val_accuracy": 0.5}
     better_map_worse_loss = {"val_map": 0.85, "val_loss": 0.40, "val_accuracy": 0.4}
@@ -316,20 +316,22 @@ def test_monitor_val_map_keeps_the_epoch_with_the_best_mean_average_precision():
 
 @pytest.mark.slow
 def test_quantized_export_is_guarded_by_the_subset_accuracy(multilabel_export, multilabel_run, tmp_path):
-    from transferkit.export import export
+    from transferkit.deploy.export import export
 
     report = export(multilabel_export, out=tmp_path / "q.onnx", quantize_mode="int8-dynamic",
                     val_data=multilabel_run[2], tolerance=100)
     assert 0 <= report["quantized_accuracy"] <= 1 and 0 <= report["float_accuracy"] <= 1
     assert report["drop"] == pytest.approx(report["float_accuracy"] - report["quantized_accuracy"])
-    from transferkit.onnx_engine import OnnxClassifier
+    from transferkit.predict.onnx_engine import OnnxClassifier
 
     assert OnnxClassifier(tmp_path / "q.onnx").multilabel
 
 
 def test_the_same_picture_in_two_class_folders_carries_both_classes(tmp_path):
-    from transferkit.data import decode, merge_duplicates
     from conftest import lfw_arrays, write_folders
+
+    from transferkit.data.decode import decode
+    from transferkit.data.dedupe import merge_duplicates
 
     images, _ = lfw_arrays()
     root = write_folders(tmp_path / "data", {"cat": [images[0], images[1]], "dog": [images[0], images[2]]})

@@ -9,11 +9,11 @@ import pytest
 from conftest import SIZE
 
 import transferkit
-from transferkit import recipe, search
-from transferkit.config import PRESETS, TrainConfig, markdown_table
-from transferkit.errors import ConfigError, Interrupted
-from transferkit.presets import SMALL_CLASS, SMALL_FINE_TUNE_EPOCHS, resolve, smallest_class
-from transferkit.search import Candidate
+from transferkit.cfg.settings import PRESETS, TrainConfig, markdown_table
+from transferkit.training import recipe, search
+from transferkit.training.presets import SMALL_CLASS, SMALL_FINE_TUNE_EPOCHS, resolve, smallest_class
+from transferkit.training.search import Candidate
+from transferkit.utils.errors import ConfigError, Interrupted
 
 LAYERS = [(f"blocks.{b}.{i}", None) for b in range(8) for i in range(4)]  # 32 layers in 8 blocks
 BACKBONE = SimpleNamespace(layers=LAYERS, default_fine_tune_at="blocks.2.0")  # index 8

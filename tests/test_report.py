@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferkit.report import confident_mistakes
+from transferkit.reports.report import confident_mistakes
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -129,7 +129,7 @@ def test_confident_mistakes_ranks_by_distance_past_the_threshold():
 def test_report_in_a_real_browser(binary_run, tmp_path):
     from conftest import lfw_arrays, write_folders
 
-    from transferkit.report import report
+    from transferkit.reports.report import report
 
     chromium()
     _, out = binary_run

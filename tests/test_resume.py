@@ -13,11 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import lfw_arrays, write_folders
 from typer.testing import CliRunner
 
 from transferkit.cli import app
-
-from conftest import lfw_arrays, write_folders
 
 pytestmark = pytest.mark.slow  # every test trains, most in subprocesses
 
@@ -167,7 +166,7 @@ def test_early_stopping_stops_where_the_history_says(data, tmp_path):
 
 
 def test_free_cores_leave_out_this_process_and_measure_afresh_when_the_last_look_is_old(monkeypatch):
-    from transferkit import runtime
+    from transferkit.utils import runtime
 
     monkeypatch.setattr(runtime, "usable_cores", lambda: 4)
     monkeypatch.setattr(runtime.os, "cpu_count", lambda: 4)
@@ -185,7 +184,7 @@ def test_free_cores_leave_out_this_process_and_measure_afresh_when_the_last_look
 
 
 def test_threads_follow_the_setting_and_default_to_the_free_cores(data, tmp_path):
-    from transferkit.runtime import free_cores, usable_cores
+    from transferkit.utils.runtime import free_cores, usable_cores
 
     assert 1 <= free_cores() <= usable_cores()
     result = CliRunner().invoke(app, ["train", str(data), "--out", str(tmp_path / "run"), *SETTINGS])

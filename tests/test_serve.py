@@ -16,10 +16,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-import transferkit.serve as serve
-from transferkit.run import model_version
-from transferkit.serve import Limits, create_app
-
+import transferkit.apps.serve as serve
+from transferkit.apps.serve import Limits, create_app
+from transferkit.predict.run import model_version
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +69,7 @@ def test_predict_multipart_and_raw_body(client, binary_run, images):
 
 
 def test_explain_returns_the_gradcam_overlay_of_the_prediction(client, binary_run, images, tmp_path):
-    from transferkit.explain import explain_files
+    from transferkit.reports.explain import explain_files
 
     path = images[0]
     response = client.post("/explain", files={"file": (path.name, path.read_bytes(), "image/png")})
@@ -84,7 +83,7 @@ def test_explain_returns_the_gradcam_overlay_of_the_prediction(client, binary_ru
 
 
 def test_explain_without_pytorch_weights_is_a_clear_4xx(binary_run, tmp_path):
-    from transferkit.export import export_onnx
+    from transferkit.deploy.export import export_onnx
 
     onnx_file = export_onnx(binary_run[0], binary_run[1], tmp_path / "alone.onnx")
     with TestClient(create_app(onnx_file, engine="onnx")) as alone:
@@ -157,7 +156,7 @@ def test_concurrent_answers_equal_sequential(server, images):
 
 
 def test_batches_are_padded_to_a_few_shapes():
-    from transferkit.serve import padded
+    from transferkit.apps.serve import padded
 
     assert [len(padded(np.zeros((n, 2, 2, 3), np.uint8))) for n in (1, 2, 3, 5, 9, 32)] == [1, 2, 4, 8, 16, 32]
     batch = np.arange(5 * 12, dtype=np.uint8).reshape(5, 2, 2, 3)

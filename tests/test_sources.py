@@ -12,11 +12,11 @@ import timm
 import torch
 from PIL import Image
 
-from transferkit import backbones
-from transferkit.adapters import adapter_for
-from transferkit.backbones import create_backbone
-from transferkit.errors import BackboneError
-from transferkit.sources import WEIGHT_SOURCES, available_backbones
+from transferkit.models import backbones
+from transferkit.models.adapters import adapter_for
+from transferkit.models.backbones import create_backbone
+from transferkit.models.sources import WEIGHT_SOURCES, available_backbones
+from transferkit.utils.errors import BackboneError
 
 # backbone -> input size (timm's pretrained_cfg for these weights); mean = std = 0.5 for all
 SIZES = {"tf_efficientnet_lite1": 240, "tf_efficientnet_lite2": 260}

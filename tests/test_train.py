@@ -10,14 +10,14 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import SIZE, lfw_arrays, texture_crops, write_folders
 from PIL import Image
 
 import transferkit
-from transferkit.data import decode, load_labelled
-from transferkit.errors import DataError
-from transferkit.run import read_skipped
-
-from conftest import SIZE, lfw_arrays, texture_crops, write_folders
+from transferkit.data.decode import decode
+from transferkit.data.listing import load_labelled
+from transferkit.predict.run import read_skipped
+from transferkit.utils.errors import DataError
 
 
 def cli(*args, check=True):

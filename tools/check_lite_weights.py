@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 from timm.data import ImageNetInfo
 
-from transferkit import backbones
-from transferkit.backbones import Preprocess, create_backbone
-from transferkit.sources import WEIGHT_SOURCES
+from transferkit.models import backbones
+from transferkit.models.backbones import Preprocess, create_backbone
+from transferkit.models.sources import WEIGHT_SOURCES
 
 NAMES = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
 PHOTOS = {"chelsea": {281, 282, 283, 284, 285},  # tabby, tiger cat, Persian, Siamese, Egyptian cat

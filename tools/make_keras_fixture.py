@@ -28,7 +28,6 @@ import tempfile
 from pathlib import Path
 
 import h5py
-
 import numpy as np
 import tensorflow as tf
 from PIL import Image

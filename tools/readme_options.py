@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from transferkit.config import markdown_table
+from transferkit.cfg.settings import markdown_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

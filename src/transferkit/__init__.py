@@ -12,11 +12,11 @@ except metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "unknown"
 
 _PUBLIC = {
-    "TrainConfig": "config", "TransferkitError": "errors", "train": "search", "load": "run",
-    "load_engine": "run", "Classifier": "classifier", "available_backbones": "sources",
-    "register_weights": "sources", "WeightSource": "sources", "create_backbone": "backbones",
-    "list_layers": "adapters", "suggest": "active", "find_label_issues": "active",
-    "cross_val_accuracy": "active",
+    "TrainConfig": "cfg.settings", "TransferkitError": "utils.errors", "train": "training.search", "load": "predict.run",
+    "load_engine": "predict.run", "Classifier": "predict.classifier", "available_backbones": "models.sources",
+    "register_weights": "models.sources", "WeightSource": "models.sources", "create_backbone": "models.backbones",
+    "list_layers": "models.adapters", "suggest": "curate.active", "find_label_issues": "curate.active",
+    "cross_val_accuracy": "curate.active",
 }
 __all__ = [*_PUBLIC, "__version__"]
 

@@ -31,8 +31,9 @@ try:  # typer >= 0.20 carries its own copy of click
 except ImportError:  # pragma: no cover - older typer on click
     from click.exceptions import NoArgsIsHelpError, UsageError
 
-from .config import DEFAULT_BACKBONE, TrainConfig, flag, option_name, read_settings, settings, shown
-from .errors import ConfigError, Interrupted, TransferkitError
+from .cfg.settings import DEFAULT_BACKBONE, TrainConfig, flag, option_name, read_settings, settings, shown
+from .utils.errors import ConfigError, Interrupted, TransferkitError
+
 
 class Boundary(TyperGroup):
     """User errors as one line (exit 2); a bug with its traceback and a request to report it."""
@@ -124,8 +125,8 @@ def setting_parameters() -> list[inspect.Parameter]:
 def train(data: Path, out_dir: Path, config: Optional[Path], val_dir: Optional[Path], test_dir: Optional[Path],
           resume: bool, overwrite: bool, quiet: bool, nproc: Optional[int], **given):
     """Train a classifier: frozen backbone + new head, then fine-tune from --fine-tune-at."""
-    from .progress import Reporter
-    from .search import train as train_run
+    from .training.search import train as train_run
+    from .utils.progress import Reporter
 
     if test_dir is not None and not test_dir.exists():  # before the training, not after it
         raise ConfigError(f"{test_dir}: no such folder or CSV (--test-dir)")
@@ -133,9 +134,9 @@ def train(data: Path, out_dir: Path, config: Optional[Path], val_dir: Optional[P
     settings_ = TrainConfig.from_dict(values, str(config) if config else None)
     asked = {k: getattr(settings_, k) for k in values}  # only what was asked for; resume checks it
     if nproc and nproc > 1:
-        from .distributed import launch
-        from .errors import RunError
-        from .run import INTERRUPTED, RUNNING, status_of
+        from .predict.run import INTERRUPTED, RUNNING, status_of
+        from .training.distributed import launch
+        from .utils.errors import RunError
 
         try:
             launch(nproc, ["train", str(data), "--out", str(out_dir), *(["--config", str(config)] if config else []),
@@ -164,8 +165,8 @@ def train(data: Path, out_dir: Path, config: Optional[Path], val_dir: Optional[P
 def evaluate_held_out(out_dir: Path, test_dir: Optional[Path], quiet: bool, classifier=None) -> None:
     """`train --test-dir`: the trained model's metrics on held-out images, as `evaluate` gives them,
     written to the run's test_metrics.json."""
-    from .files import write_text
-    from .run import load
+    from .predict.run import load
+    from .utils.files import write_text
 
     if test_dir is None:
         return
@@ -226,8 +227,8 @@ def evaluate(
     tta: bool = typer.Option(False, help="Test-time augmentation: average each image with its mirror."),
 ):
     """Metrics of a trained model on another labelled folder."""
-    from .files import write_text
-    from .run import load
+    from .predict.run import load
+    from .utils.files import write_text
 
     metrics = load(run).evaluate(data, tta=tta)
     if output:
@@ -304,9 +305,9 @@ def predict(
     """Classify images (calibrated probabilities; two classes use the run's threshold; multi-label:
     every class at or above its threshold), streaming one line per file; unreadable files get their
     own record with the reason. Exit status 1 when no file could be classified."""
-    from .data import expand_inputs
-    from .progress import Reporter
-    from .run import load_engine
+    from .data.listing import expand_inputs
+    from .predict.run import load_engine
+    from .utils.progress import Reporter
 
     classifier = load_engine(run, engine.value, log=lambda m: typer.echo(m, err=True))
     paths, stdout, reporter = expand_inputs(inputs), sys.stdout, Reporter()
@@ -363,9 +364,9 @@ def explain(
 ):
     """Grad-CAM heatmaps: where each image holds the evidence for its predicted class (multi-label:
     one overlay per predicted class)."""
-    from .data import expand_inputs
-    from .explain import explain_files
-    from .run import load
+    from .data.listing import expand_inputs
+    from .predict.run import load
+    from .reports.explain import explain_files
 
     classifier = load(run)
     failures = 0
@@ -387,7 +388,7 @@ def report(
     tta: bool = typer.Option(False, help="Test-time augmentation: average each image with its mirror."),
 ):
     """A self-contained HTML report of a run (opens from disk, loads nothing from the network)."""
-    from .report import report as write
+    from .reports.report import report as write
 
     typer.echo(f"Wrote {write(run, data, tta=tta, output=output)}")
 
@@ -404,7 +405,7 @@ def export(
     layout: str = typer.Option("nhwc", help="Input layout of the exported graph: nhwc or nchw (uint8 RGB)."),
 ):
     """Export for deployment: preprocessing inside, probabilities out, metadata in the file."""
-    from .export import export as export_run
+    from .deploy.export import export as export_run
 
     result = export_run(run, format, out_file, quantize, val_dir, tolerance, force, layout)
     if "drop" in result:
@@ -426,7 +427,7 @@ def serve(
     """HTTP service: POST /predict, GET /health, and a web page at /."""
     import uvicorn
 
-    from .serve import Limits, create_app, header_timeout_protocol
+    from .apps.serve import Limits, create_app, header_timeout_protocol
 
     limits = Limits(max_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels, timeout=timeout)
     application = create_app(run, engine.value, limits, log=lambda m: typer.echo(m, err=True))
@@ -456,8 +457,8 @@ def label(
     seconds on cached features, and points at labels that look wrong."""
     import uvicorn
 
-    from .label import Featurizer, LabelFile, Session, create_app
-    from .serve import header_timeout_protocol
+    from .apps.label import Featurizer, LabelFile, Session, create_app
+    from .apps.serve import header_timeout_protocol
 
     if run is not None and backbone != DEFAULT_BACKBONE:
         fail("--backbone and --run exclude each other (a run brings its own backbone)")
@@ -481,7 +482,7 @@ def label(
 @app.command()
 def backbones():
     """Backbones whose weights are available right now without a network, and from where."""
-    from .sources import available_backbones
+    from .models.sources import available_backbones
 
     table = Table()
     for column in ("backbone", "weights", "status"):
@@ -499,7 +500,7 @@ def layers(
     weights: Optional[str] = typer.Option(None, help="As for train; 'random' needs no weights."),
 ):
     """The base model's layers with the indices that --fine-tune-at counts."""
-    from .backbones import create_backbone
+    from .models.backbones import create_backbone
 
     made = create_backbone(backbone, weights or "random")
     default = made.default_fine_tune_at
@@ -516,7 +517,7 @@ def import_keras(
     out_dir: Path = typer.Option(..., "--out", help="Folder for backbone.safetensors + backbone.json."),
 ):
     """Convert a Keras MobileNetV2 file to timm weights with Keras numerics (no TensorFlow needed)."""
-    from .keras import import_file
+    from .models.keras import import_file
 
     config = import_file(file, out_dir)
     head = f"; its head ({', '.join(config['head_not_imported'])}) is not imported" if config["head_not_imported"] else ""

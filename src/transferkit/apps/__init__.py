@@ -1,0 +1,1 @@
+"""The web apps: the prediction service and the labelling page, with the pieces they share."""

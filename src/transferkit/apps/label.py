@@ -1,0 +1,647 @@
+"""`transferkit label POOL --labels labels.csv`: a local web app that turns a folder of unlabelled
+images into a labelled CSV, choosing which image to label next and pointing at labels that look
+wrong.
+
+- `LabelFile`: labels.csv (`path,label`, paths relative to the CSV: what `train` reads). Every
+  change rewrites the whole file atomically under a lock (a temporary name, then a rename), so two
+  tabs never interleave their lines and a killed server leaves the file as it was before or after
+  the change being written; another `transferkit label` on the same CSV is refused.
+- `list_pool`, `Featurizer`, `extract_pool`: the pool's images (recursive; unreadable, non-image,
+  duplicate files and links out of the pool skipped with their reason) as pooled backbone
+  features, computed once and kept by content in the cross-run view store (`--cache-dir`).
+- `Session`: the labels, the head retrained on the cached features of the labelled images
+  (`active.head`, in seconds), the ranked queue (`active.suggest`), the cross-validated accuracy
+  and the review of suspicious labels (`active.find_label_issues`). Thread-safe.
+- `create_app`: the FastAPI app and its page (`label.html`, self-contained, strict CSP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import fcntl
+import io
+import json
+import os
+import shlex
+import threading
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
+from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+from ..cfg.settings import DEFAULT_BACKBONE
+from ..curate.active import STRATEGIES, UNLABELLED, cross_val_accuracy, find_label_issues, head, suggest
+from ..data.decode import decoded_rgb, iter_decoded
+from ..data.listing import image_key, walk_files
+from ..utils.errors import DataError, TransferkitError
+from ..utils.files import write_text
+from .serve import ApiError, read_body
+
+SHOWN = 24  # queue entries sent to the page (the grid)
+SHOWN_BAD = 200  # skipped files listed on the page (all are counted)
+REVIEW = 100  # suspicious labels listed by the review
+MAX_CLASS_NAME = 100
+
+
+def check_class_name(name) -> str:
+    """A class name as `train` reads it back from the CSV: non-empty, no edge spaces, no control
+    characters, at most 100 characters."""
+    if (not isinstance(name, str) or not name or name != name.strip() or len(name) > MAX_CLASS_NAME
+            or any(ord(c) < 32 or ord(c) == 127 for c in name)):
+        raise DataError(f"class name must be 1-{MAX_CLASS_NAME} characters without edge spaces or control "
+                        f"characters, got {name!r}")
+    return name
+
+
+class LabelFile:
+    """labels.csv as {absolute normalised path: label}, in file order. `set` changes one row and
+    rewrites the file atomically; the in-memory rows change only once the file is written.
+    Rows for images outside the pool are kept as they are. Holds an exclusive lock on
+    `.NAME.lock` beside the file until `close`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(os.path.abspath(path))
+        self.folder = self.path.parent
+        if not self.folder.is_dir():
+            raise DataError(f"{path}: its folder {self.folder} does not exist")
+        self.lock = threading.Lock()
+        self._lock_file = open(self.folder / f".{self.path.name}.lock", "a")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            raise DataError(f"{path}: in use by another `transferkit label` (one labelling server per CSV; "
+                            "open its page in more tabs instead)") from None
+        try:
+            self.rows = self._read() if self.path.exists() else {}
+        except DataError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._lock_file.close()  # releases the lock
+
+    def key(self, file: str | Path) -> str:
+        return os.path.normpath(os.path.abspath(file))
+
+    def _read(self) -> dict[str, str]:
+        try:
+            with open(self.path, newline="", encoding="utf-8-sig") as fh:
+                reader = csv.DictReader(fh)
+                names = [(n or "").strip() for n in reader.fieldnames or []]
+                rows = [(reader.line_num, row) for row in reader]
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise DataError(f"{self.path}: cannot read CSV ({exc})") from None
+        if not names:
+            return {}
+        if sorted(names) != ["label", "path"]:
+            raise DataError(f"{self.path}: expected exactly the columns path,label (labelling rewrites the file), "
+                            f"got {names}")
+        reader.fieldnames = names
+        found: dict[str, str] = {}
+        for line, row in rows:
+            raw, label = (row["path"] or "").strip(), (row["label"] or "").strip()
+            if not raw or not label:
+                raise DataError(f"{self.path}:{line}: empty path or label; fix or remove the line first")
+            try:
+                check_class_name(label)
+            except DataError as exc:
+                raise DataError(f"{self.path}:{line}: {exc}") from None
+            file = self.key(raw if os.path.isabs(raw) else self.folder / raw)
+            if found.get(file, label) != label:
+                raise DataError(f"{self.path}:{line}: {raw} is labelled {label!r} here and {found[file]!r} "
+                                "earlier; one image, one label")
+            found[file] = label
+        return found
+
+    def set(self, file: str | Path, label: str | None) -> str | None:
+        """Label `file` (a new row at the end, or its row changed in place), or remove its row
+        (`label` None). Returns the previous label."""
+        key = self.key(file)
+        with self.lock:
+            previous = self.rows.get(key)
+            rows = dict(self.rows)
+            if label is None:
+                rows.pop(key, None)
+            else:
+                rows[key] = label
+            if rows != self.rows:
+                self._write(rows)
+                self.rows = rows
+            return previous
+
+    def _write(self, rows: dict[str, str]) -> None:
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["path", "label"])
+        writer.writerows([os.path.relpath(file, self.folder), label] for file, label in rows.items())
+        write_text(self.path, text.getvalue())
+
+
+def list_pool(root: Path, exclude: set[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The files below `root` (recursive, sorted; the bad-file rules of `train`), without links
+    that lead out of the pool and without the paths in `exclude` (absolute: the labels CSV)."""
+    skipped: list[tuple[str, str]] = []
+    top = os.path.realpath(root)
+    files = []
+    for path in walk_files(root, skipped):
+        real = os.path.realpath(path)
+        if not real.startswith(top + os.sep):
+            skipped.append((str(path), f"symlink out of the pool (to {real}); not served"))
+        elif os.path.abspath(path) not in exclude:
+            files.append(path)
+    return files, skipped
+
+
+@dataclass
+class Featurizer:
+    """Pool images to pooled features: the model (a run's, or a pretrained backbone), its input
+    size, the view store (None: off) and, with a run, its calibrated head and classes."""
+
+    model: object  # TransferModel
+    size: int
+    store: object | None  # FeatureStore
+    classes: list[str]
+    origin: str
+
+    @classmethod
+    def build(cls, run: str | Path | None = None, backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
+              image_size: int | None = None, cache_dir: str | None = None) -> "Featurizer":
+        from ..cfg.settings import TrainConfig
+        from ..models.backbones import create_backbone
+        from ..models.transfer import TransferModel
+        from ..predict.run import load
+        from ..training.cache import feature_store
+
+        if run is not None:
+            classifier = load(run)
+            model, meta = classifier.model, classifier.meta
+            size, sha, name = int(meta["preprocess"]["image_size"]), meta["model_sha256"], meta["backbone"]
+            classes, origin = list(classifier.classes), f"run {run} ({name})"
+        else:
+            made = create_backbone(backbone, weights, image_size)
+            defaults = TrainConfig()
+            model = TransferModel(made.model, 2, made.preprocess, flip=defaults.flip, rotation=defaults.rotation)
+            size, sha, name = made.preprocess.image_size, made.weights_sha256, made.name
+            classes, origin = [], f"{name}, weights {made.weights}"
+        config = TrainConfig(backbone=name, cache_dir=cache_dir)
+        store = feature_store(config, model.eval(), sha, None, size, False, ((model.head.in_features,), None))
+        return cls(model, size, store, classes, origin)
+
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        """The run's calibrated probabilities (N, C) of pooled features."""
+        import torch
+
+        with torch.inference_mode():
+            logits = self.model.head(torch.from_numpy(features.astype(np.float32)))
+            return self.model.probabilities(logits).numpy().astype(np.float64)
+
+
+def extract_pool(featurizer: Featurizer, files: list[Path], progress: Callable[[int], None] | None = None,
+                 batch_size: int = 32) -> tuple[list[int], np.ndarray, list[tuple[str, str]]]:
+    """(indices of the usable files, their pooled features (n, F), skipped files with the reason).
+    Files are decoded as `train` decodes them; a second copy of the same pixels is skipped (one
+    image, one label); features already in the view store are read, not computed."""
+    import torch
+
+    from ..models.fold import fold_batchnorm
+    from ..training.cache import extract
+
+    kept, rows, skipped, first, pending = [], [], [], {}, []
+    done, backbone = 0, fold_batchnorm(featurizer.model.backbone)  # as `train` extracts
+
+    def flush() -> None:
+        nonlocal done
+        pooled, _ = extract(featurizer.model, np.stack([p[1] for p in pending]), 1, None, None, batch_size,
+                            torch.device("cpu"), dtype=np.float32, store=featurizer.store,
+                            keys=[p[2] for p in pending], backbone=backbone)
+        rows.append(np.asarray(pooled[0], dtype=np.float32))
+        kept.extend(p[0] for p in pending)
+        done += len(pending)
+        pending.clear()
+
+    for i, (path, result) in enumerate(iter_decoded([str(f) for f in files], featurizer.size)):
+        if isinstance(result, str):
+            skipped.append((path, result))
+            done += 1
+        else:
+            key = image_key(result)
+            if key in first:
+                skipped.append((path, f"same image as {files[first[key]]} (labelled once)"))
+                done += 1
+            else:
+                first[key] = i
+                pending.append((i, result, key))
+                if len(pending) == batch_size:
+                    flush()
+        if progress:
+            progress(done)
+    if pending:
+        flush()
+        if progress:
+            progress(done)
+    if featurizer.store is not None:
+        featurizer.store.trim()
+    dim = featurizer.model.head.in_features
+    return kept, (np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)), skipped
+
+
+def fold_count(labels: np.ndarray) -> tuple[np.ndarray, int | None]:
+    """`labels` with the images of classes that have a single label set to unlabelled (no fold
+    could both train and test them), and the number of folds (up to 5; None when fewer than two
+    classes have two labels)."""
+    classes, counts = np.unique(labels[labels != UNLABELLED], return_counts=True)
+    usable = classes[counts >= 2]
+    if len(usable) < 2:
+        return labels, None
+    return np.where(np.isin(labels, usable), labels, UNLABELLED), int(min(5, counts[counts >= 2].min()))
+
+
+class Session:
+    """One labelling session over a pool: thread-safe state behind the app. Nothing here blocks
+    on a fit while holding the lock: retraining works on a snapshot and installs its result."""
+
+    def __init__(self, root: str | Path, labels: LabelFile, featurizer: Featurizer, classes: list[str] | None = None,
+                 strategy: str = "uncertainty", retrain_every: int = 10):
+        if strategy not in STRATEGIES:
+            raise DataError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+        if isinstance(retrain_every, bool) or not isinstance(retrain_every, int) or retrain_every < 1:
+            raise DataError(f"retrain_every must be a positive integer, got {retrain_every!r}")
+        self.root, self.labels_file, self.featurizer = Path(root), labels, featurizer
+        if not self.root.is_dir():
+            raise DataError(f"{root}: not a folder (expected a folder of images to label)")
+        self.top = os.path.realpath(self.root)
+        self.strategy, self.retrain_every = strategy, retrain_every
+        # the run's classes first: its probabilities' columns
+        self.classes = list(dict.fromkeys([*featurizer.classes, *map(check_class_name, classes or []),
+                                           *labels.rows.values()]))
+        self.lock = threading.RLock()
+        self.status, self.error, self.done = "listing", None, 0
+        self.files, self.bad = list_pool(self.root, {str(labels.path)})
+        if not self.files:
+            raise DataError(f"{root}: no files to label" + (f" ({len(self.bad)} skipped, first: {self.bad[0][0]}: "
+                                                            f"{self.bad[0][1]})" if self.bad else ""))
+        self.paths: list[str] = []  # usable images, relative to the pool (posix)
+        self.index: dict[str, int] = {}
+        self.features = np.zeros((0, 0), np.float32)
+        self.labels = np.zeros(0, np.int64)
+        self.user_skipped: set[int] = set()
+        self.probabilities: np.ndarray | None = None  # (N, C) columns in class order at fit time
+        self.accuracy: float | None = None
+        self.folds: int | None = None
+        self.queue: list[int] = []
+        self.retrains, self.since_retrain, self.retraining = 0, 0, False
+        self._wake, self._closing = threading.Event(), False
+
+    # --- preparation (a background thread) ---
+
+    def prepare(self) -> None:
+        """Extract the pool's features (progress in `done`), map the CSV's rows onto them, then
+        retrain (when there are labels of two classes) and rank."""
+        try:
+            with self.lock:
+                self.status = "extracting"
+            kept, features, skipped = extract_pool(self.featurizer, self.files, self._progress)
+            labels = np.full(len(kept), UNLABELLED, dtype=np.int64)
+            paths = [self.files[i].relative_to(self.root).as_posix() for i in kept]
+            for j, i in enumerate(kept):
+                label = self.labels_file.rows.get(self.labels_file.key(self.files[i]))
+                if label is not None:
+                    labels[j] = self.classes.index(label)
+            with self.lock:
+                self.paths, self.features, self.labels = paths, features, labels
+                self.index = {p: j for j, p in enumerate(paths)}
+                self.bad = self.bad + skipped
+                self.status = "ready"
+            self.retrain()
+        except Exception as exc:  # noqa: BLE001 - shown on the page; the server keeps answering
+            with self.lock:
+                self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            raise
+
+    def _progress(self, done: int) -> None:
+        self.done = done
+
+    # --- retraining (a background worker; requests coalesce) ---
+
+    def request_retrain(self) -> None:
+        self._wake.set()
+
+    def worker(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._closing:
+                return
+            self.retrain()
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+
+    def retrain(self) -> None:
+        """Fit the head on the labelled images' features, estimate its accuracy by
+        cross-validation, and re-rank the queue."""
+        with self.lock:
+            if self.status != "ready":
+                return
+            labels, features, n_classes = self.labels.copy(), self.features, len(self.classes)
+            self.since_retrain, self.retraining = 0, True
+        try:
+            known = labels != UNLABELLED
+            probabilities = accuracy = folds = None
+            fitted = len(np.unique(labels[known])) >= 2
+            if fitted:
+                model = head().fit(features[known], labels[known])
+                probabilities = np.zeros((len(labels), n_classes))
+                probabilities[:, model.classes_] = model.predict_proba(features)
+                usable, folds = fold_count(labels)
+                if folds is not None:
+                    accuracy = cross_val_accuracy(features, usable, n_folds=folds)
+            elif self.featurizer.classes and len(labels):
+                probabilities = np.zeros((len(labels), n_classes))
+                probabilities[:, :len(self.featurizer.classes)] = self.featurizer.probabilities(features)
+            with self.lock:
+                self.probabilities, self.accuracy, self.folds = probabilities, accuracy, folds
+                self.retrains += fitted
+                self.rank()
+        finally:
+            with self.lock:
+                self.retraining = False
+
+    def rank(self) -> None:
+        """The next batch by the strategy, among the unlabelled images not skipped: as many as
+        the labels between two retrains (`retrain_every`), the batch the head learns from next.
+        Labelled past it before the retrain is done, the queue is ranked again (`state`)."""
+        with self.lock:
+            keep = np.array([i for i in range(len(self.labels)) if i not in self.user_skipped], dtype=np.int64)
+            n = int((self.labels[keep] == UNLABELLED).sum()) if len(keep) else 0
+            if n == 0:
+                self.queue = []
+                return
+            probabilities = None
+            if self.probabilities is not None and self.strategy == "uncertainty":
+                probabilities = self.probabilities[keep]
+            picks = suggest(self.features[keep], self.labels[keep], min(self.retrain_every, n), self.strategy,
+                            seed=self.retrains, probabilities=probabilities)
+            self.queue = keep[picks].tolist()
+
+    # --- what the page does ---
+
+    def image(self, path: str) -> int:
+        """The index of a usable pool image by its path relative to the pool; nothing else."""
+        with self.lock:
+            i = self.index.get(path) if isinstance(path, str) else None
+        if i is None:
+            raise ApiError(404, f"{path!r} is not an image of the pool")
+        return i
+
+    def file(self, path: str) -> Path:
+        """The file of a pool image, refused if it became a link out of the pool since listing."""
+        i = self.image(path)
+        with self.lock:
+            file = self.root / self.paths[i]
+        if not os.path.realpath(file).startswith(self.top + os.sep):
+            raise ApiError(403, f"{path!r} leads out of the pool")
+        return file
+
+    def set_label(self, path: str, label: str | None) -> str | None:
+        """Label an image (or remove its label: `label` None); the CSV is written before the
+        answer. Every N labels set, a retrain is requested."""
+        with self.lock:
+            i = self.image(path)
+            if label is not None and label not in self.classes:
+                raise DataError(f"unknown class {label!r}; add it first (known: {', '.join(self.classes)})")
+            previous = self.labels_file.set(self.root / path, label)
+            self.labels[i] = UNLABELLED if label is None else self.classes.index(label)
+            self.user_skipped.discard(i)
+            if label is not None and label != previous:
+                self.since_retrain += 1
+                if self.since_retrain >= self.retrain_every:
+                    self.request_retrain()
+            return previous
+
+    def skip(self, path: str, skip: bool) -> None:
+        with self.lock:
+            i = self.image(path)
+            (self.user_skipped.add if skip else self.user_skipped.discard)(i)
+
+    def add_class(self, name: str) -> None:
+        name = check_class_name(name)
+        with self.lock:
+            if name in self.classes:
+                raise DataError(f"class {name!r} exists already")
+            self.classes.append(name)
+
+    def set_strategy(self, strategy: str) -> None:
+        if strategy not in STRATEGIES:
+            raise DataError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+        with self.lock:
+            self.strategy = strategy
+            if self.status == "ready":
+                self.rank()
+
+    def item(self, i: int) -> dict:
+        """An image for the page: its path, its label and the head's top predictions."""
+        predictions = []
+        if self.probabilities is not None:
+            row = self.probabilities[i]
+            order = np.argsort(-row, kind="stable")[:3]
+            predictions = [{"label": self.classes[c], "p": float(row[c])} for c in order]
+        label = int(self.labels[i])
+        return {"path": self.paths[i], "label": None if label == UNLABELLED else self.classes[label],
+                "predictions": predictions}
+
+    def info(self, path: str) -> dict:
+        with self.lock:
+            return self.item(self.image(path))
+
+    def state(self) -> dict:
+        with self.lock:
+            if self.status == "ready" and not self.visible() and self.unlabelled_left():
+                self.rank()
+            labelled = self.labels[self.labels != UNLABELLED]
+            return {
+                "status": self.status, "error": self.error, "done": self.done, "files": len(self.files),
+                "pool": len(self.paths), "labelled": int(len(labelled)),
+                "other_rows": len(self.labels_file.rows) - int(len(labelled)),
+                "classes": self.classes,
+                "counts": {c: int((labelled == k).sum()) for k, c in enumerate(self.classes)},
+                "accuracy": self.accuracy, "folds": self.folds, "retrains": self.retrains,
+                "retraining": self.retraining, "since_retrain": self.since_retrain,
+                "retrain_every": self.retrain_every, "strategy": self.strategy, "strategies": list(STRATEGIES),
+                "queue": [self.item(i) for i in self.visible()[:SHOWN]],
+                "bad_files": len(self.bad),
+                "skipped_files": [{"path": str(p), "reason": r} for p, r in self.bad[:SHOWN_BAD]],
+                "labels_csv": str(self.labels_file.path), "model": self.featurizer.origin,
+                "train_command": f"transferkit train {shlex.quote(str(self.labels_file.path))} --out runs/labelled",
+            }
+
+    def visible(self) -> list[int]:
+        return [i for i in self.queue if self.labels[i] == UNLABELLED and i not in self.user_skipped]
+
+    def unlabelled_left(self) -> bool:
+        return any(self.labels[i] == UNLABELLED and i not in self.user_skipped for i in range(len(self.labels)))
+
+    def review(self) -> dict:
+        """Labelled images whose label the head doubts, out of fold, most suspicious first."""
+        with self.lock:
+            if self.status != "ready":
+                return {"issues": [], "note": "features are still being extracted"}
+            labels, features = self.labels.copy(), self.features
+        usable, folds = fold_count(labels)
+        if folds is None:
+            return {"issues": [], "note": "the review needs two labelled images in each of two classes"}
+        issues = find_label_issues(features, usable, n_folds=folds)[:REVIEW]
+        with self.lock:
+            return {"note": f"{len(issues)} suspicious label(s), {folds}-fold out-of-fold predictions",
+                    "issues": [{"path": self.paths[x.index], "given": self.classes[x.given_label],
+                                "predicted": self.classes[x.predicted_label],
+                                "self_confidence": x.self_confidence} for x in issues]}
+
+
+def display_jpeg(file: Path, size: int) -> bytes:
+    """The image for a browser: EXIF orientation applied, RGB as `train` sees it, at most `size`
+    pixels a side, as JPEG."""
+    try:
+        with Image.open(file) as image:
+            rgb = decoded_rgb(image, size)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise ApiError(422, f"{file.name}: unreadable image ({exc})") from None
+    rgb.thumbnail((size, size))
+    out = io.BytesIO()
+    rgb.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def page() -> str:
+    return resources.files("transferkit.apps").joinpath("label.html").read_text(encoding="utf-8")
+
+
+async def json_body(request: Request) -> dict:
+    """A small JSON object body. Only `application/json` is accepted: a browser sends that type
+    cross-origin only after a CORS preflight, which this app never allows (no CSRF by a form)."""
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        raise ApiError(415, "send a JSON object with Content-Type: application/json")
+    body = await read_body(request, 65536)  # refused as soon as it passes the limit, not after reading it all
+    try:
+        value = json.loads(body)
+    except ValueError as exc:
+        raise ApiError(400, f"malformed JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, "expected a JSON object")
+    return value
+
+
+def create_app(session: Session, allowed_hosts: list[str] | None = None,
+               log: Callable[[str], None] | None = None) -> FastAPI:
+    """The labelling app over a `Session`. `allowed_hosts`: the Host headers accepted (a guard
+    against DNS rebinding when the app listens on loopback); None: any."""
+
+    def prepare() -> None:
+        try:
+            session.prepare()
+        except Exception as exc:  # noqa: BLE001 - the page shows it; the log too
+            if log:
+                log(f"error: feature extraction failed: {exc}")
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        threads = [threading.Thread(target=prepare, daemon=True, name="label-prepare"),
+                   threading.Thread(target=session.worker, daemon=True, name="label-retrain")]
+        for thread in threads:
+            thread.start()
+        try:
+            yield
+        finally:
+            session.close()
+            session.labels_file.close()
+
+    app = FastAPI(title="transferkit label", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    if allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request, exc: ApiError):
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(TransferkitError)
+    async def user_error(_request, exc: TransferkitError):
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request, exc: HTTPException):
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(OSError)
+    async def disk_error(_request, exc: OSError):
+        return JSONResponse({"error": f"cannot write {exc.filename or 'the labels'}: {exc.strerror or exc}"},
+                            status_code=500)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse(page(), headers={"Content-Security-Policy": (
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+            "img-src 'self'; connect-src 'self'")})
+
+    @app.get("/api/state")
+    async def state():
+        return await asyncio.to_thread(session.state)
+
+    @app.get("/api/item")
+    async def item(path: str = ""):
+        return await asyncio.to_thread(session.info, path)
+
+    @app.get("/image")
+    async def image(path: str = "", size: int = 512):
+        file = session.file(path)
+        data = await asyncio.to_thread(display_jpeg, file, min(max(size, 32), 1024))
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.post("/api/label")
+    async def label(request: Request):
+        body = await json_body(request)
+        path, value = body.get("path"), body.get("label")
+        if value is not None and not isinstance(value, str):
+            raise ApiError(400, "label must be a class name or null")
+        previous = await asyncio.to_thread(session.set_label, path, value)
+        return {"previous": previous, "item": await asyncio.to_thread(session.info, path),
+                "state": await asyncio.to_thread(session.state)}
+
+    @app.post("/api/skip")
+    async def skip(request: Request):
+        body = await json_body(request)
+        await asyncio.to_thread(session.skip, body.get("path"), bool(body.get("skip", True)))
+        return {"item": await asyncio.to_thread(session.info, body.get("path")),
+                "state": await asyncio.to_thread(session.state)}
+
+    @app.post("/api/class")
+    async def add_class(request: Request):
+        session.add_class((await json_body(request)).get("name"))
+        return {"state": await asyncio.to_thread(session.state)}
+
+    @app.post("/api/strategy")
+    async def strategy(request: Request):
+        await asyncio.to_thread(session.set_strategy, (await json_body(request)).get("strategy"))
+        return {"state": await asyncio.to_thread(session.state)}
+
+    @app.post("/api/retrain")
+    async def retrain(request: Request):
+        await json_body(request)
+        session.request_retrain()
+        return {"state": await asyncio.to_thread(session.state)}
+
+    @app.get("/api/review")
+    async def review():
+        return await asyncio.to_thread(session.review)
+
+    return app

@@ -1,0 +1,1 @@
+"""The settings: every training setting declared once (TrainConfig), with its rule, default and help."""

@@ -1,0 +1,1 @@
+"""Files to deploy: ONNX (fp32 and guarded int8) and torch.export."""

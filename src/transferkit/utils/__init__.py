@@ -1,0 +1,1 @@
+"""Shared utilities every wing may use: the error family, atomic file writes, progress, threads and signals."""
