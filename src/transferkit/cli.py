@@ -31,7 +31,7 @@ try:  # typer >= 0.20 carries its own copy of click
 except ImportError:  # pragma: no cover - older typer on click
     from click.exceptions import NoArgsIsHelpError, UsageError
 
-from .cfg.settings import DEFAULT_BACKBONE, TrainConfig, flag, option_name, read_settings, settings, shown
+from .cfg.settings import DEFAULT_BACKBONE, TrainConfig, flag, option_name, read_settings, rule_of, settings, shown
 from .utils.errors import ConfigError, Interrupted, TransferkitError
 
 
@@ -104,6 +104,7 @@ class EngineName(str, Enum):
 
 
 METAVARS = {int: "INTEGER", float: "NUMBER", str: "TEXT", "layer": "INDEX|NAME"}
+OOD_KEEP_HELP = rule_of("ood_keep").help + " Default: the run's (train --ood-keep)."  # declared once, in the settings
 
 
 def setting_parameters() -> list[inspect.Parameter]:
@@ -225,15 +226,52 @@ def evaluate(
     data: Path = typer.Argument(..., help="Labelled class folders or CSV."),
     output: Optional[Path] = typer.Option(None, "--output", help="Also write the metrics as JSON."),
     tta: bool = typer.Option(False, help="Test-time augmentation: average each image with its mirror."),
+    ood_dir: Optional[Path] = typer.Option(None, "--ood-dir", help="Images unlike the training ones (any folder): "
+                                           "how well the OOD score tells them from DATA (AUROC, FPR at 95 % TPR) "
+                                           "and the fraction flagged unknown."),
+    ood_keep: Optional[float] = typer.Option(None, "--ood-keep", help=OOD_KEEP_HELP),
+    coverage: Optional[float] = typer.Option(None, "--coverage", help="Conformal sets at this coverage: their "
+                                             "empirical coverage and mean size on DATA (default 0.9 where the run "
+                                             "has sets)."),
 ):
-    """Metrics of a trained model on another labelled folder."""
+    """Metrics of a trained model on another labelled folder (with the OOD score and conformal
+    sets where the run has them)."""
     from .predict.run import load
     from .utils.files import write_text
 
-    metrics = load(run).evaluate(data, tta=tta)
+    if ood_dir is not None and not ood_dir.is_dir():
+        raise ConfigError(f"{ood_dir}: no such folder (--ood-dir)")
+    classifier = load(run).configure(ood_keep, coverage)
+    if coverage is None and classifier.open_world.conformal_scores is not None and not classifier.multilabel:
+        classifier.configure(coverage=0.9)
+    metrics = classifier.evaluate(data, tta=tta, ood_dir=ood_dir)
     if output:
         write_text(output, json.dumps(metrics, indent=2) + "\n")
     print_metrics(data, metrics, tta)
+    print_open_world(metrics, classifier)
+
+
+def print_open_world(metrics: dict, classifier) -> None:
+    """`evaluate`'s lines on the OOD score and the conformal sets."""
+    found = metrics.get("ood")
+    if found is None:
+        out.print(f"note: {classifier.origin} was trained before OOD scores and conformal sets (train it again to get "
+                  "them)", markup=False, soft_wrap=True)
+        return
+    out.print(f"OOD: threshold {found['threshold']:.4f} (keeps {found['keep']:.0%} of validation), "
+              f"{found['flagged']:.1%} of these images flagged unknown", markup=False, soft_wrap=True)
+    if "ood_dir" in found:
+        line = f"--ood-dir {found['ood_dir']}: {found['n_ood_dir']} images, {found['flagged_ood_dir']:.1%} flagged unknown"
+        if "auroc" in found:
+            line += f"; AUROC {found['auroc']:.4f}, FPR at 95% TPR {found['fpr_at_95_tpr']:.4f}"
+        out.print(line, markup=False, soft_wrap=True)
+    sets = metrics.get("conformal")
+    if sets:
+        low, high = sets["coverage_ci95"]
+        size = sets["mean_set_size_ci95"] or [float("nan")] * 2
+        out.print(f"conformal sets at coverage {sets['target']:g}: empirical coverage {sets['coverage']:.4f} "
+                  f"(95% CI {low:.4f}-{high:.4f}), mean set size {sets['mean_set_size']:.3f} "
+                  f"(95% CI {size[0]:.3f}-{size[1]:.3f})", markup=False, soft_wrap=True)
 
 
 def print_metrics(data: Path, metrics: dict, tta: bool = False) -> None:
@@ -301,15 +339,32 @@ def predict(
     tta: bool = typer.Option(False, help="Test-time augmentation: average each image with its mirror."),
     engine: EngineName = typer.Option(EngineName.auto, help="auto: the run's model.onnx with ONNX Runtime when it "
                                                             "exists and matches the run, else PyTorch."),
+    ood_keep: Optional[float] = typer.Option(None, "--ood-keep", help=OOD_KEEP_HELP),
+    reject: bool = typer.Option(False, "--reject", help="Print unknown as the label of an image unlike the training "
+                                                        "images (the JSON record's label too)."),
+    coverage: Optional[float] = typer.Option(None, "--coverage", help="Add the conformal prediction set (\"set\"): "
+                                             "classes that hold the true one for this fraction of images like the "
+                                             "validation ones, e.g. 0.9 (single-label runs)."),
 ):
     """Classify images (calibrated probabilities; two classes use the run's threshold; multi-label:
     every class at or above its threshold), streaming one line per file; unreadable files get their
-    own record with the reason. Exit status 1 when no file could be classified."""
+    own record with the reason. Each record also has "ood_score" (higher: more unlike the training
+    images) and "unknown" (above the run's threshold). Exit status 1 when no file could be
+    classified."""
     from .data.listing import expand_inputs
     from .predict.run import load_engine
     from .utils.progress import Reporter
 
     classifier = load_engine(run, engine.value, log=lambda m: typer.echo(m, err=True))
+    classifier.configure(ood_keep, coverage)
+    if reject and not classifier.has_ood:
+        fail(classifier.before_open_world("--reject"))
+    if reject and "unknown" in classifier.classes:
+        fail(f"--reject prints 'unknown' as the label, but {run} has a class named unknown; read the records' "
+             "\"unknown\" field instead")
+    if not classifier.has_ood:
+        typer.echo(f"note: {classifier.origin} was trained before OOD scores: records have no ood_score or unknown "
+                   "(train it again to get them)", err=True)
     paths, stdout, reporter = expand_inputs(inputs), sys.stdout, Reporter()
     if reporter.live:  # a bar needs the total: list the files first (names only)
         paths = list(paths)
@@ -318,8 +373,9 @@ def predict(
     stream = sys.stdout if stdout.isatty() else stdout
     writer = csv.writer(stream)
     key = "labels" if classifier.multilabel else "label"
+    extra = (["ood_score", "unknown"] if classifier.has_ood else []) + (["set"] if coverage is not None else [])
     if format is Format.csv:
-        writer.writerow(["path", key, *[f"p_{c}" for c in classifier.classes], "error"])
+        writer.writerow(["path", key, *[f"p_{c}" for c in classifier.classes], *extra, "error"])
     failures = total = 0
     try:
         for record in classifier.predict_files(paths, batch_size, tta=tta):
@@ -328,14 +384,19 @@ def predict(
             error = record.get("error")
             failures += error is not None
             probs = record.get("probabilities", {})
+            if reject and record.get("unknown"):
+                record[key] = ["unknown"] if classifier.multilabel else "unknown"
             decided = record.get(key, "")
             if isinstance(decided, list):  # multi-label: the CSV cell as train reads it
                 decided = classifier.label_sep.join(decided)
             if format is Format.json:
                 line = json.dumps(record)
             elif format is Format.csv:
-                writer.writerow([record["path"], decided,
-                                 *[f"{probs[c]:.6f}" if probs else "" for c in classifier.classes], error or ""])
+                cells = {"ood_score": f"{record['ood_score']:.6f}" if "ood_score" in record else "",
+                         "unknown": str(record["unknown"]).lower() if "unknown" in record else "",
+                         "set": classifier.label_sep.join(record["set"]) if "set" in record else ""}
+                writer.writerow([record["path"], decided, *[f"{probs[c]:.6f}" if probs else "" for c in classifier.classes],
+                                 *[cells[name] for name in extra], error or ""])
                 stream.flush()
                 continue
             elif error:
@@ -343,6 +404,11 @@ def predict(
             else:
                 line = f"{record['path']}\t{decided or '(no label)'}\t" + "  ".join(
                     f"{c}={p:.4f}" for c, p in probs.items())
+                if "ood_score" in record:
+                    line += f"\tood {record['ood_score']:.4f}" + (" UNKNOWN (unlike the training images)"
+                                                                   if record["unknown"] else "")
+                if "set" in record:
+                    line += f"\tset {{{', '.join(record['set'])}}}"
             typer.echo(line, file=stream)
     finally:
         reporter.stop()

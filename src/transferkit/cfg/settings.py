@@ -179,6 +179,10 @@ class TrainConfig:
         "decisions", str, choices=("none", *THRESHOLD_METRICS))
     threshold: float = setting(0.5, "Two classes: the fixed threshold on p(second class); multilabel: on each label's p.", "decisions", float,
                                low=0, high=1)
+    ood_keep: float = setting(
+        0.95, "The OOD threshold: the fraction of validation images (in-distribution) whose ood_score passes it; "
+        "an image above it is `unknown` (its label stays the best class; predict --reject prints unknown). "
+        "Changeable at predict time.", "decisions", float, low=0, high=1, low_open=True, high_open=True)
     cache: bool = setting(True, "Train from cached frozen-layer outputs (--no-cache: the seed's plain loop).",
                           "cache", bool)
     views: int | None = setting(None, "Augmented views cached per training image, besides the clean one; default: "

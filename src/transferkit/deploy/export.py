@@ -3,7 +3,9 @@ the file alone is enough), int8 quantization guarded by validation accuracy, and
 
 The exported graph is the inference path only (no augmentation, no dropout): uint8 RGB images of
 the model's size in, (N, C) class probabilities out, the same numbers as
-`Classifier.predict_proba` (normalisation and calibration temperature folded in).
+`Classifier.predict_proba` (normalisation and calibration temperature folded in); a run with an
+OOD score has a second output, `ood_score` (N,), the same numbers as the PyTorch engine's, and its
+threshold, its validation scores and the conformal calibration scores in the metadata.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from .. import __version__
 from ..predict.classifier import Classifier
 from ..predict.metrics import evaluation_metrics
 from ..predict.onnx_engine import OnnxClassifier
+from ..openworld import conformal
+from ..openworld.ood import score_torch
 from ..predict.run import load, model_version
 from ..utils.errors import ExportError
 from ..utils.files import atomic_path
@@ -36,7 +40,8 @@ OPSET = 18
 class InferenceGraph(nn.Module):
     """uint8 RGB images (N, S, S, 3) for "nhwc" or (N, 3, S, S) for "nchw" -> probabilities (N, C).
 
-    Wraps (and freezes) the classifier's model in inference mode.
+    Wraps (and freezes) the classifier's model in inference mode. With the run's OOD scorer, the
+    graph also returns the OOD score (N,) of the same pooled features and logits.
     """
 
     def __init__(self, classifier: Classifier, layout: str = "nhwc"):
@@ -44,12 +49,29 @@ class InferenceGraph(nn.Module):
         if layout not in LAYOUTS:
             raise ExportError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.model, self.layout = classifier.model.eval().requires_grad_(False), layout
+        self.scorer = classifier.scorer
+        self.stats = []
+        if self.scorer is not None:
+            for name, value in self.scorer.tensors().items():
+                if name != "val_scores":
+                    self.register_buffer(f"ood_{name}", torch.from_numpy(value), persistent=False)
+                    self.stats.append(name)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    @property
+    def outputs(self) -> list[str]:
+        return ["probabilities"] + (["ood_score"] if self.scorer is not None else [])
+
+    def forward(self, images: torch.Tensor):
         if self.layout == "nhwc":
             images = images.permute(0, 3, 1, 2)
         model = self.model
-        return model.probabilities(model.head(model.features(model.normalize(images))))
+        features = model.features(model.normalize(images))
+        logits = model.head(features)
+        probs = model.probabilities(logits)
+        if self.scorer is None:
+            return probs
+        stats = {name: getattr(self, f"ood_{name}") for name in self.stats}
+        return probs, score_torch(self.scorer.method, self.scorer.k, stats, features, logits)
 
 
 def metadata(classifier: Classifier, run_dir: str | Path, layout: str, quantization: str = "none") -> dict[str, str]:
@@ -71,7 +93,29 @@ def metadata(classifier: Classifier, run_dir: str | Path, layout: str, quantizat
                    "probabilities (N, C), columns in the order of 'classes'; two classes: label = "
                    "classes[1] when p[1] >= threshold, else argmax"),
         "transferkit_version": __version__,
+        **open_world_metadata(classifier),
     }
+
+
+def open_world_metadata(classifier: Classifier) -> dict[str, str]:
+    """The OOD threshold and the validation scores any other `keep` needs; the conformal threshold
+    at the run's recorded coverage and the calibration scores any other coverage needs."""
+    found = {}
+    if classifier.scorer is None:
+        return found
+    world, entry = classifier.open_world, classifier.meta["ood"]
+    found["ood"] = json.dumps({"method": entry["method"], "k": entry.get("k"), "keep": world.keep,
+                               "threshold": world.threshold, "val_scores": [float(v) for v in world.ood_scores],
+                               "output": "ood_score (N,): higher is more unlike the training images; unknown when "
+                                         "above threshold"})
+    if world.conformal_scores is not None:
+        entry = classifier.meta["conformal"]
+        found["conformal"] = json.dumps({
+            "method": conformal.METHOD, "coverage": entry["coverage"], "threshold": entry["threshold"],
+            "scores": [float(v) for v in world.conformal_scores],
+            "rule": "sorted by probability, class j is in the set when the mass before it plus u * p_j <= threshold, "
+                    "u = the first 7 bytes of SHA-256 of the uint8 image / 2^56; the predicted class always is"})
+    return found
 
 
 def example_input(classifier: Classifier, layout: str, n: int = 2) -> torch.Tensor:
@@ -89,7 +133,7 @@ def export_onnx(classifier: Classifier, run_dir: str | Path, out: str | Path, la
         warnings.simplefilter("ignore")
         raw = Path(tmp) / "model.onnx"
         torch.onnx.export(graph, (example_input(classifier, layout),), str(raw), dynamo=True,
-                          input_names=["images"], output_names=["probabilities"], opset_version=OPSET,
+                          input_names=["images"], output_names=graph.outputs, opset_version=OPSET,
                           dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, verbose=False)
         proto = onnx.load(str(raw))
     set_metadata(proto, metadata(classifier, run_dir, layout))
@@ -157,11 +201,16 @@ def quantize(float_path: str | Path, out: str | Path, mode: str, calibration: np
 
 
 def float_ends(proto) -> list[str]:
-    """Names of the nodes before the first convolution (input normalisation) and after the last
-    linear layer (temperature, sigmoid/softmax): kept in float so probabilities stay precise."""
+    """Names of the nodes before the first convolution (input normalisation), after the head's
+    linear layer (temperature, sigmoid/softmax), and, with an `ood_score` output, those after the
+    last convolution that it is computed from (pooling, normalisation, the feature bank): kept in
+    float so probabilities and OOD scores stay precise."""
     nodes = list(proto.graph.node)  # topologically sorted
     first = next(i for i, n in enumerate(nodes) if n.op_type == "Conv")
-    last = max(i for i, n in enumerate(nodes) if n.op_type in ("Gemm", "MatMul"))
+    last_conv = max(i for i, n in enumerate(nodes) if n.op_type == "Conv")
+    outputs = [o.name for o in proto.graph.output]
+    feeds_probabilities = ancestors(nodes, outputs[0])
+    last = max(i for i, n in enumerate(nodes) if n.op_type in ("Gemm", "MatMul") and i in feeds_probabilities)
     keep, needed, produced = [], set(nodes[first].input), set(nodes[last].output)
     for node in reversed(nodes[:first]):  # what feeds the first convolution
         if needed & set(node.output):
@@ -171,7 +220,20 @@ def float_ends(proto) -> list[str]:
         if produced & set(node.input):
             keep.append(node.name)
             produced.update(node.output)
+    if "ood_score" in outputs:
+        keep += [nodes[i].name for i in sorted(ancestors(nodes, "ood_score")) if i > last_conv
+                 and nodes[i].name not in keep]
     return keep
+
+
+def ancestors(nodes: list, output: str) -> set[int]:
+    """Indices of the nodes `output` is computed from."""
+    needed, found = {output}, set()
+    for i in range(len(nodes) - 1, -1, -1):
+        if needed & set(nodes[i].output):
+            found.add(i)
+            needed.update(nodes[i].input)
+    return found
 
 
 def export_program(classifier: Classifier, run_dir: str | Path, out: str | Path, layout: str = "nhwc") -> Path:

@@ -8,20 +8,32 @@ import numpy as np
 import torch
 
 from ..models.fold import fold_batchnorm
-from ..models.inference import predict_proba
-from ..models.transfer import TransferModel
-from .engine import Engine
+from ..models.inference import predict_logits, predict_proba
+from ..models.transfer import TransferModel, to_unit
+from ..openworld.ood import OodScorer
+from .engine import Engine, OpenWorld
 
 
 class Classifier(Engine):
-    """What `predict` needs: the model, its class names and the metadata of `model.json`."""
+    """What `predict` needs: the model, its class names and the metadata of `model.json`; with
+    `scorer` (the run's fitted OOD score) every prediction also says how unusual its image is."""
 
     name = "torch"
 
-    def __init__(self, model: TransferModel, classes: list[str], meta: dict):
+    def __init__(self, model: TransferModel, classes: list[str], meta: dict, scorer: OodScorer | None = None):
         self.model, self.classes, self.meta = model.eval(), list(classes), dict(meta)
         temperature = self.meta["temperature"]  # multi-label: one per class
         self.model.temperature = [float(t) for t in temperature] if isinstance(temperature, list) else float(temperature)
+        self.set_scorer(scorer)
+
+    def set_scorer(self, scorer: OodScorer | None) -> None:
+        """The OOD score (None: a run trained before it) and what the run's model.json says of it."""
+        self.scorer = scorer
+        entry = self.meta.get("ood") or {}
+        self.open_world = OpenWorld(
+            ood_scores=None if scorer is None else scorer.val_scores, keep=float(entry.get("keep", 0.95)),
+            conformal_scores=None if scorer is None or "conformal" not in self.meta
+            else scorer.extra.get("conformal_scores"))
 
     @property
     def device(self) -> torch.device:
@@ -34,3 +46,17 @@ class Classifier(Engine):
 
     def _proba(self, images: np.ndarray, batch_size: int) -> np.ndarray:
         return predict_proba(self.model, images, lambda x: self.model(x, self.folded), batch_size, self.device)
+
+    def _outputs(self, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.scorer is None:
+            return self._proba(images, batch_size), None
+        model = self.model
+
+        def both(x: torch.Tensor) -> torch.Tensor:  # one pass: the pooled features and the logits
+            features = model.features(model.normalize(to_unit(x)), self.folded)
+            return torch.cat([features, model.head(features)], 1)
+
+        out = predict_logits(model, images, both, batch_size, self.device)
+        features, logits = out[:, :model.head.in_features], out[:, model.head.in_features:]
+        probs = model.probabilities(torch.from_numpy(np.ascontiguousarray(logits))).numpy()
+        return probs, self.scorer.score(features, logits)

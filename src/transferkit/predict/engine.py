@@ -8,13 +8,16 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..data.decode import decode_source, decoded_batches
 from ..data.listing import LabelledImages
-from ..utils.errors import RunError
+from ..openworld import conformal
+from ..openworld.ood import DEFAULT_KEEP, check_fraction, detection_metrics, keep_threshold
+from ..utils.errors import ConfigError, RunError
 from .metrics import evaluation_metrics, predict_labels, predict_sets
 
 TASKS = ("multiclass", "multilabel")
@@ -61,6 +64,26 @@ def check_meta(meta: dict, where) -> None:
               f"preprocess.{key} must be three finite numbers{' > 0' if key == 'std' else ''}, got {values!r}")
 
 
+@dataclass
+class OpenWorld:
+    """What an engine knows beyond its classes: the validation images' OOD scores (the threshold
+    that a fraction `keep` of them passes) and their conformal scores (sets at `coverage`, when
+    asked for). None where the run was trained before these existed (or, for sets, is multi-label)."""
+
+    ood_scores: np.ndarray | None = None
+    keep: float = DEFAULT_KEEP
+    conformal_scores: np.ndarray | None = None
+    coverage: float | None = None  # None: no sets
+
+    @property
+    def threshold(self) -> float | None:
+        return None if self.ood_scores is None else keep_threshold(self.ood_scores, self.keep)
+
+    @property
+    def set_threshold(self) -> float:
+        return conformal.threshold(self.conformal_scores, self.coverage)
+
+
 class Engine(ABC):
     """A trained classifier behind one interface. `meta` holds at least classes, threshold,
     temperature and preprocess (model.json, or an ONNX file's metadata)."""
@@ -68,10 +91,43 @@ class Engine(ABC):
     name = "engine"
     meta: dict
     classes: list[str]
+    open_world: OpenWorld = OpenWorld()
+    origin: str = "this model"  # the run folder or file, for messages
 
     @abstractmethod
     def _proba(self, images: np.ndarray, batch_size: int) -> np.ndarray:
         """(N, C) calibrated probabilities of uint8 images (N, S, S, 3) of this model's size."""
+
+    def _outputs(self, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, OOD scores or None) of a batch; engines that score override this."""
+        return self._proba(images, batch_size), None
+
+    @property
+    def has_ood(self) -> bool:
+        return self.open_world.ood_scores is not None
+
+    def configure(self, ood_keep: float | None = None, coverage: float | None = None) -> "Engine":
+        """Predict-time choices: another OOD `keep` fraction than the run's, and conformal sets at
+        `coverage`. A value outside (0, 1), or a run that cannot answer them, is a one-line error."""
+        if ood_keep is not None:
+            ood_keep = check_fraction("--ood-keep", ood_keep)
+            if not self.has_ood:
+                raise RunError(self.before_open_world("--ood-keep"))
+            self.open_world.keep = ood_keep
+        if coverage is not None:
+            coverage = check_fraction("--coverage", coverage)
+            if self.multilabel:
+                raise ConfigError(f"{self.origin}: --coverage: conformal sets are for single-label runs; a multi-label "
+                                  "run decides each class on its own (its threshold), so it has no sets")
+            if self.open_world.conformal_scores is None:
+                raise RunError(self.before_open_world("--coverage"))
+            self.open_world.coverage = coverage
+        return self
+
+    def before_open_world(self, option: str) -> str:
+        return (f"{self.origin}: {option} needs a run trained with OOD scores and conformal sets (transferkit "
+                f"{'with' if self.name == 'torch' else 'exports with'} an 'ood' entry); this one predates them: "
+                f"train it again{'' if self.name == 'torch' else ' (or export it again)'}")
 
     @property
     def multilabel(self) -> bool:
@@ -113,6 +169,28 @@ class Engine(ABC):
             raise RunError("the model computed NaN or infinite probabilities (damaged weights or settings)")
         return probs
 
+    def predict_open(self, images: np.ndarray, batch_size: int = 64, tta: bool = False) -> dict[str, np.ndarray]:
+        """What `predict_proba` gives, and where the run has them: "ood_score" (N,) (higher: more
+        unlike the training images), "unknown" (N,) (above the threshold), and with a coverage
+        configured "sets" (N, C) (conformal membership)."""
+        images = np.asarray(images)
+        if len(images) == 0:
+            return {"probabilities": np.zeros((0, len(self.classes)), dtype=np.float32)}
+        probs, scores = self._outputs(images, batch_size)
+        if tta:
+            mirrored = self._outputs(np.ascontiguousarray(images[:, :, ::-1]), batch_size)
+            probs = (probs + mirrored[0]) / 2
+            scores = None if scores is None or mirrored[1] is None else (scores + mirrored[1]) / 2
+        if not np.isfinite(probs).all() or (scores is not None and not np.isfinite(scores).all()):
+            raise RunError("the model computed NaN or infinite probabilities (damaged weights or settings)")
+        out = {"probabilities": probs}
+        if scores is not None and self.has_ood:
+            out["ood_score"], out["unknown"] = scores, scores > self.open_world.threshold
+        if self.open_world.coverage is not None:
+            predicted = predict_labels(probs, self.threshold)
+            out["sets"] = conformal.sets(probs, self.open_world.set_threshold, conformal.tie_breaks(images), predicted)
+        return out
+
     def labels(self, probabilities: np.ndarray) -> list[str] | list[list[str]]:
         """The predicted class of each image; multi-label: the list of classes at or above their
         thresholds (possibly empty)."""
@@ -129,23 +207,69 @@ class Engine(ABC):
             if isinstance(batch, tuple):
                 yield {"path": batch[0], "error": batch[1]}
                 continue
-            probs = self.predict_proba(np.stack([a for _, a in batch]), batch_size, tta)
-            for (path, _), p, label in zip(batch, probs, self.labels(probs)):
+            answer = self.predict_open(np.stack([a for _, a in batch]), batch_size, tta)
+            probs = answer["probabilities"]
+            for i, ((path, _), p, label) in enumerate(zip(batch, probs, self.labels(probs))):
                 yield {"path": path, "labels" if self.multilabel else "label": label,
-                       "probabilities": {c: float(v) for c, v in zip(self.classes, p)}}
+                       "probabilities": {c: float(v) for c, v in zip(self.classes, p)}, **self.extras(answer, i)}
+
+    def extras(self, answer: dict, i: int) -> dict:
+        """The fields of record `i` of a `predict_open` answer beyond the label and probabilities."""
+        record = {}
+        if "ood_score" in answer:
+            record.update(ood_score=float(answer["ood_score"][i]), unknown=bool(answer["unknown"][i]))
+        if "sets" in answer:
+            record["set"] = [c for c, on in zip(self.classes, answer["sets"][i]) if on]
+        return record
 
     def read_labelled(self, source: str | Path) -> LabelledImages:
         """A labelled folder or CSV decoded for this model: its size, its classes, its task (a
         multi-label model reads multi-label data) and its separator."""
         return decode_source(source, self.image_size, self.classes, self.task, self.label_sep)
 
-    def evaluate(self, source: str | Path, batch_size: int = 64, tta: bool = False) -> dict:
+    def evaluate(self, source: str | Path, batch_size: int = 64, tta: bool = False,
+                 ood_dir: str | Path | None = None) -> dict:
         """Metrics on a labelled folder or CSV whose classes are among this model's (multi-label
-        data for a multi-label model)."""
+        data for a multi-label model). Where the run has them: the fraction of these images flagged
+        unknown, and with a coverage configured the sets' empirical coverage and mean size (with
+        95 % intervals); `ood_dir` (images unlike the training ones): how well the OOD score tells
+        them from these (AUROC, FPR at 95 % TPR) and the fraction flagged."""
+        if ood_dir is not None and not self.has_ood:
+            raise RunError(self.before_open_world("--ood-dir"))
         data = self.read_labelled(source)
-        probs = self.predict_proba(data.images, batch_size, tta)
+        answer = self.predict_open(data.images, batch_size, tta)
+        probs = answer["probabilities"]
         metrics = evaluation_metrics(data.labels, probs, self.classes, self.threshold)
         metrics.update(source=str(source), tta=tta,
                        skipped=[{"path": p, "reason": r} for p, r in data.skipped])
+        if "ood_score" in answer:
+            metrics["ood"] = {"keep": self.open_world.keep, "threshold": self.open_world.threshold,
+                              "flagged": float(answer["unknown"].mean()) if len(data) else 0.0}
+        if "sets" in answer:
+            metrics["conformal"] = {"method": conformal.METHOD, **conformal.summary(
+                answer["sets"], data.labels, self.open_world.coverage)}
+        if ood_dir is not None:
+            metrics["ood"].update(self.ood_detection(answer.get("ood_score", np.zeros(0)), ood_dir, batch_size, tta))
         return metrics
+
+    def ood_detection(self, in_scores: np.ndarray, ood_dir: str | Path, batch_size: int = 64,
+                      tta: bool = False) -> dict:
+        """The OOD score on a folder of images unlike the training ones, against `in_scores` (the
+        labelled set's): AUROC, FPR at 95 % TPR, and the fraction flagged unknown."""
+        from ..data.listing import expand_inputs
+
+        scores, skipped = [], 0
+        for batch in decoded_batches(expand_inputs([Path(ood_dir)]), self.image_size, batch_size):
+            if isinstance(batch, tuple):
+                skipped += 1
+                continue
+            scores.append(self.predict_open(np.stack([a for _, a in batch]), batch_size, tta)["ood_score"])
+        if not scores:
+            raise RunError(f"{ood_dir}: no readable images (--ood-dir)")
+        out_scores = np.concatenate(scores)
+        found = {"ood_dir": str(ood_dir), "flagged_ood_dir": float((out_scores > self.open_world.threshold).mean()),
+                 "n_ood_dir": int(len(out_scores)), "skipped_ood_dir": skipped}
+        if len(in_scores):
+            found.update({k: v for k, v in detection_metrics(in_scores, out_scores).items() if k in ("auroc", "fpr_at_95_tpr")})
+        return found
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..utils.errors import RunError
-from .engine import Engine, check_meta
+from .engine import Engine, OpenWorld, check_meta
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -24,7 +24,8 @@ def read_metadata(path: str | Path) -> dict:
     if "classes" not in props or "preprocess" not in props:
         raise RunError(f"{path}: not a transferkit ONNX export (no classes/preprocess metadata)")
     try:
-        meta = {**props, **{key: json.loads(props[key]) for key in ("classes", "preprocess", "threshold", "temperature")}}
+        meta = {**props, **{key: json.loads(props[key]) for key in ("classes", "preprocess", "threshold", "temperature")},
+                **{key: json.loads(props[key]) for key in ("ood", "conformal") if key in props}}
     except (KeyError, ValueError) as exc:
         raise RunError(f"{path}: damaged transferkit metadata ({exc}); export it again") from None
     check_meta(meta, path)
@@ -53,12 +54,29 @@ class OnnxClassifier(Engine):
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
             raise RunError(f"{self.path}: cannot load with ONNX Runtime ({str(exc).splitlines()[0]})") from None
         self.input_name = self.session.get_inputs()[0].name
+        self.origin = str(self.path)
+        outputs = [o.name for o in self.session.get_outputs()]
+        ood, sets = self.meta.get("ood"), self.meta.get("conformal")
+        self.scores = "ood_score" in outputs and isinstance(ood, dict)
+        try:
+            self.open_world = OpenWorld(
+                ood_scores=np.asarray(ood["val_scores"], np.float64) if self.scores else None,
+                keep=float(ood["keep"]) if self.scores else 0.95,
+                conformal_scores=np.asarray(sets["scores"], np.float64) if self.scores and isinstance(sets, dict) else None)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RunError(f"{self.path}: damaged OOD metadata ({type(exc).__name__}: {exc}); export it again") from None
 
     def _proba(self, images: np.ndarray, batch_size: int) -> np.ndarray:
-        out = []
+        return self._outputs(images, batch_size)[0]
+
+    def _outputs(self, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+        probs, scores = [], []
         for start in range(0, len(images), batch_size):
             batch = np.asarray(images[start:start + batch_size], dtype=np.uint8)
             if self.layout == "nchw":
                 batch = batch.transpose(0, 3, 1, 2)
-            out.append(self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})[0])
-        return np.concatenate(out)
+            out = self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})
+            probs.append(out[0])
+            if self.scores:
+                scores.append(out[1])
+        return np.concatenate(probs), np.concatenate(scores) if self.scores else None

@@ -3,6 +3,9 @@
     model.safetensors   the weights (no pickle)
     model.json          classes, preprocessing, threshold, temperature, settings, versions and the
                         weights' SHA-256, checked on every load
+    ood.safetensors     the OOD score's arrays (training features), the validation images' OOD and
+                        conformal scores; its SHA-256 in model.json's "ood" (runs trained before it
+                        have neither, and still load: their predictions carry no ood fields)
     history.csv, metrics.json, skipped.csv, val_predictions.csv, learning_curves.png, report.html
     checkpoint.json + checkpoint-EPOCH.safetensors   while training: what --resume continues from
 
@@ -24,7 +27,8 @@ from typing import Callable
 import numpy as np
 
 from .. import __version__
-from ..utils.errors import RunError
+from ..openworld import ood
+from ..utils.errors import ConfigError, RunError
 from ..utils.files import atomic_path, sha256_of, write_text
 from .engine import Engine, check_meta, is_multilabel
 
@@ -236,7 +240,24 @@ def load(run_dir: str | Path, device: str = "cpu"):
     except Exception as exc:  # noqa: BLE001 - any inconsistency means an unusable run
         raise RunError(f"{run_dir}: cannot load the model ({type(exc).__name__}: {exc})") from exc
     model.to(device, memory_format=torch.channels_last)
-    return Classifier(model, meta["classes"], meta)
+    classifier = Classifier(model, meta["classes"], meta, load_ood(run_dir, meta))
+    classifier.origin = str(run_dir)
+    return classifier
+
+
+def load_ood(run_dir: Path, meta: dict):
+    """The run's OOD scorer (its file checked against the SHA-256 in model.json), or None for a run
+    trained before OOD scores existed."""
+    entry = meta.get("ood")
+    if entry is None:
+        return None
+    if not isinstance(entry, dict):
+        raise RunError(f"{run_dir / META}: 'ood' must be an object, got {entry!r}")
+    try:
+        ood.check_fraction("ood.keep", entry.get("keep"))
+    except ConfigError as exc:
+        raise RunError(f"{run_dir / META}: {exc}") from None
+    return ood.load(run_dir, entry)
 
 
 def model_version(run_dir: str | Path) -> str:
@@ -253,6 +274,8 @@ def stale_reason(onnx: Engine, run_dir: Path) -> str | None:
         now, then = np.atleast_1d(current[key]).astype(float), np.atleast_1d(onnx.meta[key]).astype(float)
         if now.shape != then.shape or (np.abs(now - then) > 1e-9).any():
             return f"model.json's {key} changed since the export"
+    if "ood" in current and "ood" not in onnx.meta:
+        return "the export predates the run's OOD score"
     return None
 
 

@@ -29,8 +29,9 @@ from ..data.listing import LabelledImages, check_labels, load_labelled
 from ..data.memory import memory_budget
 from ..data.split import stratified_split
 from ..models.backbones import Backbone, create_backbone
-from ..models.inference import to_batch
-from ..models.transfer import TransferModel
+from ..models.inference import predict_logits, to_batch
+from ..models.transfer import TransferModel, to_unit
+from ..openworld import conformal, ood
 from ..predict import run
 from ..predict.classifier import Classifier
 from ..predict.metrics import (
@@ -46,7 +47,7 @@ from ..utils.files import atomic_path, write_text
 from ..utils.progress import Reporter
 from ..utils.runtime import resolve_device, seed_everything, set_threads, stop_on_signals
 from . import distributed
-from .cache import PhaseViews, Views, build_views, plain_views, plan
+from .cache import HeadForward, PhaseViews, SuffixForward, Views, build_views, plain_views, plan, run_chain
 from .calibrate import choose_threshold, fit_temperature, fit_temperatures, nll
 from .experiment import open_log
 from .presets import filled, resolve, smallest_class
@@ -169,6 +170,7 @@ def fit(model: TransferModel, train_set: LabelledImages, val_set: LabelledImages
     head_views, suffix_views = cached_views(model, train_set, val_set, config, fine_tune_at, spill_dir,
                                             weights_sha256, reporter, device)
     trainer.timings.setdefault("extract_seconds", time.perf_counter() - started)
+    trainer.views = (head_views, suffix_views)  # the OOD score's features come from them (save_run)
     trainer.fit_head(*head_views)
     trainer.fine_tune(*suffix_views, fine_tune_at)
     trainer.keep_best()
@@ -293,6 +295,7 @@ class Trainer:
         self.warnings: list[str] = []
         self.stopped: dict[str, dict] = {}  # phase -> where and why it stopped early
         self.resumed_optimizer: dict | None = None
+        self.views: tuple[PhaseViews, PhaseViews] | None = None  # (phase 1, phase 2) (train, validation) views
         self.experiment = open_log(config.log_to, checkpoints, config.to_dict()) \
             if checkpoints and distributed.current().main else None
         self.class_weight = class_weights(train_set.labels, model.num_classes, config.class_weight)
@@ -576,6 +579,9 @@ def save_run(out: Path, model: TransferModel, backbone: Backbone, fine_tune_at: 
         "val_data": record["val_data"],
         "world_size": record["world_size"],
     })
+    entries, scorer = open_world(out, model, trainer, train_set, val_set, val_probs, config, reporter)
+    classifier.meta.update(entries)
+    classifier.set_scorer(scorer)
     run.save_weights(classifier, out)
     metrics = evaluation_metrics(val_set.labels, val_probs, val_set.classes, classifier.threshold)
     metrics.update(split="validation", best_epoch=trainer.best["epoch"], calibration=calibration,
@@ -591,6 +597,58 @@ def save_run(out: Path, model: TransferModel, backbone: Backbone, fine_tune_at: 
         shutil.rmtree(out / "cache", ignore_errors=True)
     run.mark_complete(classifier, out)
     return classifier
+
+
+def kept_features(model: TransferModel, views: PhaseViews, batch_size: int, device) -> tuple[np.ndarray, np.ndarray]:
+    """The kept model's pooled features (penultimate layer) of the clean view of every training and
+    validation image, from the stored inputs the phase trained on: the pooled features themselves
+    (phase 1's cache), the trainable suffix on the cached boundary activations (phase 2's), or the
+    whole model on the decoded images (--no-cache)."""
+    def forward_of(view: Views):
+        if isinstance(view.forward, SuffixForward):
+            suffix = view.forward.suffix
+            return lambda x: model.backbone.forward_head(run_chain(suffix, x), pre_logits=True)
+        if isinstance(view.forward, HeadForward):
+            return lambda x: x
+        return lambda x: model.features(model.normalize(to_unit(x)))
+
+    return tuple(predict_logits(model, view.inputs[0], forward_of(view), batch_size, device) for view in views)
+
+
+def open_world(out: Path, model: TransferModel, trainer: Trainer, train_set: LabelledImages,
+               val_set: LabelledImages, val_probs: np.ndarray, config: TrainConfig,
+               reporter: Reporter) -> tuple[dict, ood.OodScorer]:
+    """Fit what "I don't know" needs on what the run knows, write it to out/ood.safetensors and
+    return model.json's entries: the OOD score on the kept model's features (bank: the training
+    images; threshold: the validation images, a fraction ood_keep of them pass) and the
+    conformal scores of the validation images (single-label runs)."""
+    started = time.perf_counter()
+    head_views, suffix_views = trainer.views
+    views = head_views if trainer.best["phase"] == 1 else suffix_views  # the kept epoch's inputs
+    device = next(model.parameters()).device
+    train_features, val_features = kept_features(model, views, config.batch_size, device)
+    scorer = ood.fit(ood.DEFAULT_METHOD, train_features, train_set.labels, val_features, trainer.best_logits,
+                     seed=config.seed)
+    for note in scorer.notes:
+        reporter.log(note)
+    extra = scorer.extra
+    if not model.multilabel:
+        extra["conformal_scores"] = np.sort(conformal.scores(val_probs, val_set.labels,
+                                                             conformal.tie_breaks(val_set.images)))
+    digest = ood.save(scorer, out / ood.FILE)
+    entries = {"ood": {**ood.describe(scorer, config.ood_keep, digest), "seconds": round(time.perf_counter() - started, 2)}}
+    if extra:
+        q = conformal.threshold(extra["conformal_scores"], conformal.DEFAULT_COVERAGE)
+        entries["conformal"] = {"method": conformal.METHOD, "file": ood.FILE, "coverage": conformal.DEFAULT_COVERAGE,
+                                "threshold": q if np.isfinite(q) else None,  # None: too few images, every class
+                                "calibration_images": len(val_set)}
+    reporter.log(f"OOD score: {scorer.method}" + (f" (k = {scorer.k})" if scorer.method == "knn" else "") +
+                 f" on the kept model's features, threshold {entries['ood']['threshold']:.4f} (keeps "
+                 f"{config.ood_keep:.0%} of the validation images)"
+                 + (f"; conformal sets ({conformal.METHOD}) calibrated on {len(val_set)} validation images"
+                    if extra else "; no conformal sets for a multi-label run")
+                 + f"; {time.perf_counter() - started:.1f}s")
+    return entries, scorer
 
 
 def shown(value, digits: int = 3) -> str:
