@@ -489,14 +489,19 @@ def serve(
     max_upload_mb: float = typer.Option(10.0, min=0.001, help="Largest request body."),
     max_pixels: int = typer.Option(40_000_000, min=1, help="Largest image (width x height), checked before decoding."),
     timeout: float = typer.Option(10.0, min=0.001, help="Seconds a request may take (upload, decoding, prediction)."),
+    ood_keep: Optional[float] = typer.Option(None, "--ood-keep", help=OOD_KEEP_HELP),
+    coverage: Optional[float] = typer.Option(None, "--coverage", help="Add the conformal set (\"set\") at this "
+                                             "coverage to every answer, as predict --coverage."),
 ):
-    """HTTP service: POST /predict, GET /health, and a web page at /."""
+    """HTTP service: POST /predict, GET /health, and a web page at /. Answers carry "ood_score"
+    and "unknown" where the run has an OOD score."""
     import uvicorn
 
     from .apps.serve import Limits, create_app, header_timeout_protocol
 
     limits = Limits(max_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels, timeout=timeout)
-    application = create_app(run, engine.value, limits, log=lambda m: typer.echo(m, err=True))
+    application = create_app(run, engine.value, limits, log=lambda m: typer.echo(m, err=True), ood_keep=ood_keep,
+                             coverage=coverage)
     typer.echo(f"Serving {run} on http://{host}:{port}/ (Ctrl-C stops)", err=True)
     uvicorn.run(application, host=host, port=port, log_level="warning", timeout_keep_alive=5,
                 http=header_timeout_protocol(timeout))

@@ -64,17 +64,19 @@ class Batcher:
                 continue
             batch = padded(np.stack([image for image, _ in items]))
             try:
-                probs = await asyncio.to_thread(self.classifier.predict_proba, batch, len(batch))
+                answer = await asyncio.to_thread(self.classifier.predict_open, batch, len(batch))
             except Exception as exc:  # noqa: BLE001 - handed to the waiting requests
-                probs = exc
+                answer = exc
             for i, (_, future) in enumerate(items):
                 if not future.done():
-                    if isinstance(probs, Exception):
-                        future.set_exception(probs)
+                    if isinstance(answer, Exception):
+                        future.set_exception(answer)
                     else:
-                        future.set_result(probs[i])
+                        future.set_result({key: value[i] for key, value in answer.items()})
 
-    async def predict(self, image: np.ndarray) -> np.ndarray:
+    async def predict(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """This image's row of `predict_open`: probabilities, and the OOD score, unknown and set
+        where the engine has them."""
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((image, future))
         return await future
@@ -198,9 +200,11 @@ def page() -> str:
 
 
 def create_app(run: str | Path, engine: str = "auto", limits: Limits = Limits(),
-               log: Callable[[str], None] | None = None) -> FastAPI:
-    """The service for one run directory (or exported .onnx file)."""
-    classifier = load_engine(run, engine, log)
+               log: Callable[[str], None] | None = None, ood_keep: float | None = None,
+               coverage: float | None = None) -> FastAPI:
+    """The service for one run directory (or exported .onnx file); `ood_keep` and `coverage` as
+    for predict."""
+    classifier = load_engine(run, engine, log).configure(ood_keep, coverage)
     kind, version = classifier.name, classifier.version
     batcher = Batcher(classifier, limits.max_batch)
     cam_model, cam_lock = explainer(run, classifier), asyncio.Lock()
@@ -232,7 +236,9 @@ def create_app(run: str | Path, engine: str = "auto", limits: Limits = Limits(),
         return {"status": "ok", "model_version": version, "engine": kind, "task": classifier.task,
                 "classes": classifier.classes,
                 "threshold": classifier.threshold, "image_size": classifier.image_size,
-                "explain": cam_model is not None}
+                "explain": cam_model is not None,
+                "ood": {"threshold": classifier.open_world.threshold, "keep": classifier.open_world.keep}
+                if classifier.has_ood else None, "coverage": classifier.open_world.coverage}
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
@@ -246,9 +252,11 @@ def create_app(run: str | Path, engine: str = "auto", limits: Limits = Limits(),
 
     async def classify(request: Request) -> dict:
         image = await upload(request)
-        probs = await batcher.predict(image)
+        answer = await batcher.predict(image)
+        probs = answer["probabilities"]
         return {"labels" if classifier.multilabel else "label": classifier.labels(probs[None])[0],
                 "probabilities": {c: float(p) for c, p in zip(classifier.classes, probs)},
+                **classifier.extras({k: v[None] for k, v in answer.items()}, 0),
                 "threshold": classifier.threshold, "model_version": version}
 
     async def heatmap(request: Request) -> Response:

@@ -47,16 +47,20 @@ class Classifier(Engine):
     def _proba(self, images: np.ndarray, batch_size: int) -> np.ndarray:
         return predict_proba(self.model, images, lambda x: self.model(x, self.folded), batch_size, self.device)
 
-    def _outputs(self, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
-        if self.scorer is None:
-            return self._proba(images, batch_size), None
+    def features_logits(self, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """The pooled features (N, D) (the penultimate layer) and the logits of uint8 images, in one pass."""
         model = self.model
 
-        def both(x: torch.Tensor) -> torch.Tensor:  # one pass: the pooled features and the logits
+        def both(x: torch.Tensor) -> torch.Tensor:
             features = model.features(model.normalize(to_unit(x)), self.folded)
             return torch.cat([features, model.head(features)], 1)
 
         out = predict_logits(model, images, both, batch_size, self.device)
-        features, logits = out[:, :model.head.in_features], out[:, model.head.in_features:]
-        probs = model.probabilities(torch.from_numpy(np.ascontiguousarray(logits))).numpy()
+        return out[:, :model.head.in_features], np.ascontiguousarray(out[:, model.head.in_features:])
+
+    def _outputs(self, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.scorer is None:
+            return self._proba(images, batch_size), None
+        features, logits = self.features_logits(images, batch_size)
+        probs = self.model.probabilities(torch.from_numpy(logits)).numpy()
         return probs, self.scorer.score(features, logits)
