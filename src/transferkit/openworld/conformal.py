@@ -65,14 +65,18 @@ def threshold(calibration_scores: np.ndarray, coverage: float) -> float:
     return float("inf") if rank > len(s) else float(s[rank - 1])
 
 
-def sets(probabilities: np.ndarray, q: float, u: np.ndarray, predicted: np.ndarray | None = None) -> np.ndarray:
+def sets(probabilities: np.ndarray, q: float, u: np.ndarray, predicted: np.ndarray | None = None,
+         never_empty: bool = True) -> np.ndarray:
     """(N, C) membership: class j is in the set when the mass before it plus u times its own
-    probability is at most `q`; the predicted class (default: the most probable) always is."""
+    probability is at most `q`; the predicted class (default: the most probable) always is, unless
+    `never_empty` is off (the textbook randomised APS, whose coverage is exactly the target: a
+    set never empty covers at least as often, and at least as often as the model is right)."""
     p = np.asarray(probabilities, dtype=np.float64)
     _, before = _ranked(p)
     member = before + np.asarray(u)[:, None] * p <= q
-    predicted = p.argmax(1) if predicted is None else np.asarray(predicted)
-    member[np.arange(len(p)), predicted] = True
+    if never_empty:
+        predicted = p.argmax(1) if predicted is None else np.asarray(predicted)
+        member[np.arange(len(p)), predicted] = True
     return member
 
 
