@@ -207,7 +207,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "suite")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "ood")
     parser.add_argument("--table", action="store_true")
+    parser.add_argument("--time-run", type=Path, help="only time the torch engine of this run on 224 px inputs "
+                        "(probabilities alone vs with the OOD score), into ood.json's 'timing'")
     args = parser.parse_args()
+    if args.time_run:
+        time_only(args.time_run)
+        return
     rows_file = args.out / "rows.jsonl"
     quiet = Quiet()
     if not args.table:
@@ -245,6 +250,35 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     if not args.table:
         print(write("ood", {"summary": result, "rows": rows}, quiet=quiet, command=sys.argv))
+
+
+def time_only(run: Path, size: int = 224, n: int = 64, repeats: int = 5) -> None:
+    """The PyTorch engine's seconds for `n` images of `size` px, probabilities alone and with the
+    OOD score, alternated, the best of `repeats`; merged into bench/results/ood.json."""
+    from results import read
+
+    from transferkit.predict.run import load
+
+    clf = load(run)
+    images = np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    clf.predict_proba(images[:8]), clf.predict_open(images[:8])
+    seconds = {"probabilities": [], "with_ood": []}
+    for _ in range(repeats):
+        for name, call in (("probabilities", clf.predict_proba), ("with_ood", clf.predict_open)):
+            started = time.perf_counter()
+            call(images, 32)
+            seconds[name].append(time.perf_counter() - started)
+    best = {k: round(min(v), 3) for k, v in seconds.items()}
+    timing = {"run": str(run), "method": clf.scorer.method, "bank_size": clf.meta["ood"]["bank_size"],
+              "image_size": size, "images": n, "seconds": best,
+              "overhead": round(best["with_ood"] / best["probabilities"] - 1, 4)}
+    print(json.dumps(timing))
+    try:
+        found = read("ood")
+    except OSError:
+        found = {}
+    found.pop("provenance", None)
+    write("ood", {**found, "timing": timing}, command=sys.argv)
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -122,3 +122,23 @@ def test_a_multilabel_run_shows_every_predicted_label_at_once(browser, multilabe
         page = next(t for t in httpx.get(browser + "/json/list").json() if t["type"] == "page")
         with websockets.connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30) as ws:
             check_page(DevTools(ws), url, image, want)
+
+
+def test_the_page_says_plainly_when_an_image_is_unlike_the_training_images(browser, server, tmp_path):
+    from conftest import texture_crops
+    from PIL import Image
+
+    Image.fromarray(texture_crops(1)[0]).save(tmp_path / "brick.png")  # a texture shown a faces model
+    page = next(t for t in httpx.get(browser + "/json/list").json() if t["type"] == "page")
+    with websockets.connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30) as ws:
+        tools = DevTools(ws)
+        tools.call("Page.enable")
+        tools.call("Page.navigate", url=server + "/")
+        tools.wait_for("document.readyState === 'complete' && !!document.getElementById('file')")
+        root = tools.call("DOM.getDocument")["root"]["nodeId"]
+        node = tools.call("DOM.querySelector", nodeId=root, selector="#file")["nodeId"]
+        tools.call("DOM.setFileInputFiles", nodeId=node, files=[str(tmp_path / "brick.png")])
+        assert tools.wait_for("document.getElementById('label').dataset.state === 'done'")
+        flag = tools.evaluate("[getComputedStyle(document.getElementById('ood')).display, "
+                              "document.getElementById('ood').textContent]")
+        assert flag[0] == "block" and flag[1].startswith("Unlike the training images"), flag

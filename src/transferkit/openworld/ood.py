@@ -8,7 +8,9 @@ logits. The methods (docs/openworld.md measures them):
 - ``knn``: the Euclidean distance from the L2-normalised features to their k-th nearest neighbour
   among the training images' normalised features (Sun et al., ICML 2022);
 - ``mahalanobis``: the smallest Mahalanobis distance to a class mean, with one shared covariance
-  (Lee et al., NeurIPS 2018), shrunk by Ledoit-Wolf since a run has fewer images than features;
+  (Lee et al., NeurIPS 2018), shrunk by Ledoit-Wolf since a run has fewer images than features,
+  as sqrt(d^2 / D) (D features: about 1 for a training image);
+  ``mahalanobis_normalised``: the same on L2-normalised features;
 - ``energy``: -logsumexp of the logits (Liu et al., NeurIPS 2020); ``max_logit``: -max logit
   (Hendrycks et al., ICML 2022); ``msp``: 1 - max probability. One logit (two classes) is the
   pair of logits (0, z).
@@ -34,12 +36,12 @@ import numpy as np
 from ..utils.errors import ConfigError, RunError
 
 FILE = "ood.safetensors"
-METHODS = ("knn", "mahalanobis", "energy", "max_logit", "msp")
+METHODS = ("knn", "mahalanobis", "mahalanobis_normalised", "energy", "max_logit", "msp")
 DEFAULT_METHOD = "knn"  # chosen by measurement: docs/openworld.md, "Which score"
 DEFAULT_K = 10
 DEFAULT_KEEP = 0.95
 BANK_CAP = 10_000  # training images in the bank; past this a stratified random subset (logged)
-BANKED = ("knn", "mahalanobis")  # the methods that need arrays besides the logits
+BANKED = ("knn", "mahalanobis", "mahalanobis_normalised")  # the methods that need arrays besides the logits
 
 
 def check_fraction(name: str, value) -> float:
@@ -81,7 +83,7 @@ class OodScorer:
         arrays = {"val_scores": self.val_scores}
         if self.method == "knn":
             arrays["bank"] = self.bank
-        elif self.method == "mahalanobis":
+        elif self.method.startswith("mahalanobis"):
             arrays.update(means=self.means, whitener=self.whitener)
         return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}
 
@@ -112,10 +114,12 @@ def score_torch(method: str, k: int, stats: dict, features, logits):
         similarity = z @ stats["bank"].T
         kth = torch.topk(similarity, k, dim=1).values[:, k - 1]
         return torch.sqrt(torch.clamp(2 - 2 * kth, min=0))
-    if method == "mahalanobis":
+    if method.startswith("mahalanobis"):
+        if method == "mahalanobis_normalised":
+            features = torch.nn.functional.normalize(features, dim=1)
         y = features @ stats["whitener"]
         distances = (y.unsqueeze(1) - stats["means"].unsqueeze(0)).pow(2).sum(2)
-        return distances.min(1).values
+        return torch.sqrt(distances.min(1).values / y.shape[1])  # per feature: about 1 for the training images
     if logits.shape[1] == 1:  # one logit for two classes: the logits (0, z)
         logits = torch.cat([torch.zeros_like(logits), logits], 1)
     if method == "energy":
@@ -164,8 +168,9 @@ def fit(method: str, features: np.ndarray, labels: np.ndarray, val_features: np.
         scorer.k = min(k, len(features))
     if method == "knn":
         scorer.bank = normalised(features).astype(np.float32)
-    elif method == "mahalanobis":
-        scorer.means, scorer.whitener = mahalanobis_stats(features, labels)
+    elif method.startswith("mahalanobis"):
+        scorer.means, scorer.whitener = mahalanobis_stats(
+            normalised(features) if method == "mahalanobis_normalised" else features, labels)
     scorer.val_scores = np.sort(scorer.score(val_features, val_logits)).astype(np.float32)
     return scorer
 
@@ -235,7 +240,8 @@ def load(run_dir: str | Path, entry: dict) -> OodScorer:
                            extra={k: v for k, v in arrays.items() if k not in ("bank", "means", "whitener", "val_scores")})
     except Exception as exc:  # noqa: BLE001 - a file that matches its hash but not its description
         raise RunError(f"{path}: unreadable OOD file ({type(exc).__name__}: {exc}); train again") from None
-    needed = {"knn": ["bank"], "mahalanobis": ["means", "whitener"]}.get(method, [])
+    needed = {"knn": ["bank"], "mahalanobis": ["means", "whitener"],
+              "mahalanobis_normalised": ["means", "whitener"]}.get(method, [])
     if any(getattr(scorer, name) is None for name in needed) or len(scorer.val_scores) == 0:
         raise RunError(f"{path}: lacks the arrays of the {method} score; train again")
     return scorer
