@@ -35,9 +35,10 @@ def test_onnx_file_is_checked_and_inference_only(exported):
     onnx.checker.check_model(proto, full_check=True)
     ops = {node.op_type for node in proto.graph.node}
     assert not ops & {"Dropout", "RandomUniform", "RandomUniformLike", "RandomNormal", "Bernoulli"}
-    (inp,), (out,) = proto.graph.input, proto.graph.output
+    (inp,), (out, ood) = proto.graph.input, proto.graph.output
+    assert (out.name, ood.name) == ("probabilities", "ood_score")  # docs/openworld.md
     assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
-    assert out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT == ood.type.tensor_type.elem_type
     dims = inp.type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [64, 64, 3]  # dynamic batch, NHWC
 
@@ -187,7 +188,7 @@ def test_predict_cli_onnx_streams_same_answers_as_torch(exported, lfw_split, tmp
         assert max(abs(a["probabilities"][c] - b["probabilities"][c]) for c in a["probabilities"]) < 1e-4
     result = runner.invoke(app, ["predict", str(run), str(lfw_split[1]), "--format", "csv"])
     rows = result.stdout.splitlines()
-    assert rows[0] == "path,label,p_background,p_face,error" and len(rows) == 61
+    assert rows[0] == "path,label,p_background,p_face,ood_score,unknown,error" and len(rows) == 61
     assert "━" not in result.stderr  # no progress bar when stderr is not a terminal
 
 

@@ -44,12 +44,12 @@ class InferenceGraph(nn.Module):
     graph also returns the OOD score (N,) of the same pooled features and logits.
     """
 
-    def __init__(self, classifier: Classifier, layout: str = "nhwc"):
+    def __init__(self, classifier: Classifier, layout: str = "nhwc", ood: bool = True):
         super().__init__()
         if layout not in LAYOUTS:
             raise ExportError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.model, self.layout = classifier.model.eval().requires_grad_(False), layout
-        self.scorer = classifier.scorer
+        self.scorer = classifier.scorer if ood else None
         self.stats = []
         if self.scorer is not None:
             for name, value in self.scorer.tensors().items():
@@ -237,15 +237,17 @@ def ancestors(nodes: list, output: str) -> set[int]:
 
 
 def export_program(classifier: Classifier, run_dir: str | Path, out: str | Path, layout: str = "nhwc") -> Path:
-    """`torch.export` program (.pt2): loads with `torch.export.load(path).module()`, torch only."""
-    graph = InferenceGraph(classifier, layout)
+    """`torch.export` program (.pt2): loads with `torch.export.load(path).module()`, torch only;
+    probabilities out (the OOD score is the ONNX export's and the engines')."""
+    graph = InferenceGraph(classifier, layout, ood=False)
     program = torch.export.export(graph, (example_input(classifier, layout),),
                                   dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
     out = Path(out)
     with warnings.catch_warnings(), atomic_path(out) as tmp:
         warnings.simplefilter("ignore")
         torch.export.save(program, str(tmp), extra_files={
-            "transferkit.json": json.dumps(metadata(classifier, run_dir, layout))})
+            "transferkit.json": json.dumps({k: v for k, v in metadata(classifier, run_dir, layout).items()
+                                            if k not in ("ood", "conformal")})})
     return out
 
 
