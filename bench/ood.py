@@ -207,12 +207,16 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "suite")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "ood")
     parser.add_argument("--table", action="store_true", help="the summary of the rows so far (and markdown tables)")
+    parser.add_argument("--recalibrate", action="store_true", help="recompute every row's coverage from its run "
+                        "folder (the validation predictions and the test images) with the current conformal code")
     parser.add_argument("--time-run", type=Path, help="only time the torch engine of this run on 224 px inputs "
                         "(probabilities alone vs with the OOD score), into ood.json's 'timing'")
     args = parser.parse_args()
     if args.time_run:
         time_only(args.time_run)
         return
+    if args.recalibrate:
+        recalibrate(args)
     rows_file = args.out / "rows.jsonl"
     quiet = Quiet()
     if not args.table:
@@ -251,6 +255,37 @@ def main() -> None:
     print(markdown(result, rows))
     if not args.table:
         print(write("ood", {"summary": result, "rows": rows}, quiet=quiet, command=sys.argv))
+
+
+def coverage_of(clf, data: Path, kept: list[str], out: Path) -> dict:
+    """APS and naive coverage of a run's sets at 0.9, calibrated afresh on its validation
+    predictions (val_predictions.csv and the images it names) with the current conformal code."""
+    from transferkit.openworld import conformal
+    from transferkit.predict.metrics import predict_labels
+    from transferkit.predict.run import read_predictions
+
+    paths, labels, probs = read_predictions(out / "val_predictions.csv", clf.classes)
+    u = conformal.tie_breaks(images_of(paths, clf.image_size))
+    q = conformal.threshold(conformal.scores(probs, labels, u, predict_labels(probs, clf.threshold)), 0.9)
+    in_paths = files(data / "test", kept)
+    in_labels = np.array([kept.index(Path(p).parent.name) for p in in_paths])
+    images = images_of(in_paths, clf.image_size)
+    test = clf.predict_proba(images)
+    member = conformal.sets(test, q, conformal.tie_breaks(images), predict_labels(test, clf.threshold))
+    return {"aps": conformal.summary(member, in_labels, 0.9),
+            "naive": conformal.summary(conformal.naive_sets(test, 0.9), in_labels, 0.9)}
+
+
+def recalibrate(args) -> None:
+    from transferkit.predict.run import load
+
+    path = args.out / "rows.jsonl"
+    rows = read_rows(path)
+    for row in rows:
+        out = args.out / "runs" / f"{row['set']}-without-{row['held_out']}-seed{row['seed']}"
+        row["coverage"] = coverage_of(load(out), args.data / row["set"], row["classes"], out)
+        print(row["set"], row["held_out"], row["seed"], round(row["coverage"]["aps"]["coverage"], 3), flush=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def time_only(run: Path, size: int = 224, n: int = 64, repeats: int = 5) -> None:

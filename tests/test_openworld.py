@@ -123,6 +123,9 @@ def test_conformal_arithmetic_by_hand():
     p = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]])
     # mass before the true class plus u times its probability
     assert np.allclose(conformal.scores(p, np.array([1, 0]), np.array([0.5, 0.0])), [0.6 + 0.15, 0.8])
+    # the sets that always hold the answer: a right answer scores 0 (covered at any threshold)
+    assert np.allclose(conformal.scores(p, np.array([0, 0]), np.array([0.5, 0.0]), predicted=np.array([0, 1])),
+                       [0.0, 0.8])
     assert conformal.threshold(np.arange(1, 10) / 10, 0.8) == 0.8  # ceil(10 * 0.8) = 8th of 9
     assert conformal.threshold(np.arange(1, 10) / 10, 0.95) == float("inf")  # too few for 0.95
     member = conformal.sets(p, 0.7, np.array([0.5, 0.5]))

@@ -13,7 +13,8 @@ label, the scores are continuous and the coverage is close to the target (withou
 over-covers a confident model heavily: a two-class model's wrong answers all score 1). Here u is
 a function of the decoded image's pixels (their SHA-256), so it is independent of the label and
 reproducible. The set of a new image is every class whose own score would be at most the
-calibrated threshold, and always the predicted class (a set is never empty). Single-label runs
+calibrated threshold, and always the predicted class (a set is never empty); the calibration
+scores are those of these sets (0 where the model's answer is right), so the threshold fits them. Single-label runs
 only: a multi-label run's classes each have their own yes/no decision, and it gets no sets.
 """
 
@@ -49,12 +50,20 @@ def _ranked(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, before
 
 
-def scores(probabilities: np.ndarray, labels: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """APS conformity scores of calibration images with true class indices `labels`."""
+def scores(probabilities: np.ndarray, labels: np.ndarray, u: np.ndarray,
+           predicted: np.ndarray | None = None) -> np.ndarray:
+    """APS conformity scores of calibration images with true class indices `labels`. With
+    `predicted` (the classes the model answers), the scores of the sets that always hold the
+    predicted class: 0 where it is the true one (such a set covers it at any threshold), so that
+    the threshold is calibrated for the sets `sets` builds and their coverage stays close to the
+    target (without it they over-cover by about the share of images whose textbook set is empty)."""
     p = np.asarray(probabilities, dtype=np.float64)
     _, before = _ranked(p)
     rows = np.arange(len(p))
-    return before[rows, labels] + np.asarray(u) * p[rows, labels]
+    found = before[rows, labels] + np.asarray(u) * p[rows, labels]
+    if predicted is not None:
+        found[np.asarray(predicted) == np.asarray(labels)] = 0.0
+    return found
 
 
 def threshold(calibration_scores: np.ndarray, coverage: float) -> float:

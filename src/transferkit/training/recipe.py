@@ -579,7 +579,8 @@ def save_run(out: Path, model: TransferModel, backbone: Backbone, fine_tune_at: 
         "val_data": record["val_data"],
         "world_size": record["world_size"],
     })
-    entries, scorer = open_world(out, model, trainer, train_set, val_set, val_probs, config, reporter)
+    entries, scorer = open_world(out, model, trainer, train_set, val_set, val_probs, config, reporter,
+                                 selection["threshold"] if selection else 0.5)
     classifier.meta.update(entries)
     classifier.set_scorer(scorer)
     run.save_weights(classifier, out)
@@ -617,7 +618,7 @@ def kept_features(model: TransferModel, views: PhaseViews, batch_size: int, devi
 
 def open_world(out: Path, model: TransferModel, trainer: Trainer, train_set: LabelledImages,
                val_set: LabelledImages, val_probs: np.ndarray, config: TrainConfig,
-               reporter: Reporter) -> tuple[dict, ood.OodScorer]:
+               reporter: Reporter, threshold: float = 0.5) -> tuple[dict, ood.OodScorer]:
     """Fit what "I don't know" needs on what the run knows, write it to out/ood.safetensors and
     return model.json's entries: the OOD score on the kept model's features (bank: the training
     images; threshold: the validation images, a fraction ood_keep of them pass) and the
@@ -633,8 +634,8 @@ def open_world(out: Path, model: TransferModel, trainer: Trainer, train_set: Lab
         reporter.log(note)
     extra = scorer.extra
     if not model.multilabel:
-        extra["conformal_scores"] = np.sort(conformal.scores(val_probs, val_set.labels,
-                                                             conformal.tie_breaks(val_set.images)))
+        extra["conformal_scores"] = np.sort(conformal.scores(  # of the sets that always hold the answer
+            val_probs, val_set.labels, conformal.tie_breaks(val_set.images), predict_labels(val_probs, threshold)))
     digest = ood.save(scorer, out / ood.FILE)
     entries = {"ood": {**ood.describe(scorer, config.ood_keep, digest), "seconds": round(time.perf_counter() - started, 2)}}
     if extra:
