@@ -137,7 +137,8 @@ def test_quantization_guard(exported, binary_run, lfw_split, tmp_path):
     kept = export(run, out=tmp_path / "kept.onnx", quantize_mode="int8", val_data=lfw_split[1],
                   tolerance=drop * 100 + 0.5)
     assert kept["quantized_accuracy"] == forced["quantized_accuracy"]
-    assert (tmp_path / "kept.onnx").stat().st_size < 0.5 * (exported[0] / "model.onnx").stat().st_size
+    bank = (exported[0] / "ood.safetensors").stat().st_size  # the OOD score's arrays stay float (docs/openworld.md)
+    assert (tmp_path / "kept.onnx").stat().st_size - bank < 0.5 * (exported[0] / "model.onnx").stat().st_size
 
 
 def test_export_cli_errors_are_one_line(binary_run, tmp_path):

@@ -201,7 +201,7 @@ def test_predict_gives_label_lists_in_every_format(multilabel_run):
     result = runner.invoke(app, ["predict", str(out), pair, "--format", "json"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.output.splitlines()[0])
-    assert set(record) == {"path", "labels", "probabilities"} and isinstance(record["labels"], list)
+    assert set(record) == {"path", "labels", "probabilities", "ood_score", "unknown"} and isinstance(record["labels"], list)
     meta = json.loads((out / "model.json").read_text())
     expected = [c for c, t in zip(CLASSES, meta["threshold"]) if record["probabilities"][c] >= t]
     assert record["labels"] == expected
