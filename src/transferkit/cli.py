@@ -157,8 +157,10 @@ def train(data: Path, out_dir: Path, config: Optional[Path], val_dir: Optional[P
     if classifier is None:  # a rank other than 0 of a torchrun job
         return
     if not quiet:
-        typer.echo(f"Wrote {out_dir}/ (model.safetensors, model.json, metrics.json, history.csv, "
-                   "learning_curves.png, skipped.csv, val_predictions.csv, report.html)", err=True)
+        typer.echo(f"Wrote {out_dir}/ (" + ("model.safetensors, bank.safetensors, model.json, metrics.json, "
+                   "val_scores.csv, skipped.csv" if settings_.task == "anomaly" else "model.safetensors, model.json, "
+                   "metrics.json, history.csv, learning_curves.png, skipped.csv, val_predictions.csv, report.html")
+                   + ")", err=True)
     evaluate_held_out(out_dir, test_dir, quiet, classifier)
 
 
@@ -225,12 +227,19 @@ def evaluate(
     data: Path = typer.Argument(..., help="Labelled class folders or CSV."),
     output: Optional[Path] = typer.Option(None, "--output", help="Also write the metrics as JSON."),
     tta: bool = typer.Option(False, help="Test-time augmentation: average each image with its mirror."),
+    normal_class: Optional[str] = typer.Option(None, "--normal-class", help="Anomaly runs: the class folder of "
+                                               "normal images (default: the run's); every other class is anomalous."),
 ):
     """Metrics of a trained model on another labelled folder."""
-    from .predict.run import load
+    from .predict.run import is_anomaly_run, load
     from .utils.files import write_text
 
-    metrics = load(run).evaluate(data, tta=tta)
+    if is_anomaly_run(run) or normal_class is not None:
+        from .predict.anomaly_engine import load_detector
+
+        metrics = load_detector(run).evaluate(data, normal_class, tta=tta)
+    else:
+        metrics = load(run).evaluate(data, tta=tta)
     if output:
         write_text(output, json.dumps(metrics, indent=2) + "\n")
     print_metrics(data, metrics, tta)
@@ -238,6 +247,9 @@ def evaluate(
 
 def print_metrics(data: Path, metrics: dict, tta: bool = False) -> None:
     """`evaluate`'s summary: the headline numbers, the per-class table and the confusion matrix."""
+    if metrics.get("task") == "anomaly":
+        print_anomaly(data, metrics)
+        return
     if metrics.get("task") == "multilabel":
         print_multilabel(data, metrics, tta)
         return
@@ -285,6 +297,19 @@ def print_multilabel(data: Path, metrics: dict, tta: bool) -> None:
     print_skipped(metrics)
 
 
+def print_anomaly(data: Path, metrics: dict) -> None:
+    """`evaluate`'s summary for an anomaly run."""
+    def ci(key: str) -> str:
+        return f"{metrics[key]:.4f} (95% CI {metrics[key + '_ci95'][0]:.4f}-{metrics[key + '_ci95'][1]:.4f})"
+
+    out.print(f"{data}: {metrics['n']} images ({metrics['n_normal']} normal: {metrics['normal_class']}, "
+              f"{metrics['n_anomalous']} anomalous), AUROC {ci('auroc')}, average precision {ci('average_precision')}",
+              markup=False, soft_wrap=True)
+    out.print(f"at the threshold {metrics['threshold']:.4f}: F1 {ci('f1')}, false-alarm rate {ci('false_alarm_rate')}, "
+              f"miss rate {ci('miss_rate')}", markup=False, soft_wrap=True)
+    print_skipped(metrics)
+
+
 def print_skipped(metrics: dict) -> None:
     if metrics["skipped"]:
         out.print(f"skipped {len(metrics['skipped'])} unusable file(s):")
@@ -309,6 +334,13 @@ def predict(
     from .predict.run import load_engine
     from .utils.progress import Reporter
 
+    from .predict.run import is_anomaly_run
+
+    if is_anomaly_run(run):
+        from .predict.anomaly_engine import load_detector
+
+        predict_anomaly(load_detector(run), inputs, format, batch_size, tta)
+        return
     classifier = load_engine(run, engine.value, log=lambda m: typer.echo(m, err=True))
     paths, stdout, reporter = expand_inputs(inputs), sys.stdout, Reporter()
     if reporter.live:  # a bar needs the total: list the files first (names only)
@@ -354,6 +386,37 @@ def predict(
         raise typer.Exit(1)
 
 
+def predict_anomaly(detector, inputs: list[Path], format: Format, batch_size: int, tta: bool) -> None:
+    """`predict` on an anomaly run: one record per file (anomaly_score, label, threshold)."""
+    from .data.listing import expand_inputs
+
+    writer = csv.writer(sys.stdout)
+    if format is Format.csv:
+        writer.writerow(["path", "label", "anomaly_score", "threshold", "error"])
+    failures = total = 0
+    for record in detector.predict_files(expand_inputs(inputs), batch_size, tta=tta):
+        total += 1
+        error = record.get("error")
+        failures += error is not None
+        if format is Format.json:
+            typer.echo(json.dumps(record))
+        elif format is Format.csv:
+            writer.writerow([record["path"], record.get("label", ""), f"{record['anomaly_score']:.6f}" if not error
+                             else "", f"{detector.threshold:.6f}", error or ""])
+            sys.stdout.flush()
+        elif error:
+            typer.echo(f"{record['path']}\tERROR: {error}")
+        else:
+            typer.echo(f"{record['path']}\t{record['label']}\tanomaly_score={record['anomaly_score']:.4f}"
+                       f"  threshold={record['threshold']:.4f}")
+    if failures:
+        typer.echo(f"{failures} of {total} file(s) could not be scored (see their records)", err=True)
+    if total == 0:
+        fail(f"no image files in {', '.join(map(str, inputs))}")
+    if failures == total:
+        raise typer.Exit(1)
+
+
 @app.command()
 def explain(
     run: Path = typer.Argument(..., help="Run folder written by `train`."),
@@ -365,9 +428,23 @@ def explain(
     """Grad-CAM heatmaps: where each image holds the evidence for its predicted class (multi-label:
     one overlay per predicted class)."""
     from .data.listing import expand_inputs
-    from .predict.run import load
+    from .predict.run import is_anomaly_run, load
     from .reports.explain import explain_files
 
+    if is_anomaly_run(run):
+        from .predict.anomaly_engine import load_detector
+        from .reports.anomaly import explain_anomaly
+
+        if label is not None:
+            fail("--label is for classifiers; an anomaly run's map shows where each image is unusual")
+        failures = 0
+        for record in explain_anomaly(load_detector(run), expand_inputs(inputs), out_dir):
+            failures += "error" in record
+            typer.echo(f"{record['path']}\tERROR: {record['error']}" if "error" in record else
+                       f"{record['path']}\t{record['label']}\t{record['anomaly_score']:.4f}\t{record['output']}")
+        if failures:
+            typer.echo(f"{failures} file(s) could not be explained (see their records)", err=True)
+        return
     classifier = load(run)
     failures = 0
     for record in explain_files(classifier, expand_inputs(inputs), out_dir, label=label):

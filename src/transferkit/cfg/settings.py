@@ -19,7 +19,7 @@ from ..utils.errors import ConfigError
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 MONITORS = ("val_loss", "val_accuracy", "val_map")
-TASKS = ("auto", "multiclass", "multilabel")
+TASKS = ("auto", "multiclass", "multilabel", "anomaly")
 THRESHOLD_METRICS = ("balanced_accuracy", "f1", "youden")
 BALANCE_MODES = ("balanced", "none")
 CACHE_DTYPES = ("float16", "float32")
@@ -123,9 +123,18 @@ class TrainConfig:
     changes that measurements on real data supported (see docs/benchmarks.md)."""
 
     task: str = setting("auto", "multilabel: any number of labels per image (CSV `path,labels`, or a path on several "
-                        "rows); auto: multilabel for a `labels` column, else one label per image.", "data", str,
+                        "rows); auto: multilabel for a `labels` column, else one label per image; anomaly: a detector trained on "
+                        "good images alone (docs/anomaly.md).", "data", str,
                         choices=TASKS)
     label_sep: str = setting("|", "Separator of the class names in a CSV's `labels` column.", "data", str)
+    normal_class: str | None = setting(
+        None, "--task anomaly with class folders (or a CSV of path,label): the class whose images are normal; only "
+        "they train the model, the other classes are left out and counted in the log.", "data", str, optional=True)
+    anomaly_keep: float = setting(0.99, "--task anomaly: the fraction of good images that must pass; the threshold is "
+                                  "fitted on held-out good images (val_split of them, or --val-dir).", "decisions", float,
+                                  low=0, high=1, low_open=True, high_open=True)
+    anomaly_bank_mib: float = setting(8.0, "--task anomaly: memory cap of the patch bank (float32) in MiB; past it a "
+                                      "greedy coreset keeps as many patches as fit.", "cache", float, low=0, low_open=True)
     preset: str = setting("default", "fast: the head alone on cached features (seconds to a minute); default: both "
                           "phases; best: the default, then deeper fine-tuning and bigger backbones while --time-budget "
                           "lasts, keeping the best on validation. Settings you give win over the preset's.", "preset", str,
@@ -215,6 +224,9 @@ class TrainConfig:
         if not self.label_sep or self.label_sep.strip() != self.label_sep or set(self.label_sep) & set(',"\n'):
             raise ConfigError(f"label_sep must be one or more characters, no comma, quote, newline or edge spaces, "
                               f"got {self.label_sep!r}")
+        if self.normal_class is not None and self.task != "anomaly":
+            raise ConfigError(f"normal_class is for --task anomaly, not {self.task}; add --task anomaly or leave "
+                              "--normal-class out")
         if not valid_device(self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

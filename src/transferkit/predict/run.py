@@ -213,6 +213,9 @@ def read_meta(run_dir: str | Path) -> dict:
 
 def load(run_dir: str | Path, device: str = "cpu"):
     """The PyTorch classifier of a run folder, after checking its metadata and its weights' hash."""
+    if is_anomaly_run(run_dir):
+        raise RunError(f"{run_dir}: an anomaly run (--task anomaly), not a classifier; this command needs a "
+                       "classifier run (an anomaly run takes predict, evaluate --normal-class and explain)")
     import torch
     from safetensors.torch import load_file
 
@@ -237,6 +240,12 @@ def load(run_dir: str | Path, device: str = "cpu"):
         raise RunError(f"{run_dir}: cannot load the model ({type(exc).__name__}: {exc})") from exc
     model.to(device, memory_format=torch.channels_last)
     return Classifier(model, meta["classes"], meta)
+
+
+def is_anomaly_run(run_dir: str | Path) -> bool:
+    """Whether `run_dir` holds an anomaly run (model.json's task "anomaly"; predict/anomaly_engine.py)."""
+    meta = read_json(Path(run_dir) / META) if Path(run_dir).is_dir() else None
+    return meta is not None and meta.get("task") == "anomaly"
 
 
 def model_version(run_dir: str | Path) -> str:

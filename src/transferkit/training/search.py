@@ -55,11 +55,19 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
     `recipe.train` once for fast and default, the budgeted search for best. Arguments as
     `recipe.train`'s."""
     if resume:
+        if overrides.get("task") == "anomaly" or (config is not None and config.task == "anomaly"):
+            from .anomaly import refuse_resume
+
+            refuse_resume()
         if overrides.get("preset") == "best" or (config is not None and config.preset == "best"):
             raise ConfigError("--resume does not apply to --preset best: Ctrl-C already ends the search with the "
                               "best completed candidate; start it again to search again")
         return recipe.train(data, out, config, val_data, reporter, True, overwrite, **overrides)
     config = TrainConfig.from_dict({**(config or TrainConfig()).to_dict(), **overrides})
+    if config.task == "anomaly":  # a patch memory bank, no epochs (training/anomaly.py)
+        from . import anomaly
+
+        return anomaly.train(data, out, config, val_data, reporter, overwrite)
     if config.preset != "best":
         return recipe.train(data, out, config, val_data, reporter, False, overwrite)
     if "RANK" in os.environ:
