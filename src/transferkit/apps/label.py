@@ -27,22 +27,22 @@ import shlex
 import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image
 from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ..cfg.settings import DEFAULT_BACKBONE
 from ..curate.active import STRATEGIES, UNLABELLED, cross_val_accuracy, find_label_issues, head, suggest
-from ..data.decode import decoded_rgb, iter_decoded
+from ..data.decode import display_image, iter_decoded, iter_pixels
 from ..data.listing import image_key, walk_files
-from ..utils.errors import DataError, TransferkitError
+from ..data.window import Rules, measure, sample, with_window
+from ..utils.errors import DataError, ImageError, TransferkitError
 from ..utils.files import write_text
 from .serve import ApiError, read_body
 
@@ -165,13 +165,17 @@ def list_pool(root: Path, exclude: set[str]) -> tuple[list[Path], list[tuple[str
 @dataclass
 class Featurizer:
     """Pool images to pooled features: the model (a run's, or a pretrained backbone), its input
-    size, the view store (None: off) and, with a run, its calibrated head and classes."""
+    size, the view store (None: off) and, with a run, its calibrated head and classes. `rules`:
+    how high-bit-depth images are read: a run's intensity window, or without a run one measured
+    on the pool itself (the data set here) by `extract_pool`."""
 
     model: object  # TransferModel
     size: int
     store: object | None  # FeatureStore
     classes: list[str]
     origin: str
+    rules: Rules = field(default_factory=Rules)
+    from_run: bool = False
 
     @classmethod
     def build(cls, run: str | Path | None = None, backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
@@ -182,9 +186,10 @@ class Featurizer:
         from ..predict.run import load
         from ..training.cache import feature_store
 
+        rules = Rules()
         if run is not None:
             classifier = load(run)
-            model, meta = classifier.model, classifier.meta
+            model, meta, rules = classifier.model, classifier.meta, classifier.rules
             size, sha, name = int(meta["preprocess"]["image_size"]), meta["model_sha256"], meta["backbone"]
             classes, origin = list(classifier.classes), f"run {run} ({name})"
         else:
@@ -195,7 +200,7 @@ class Featurizer:
             classes, origin = [], f"{name}, weights {made.weights}"
         config = TrainConfig(backbone=name, cache_dir=cache_dir)
         store = feature_store(config, model.eval(), sha, None, size, False, ((model.head.in_features,), None))
-        return cls(model, size, store, classes, origin)
+        return cls(model, size, store, classes, origin, rules, run is not None)
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         """The run's calibrated probabilities (N, C) of pooled features."""
@@ -229,7 +234,32 @@ def extract_pool(featurizer: Featurizer, files: list[Path], progress: Callable[[
         done += len(pending)
         pending.clear()
 
-    for i, (path, result) in enumerate(iter_decoded([str(f) for f in files], featurizer.size)):
+    def decoded():
+        """(index, path, uint8 or reason): high-bit-depth images without a window wait for the pool's."""
+        rules, waiting = featurizer.rules, []
+        for i, (path, pixels) in enumerate(iter_pixels([str(f) for f in files], featurizer.size, pages=rules.pages)):
+            if isinstance(pixels, str):
+                yield i, path, pixels
+            elif pixels.high and rules.window_for(pixels.own_window) is None and not featurizer.from_run:
+                waiting.append((i, sample(pixels.array), pixels.depth))
+            else:
+                try:
+                    yield i, path, rules.to_uint8(pixels.array, pixels.own_window, pixels.depth)
+                except ImageError as exc:
+                    yield i, path, str(exc)
+        if waiting:  # the pool is the data set: its window, as `train` measures one
+            from ..cfg.settings import TrainConfig
+
+            config = TrainConfig()
+            window, _ = measure([s for _, s, _ in waiting], config.window_low, config.window_high)
+            featurizer.rules = with_window(rules, window, {"percentiles": [config.window_low, config.window_high],
+                                                           "images": len(waiting), "measured_on": "the pool"})
+            index = [i for i, _, _ in waiting]
+            for i, (path, result) in zip(index, iter_decoded([str(files[i]) for i in index], featurizer.size,
+                                                             rules=featurizer.rules)):
+                yield i, path, result
+
+    for i, path, result in decoded():
         if isinstance(result, str):
             skipped.append((path, result))
             done += 1
@@ -509,15 +539,13 @@ class Session:
                                 "self_confidence": x.self_confidence} for x in issues]}
 
 
-def display_jpeg(file: Path, size: int) -> bytes:
-    """The image for a browser: EXIF orientation applied, RGB as `train` sees it, at most `size`
-    pixels a side, as JPEG."""
+def display_jpeg(file: Path, size: int, rules: Rules | None = None) -> bytes:
+    """The image for a browser: EXIF orientation applied, RGB as `train` sees it (high-bit-depth
+    images through the intensity window, not black), at most `size` pixels a side, as JPEG."""
     try:
-        with Image.open(file) as image:
-            rgb = decoded_rgb(image, size)
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        raise ApiError(422, f"{file.name}: unreadable image ({exc})") from None
-    rgb.thumbnail((size, size))
+        rgb = display_image(file, size, rules)
+    except ImageError as exc:
+        raise ApiError(422, f"{file.name}: {exc}") from None
     out = io.BytesIO()
     rgb.save(out, "JPEG", quality=90)
     return out.getvalue()
@@ -604,7 +632,7 @@ def create_app(session: Session, allowed_hosts: list[str] | None = None,
     @app.get("/image")
     async def image(path: str = "", size: int = 512):
         file = session.file(path)
-        data = await asyncio.to_thread(display_jpeg, file, min(max(size, 32), 1024))
+        data = await asyncio.to_thread(display_jpeg, file, min(max(size, 32), 1024), session.featurizer.rules)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     @app.post("/api/label")

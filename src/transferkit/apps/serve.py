@@ -24,12 +24,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from ..data.decode import read_image
+from ..data.window import Rules
 from ..predict.engine import Engine
 from ..predict.run import load_engine
 from ..utils.errors import ImageError
 
-# Pillow format names accepted by /predict.
-ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
+# Pillow format names accepted by /predict, and DICOM (pydicom).
+ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF", "DICOM")
 
 
 @dataclass(frozen=True)
@@ -126,10 +127,11 @@ async def upload_bytes(request: Request, body: bytes) -> bytes:
     return body
 
 
-def decode_upload(data: bytes, size: int, limits: Limits) -> np.ndarray:
-    """Decode as training does, after checking the format and the pixel count from the header."""
+def decode_upload(data: bytes, size: int, limits: Limits, rules: Rules | None = None) -> np.ndarray:
+    """Decode as training does (high-bit-depth images through the model's intensity window,
+    `rules`), after checking the format and the pixel count from the header."""
     try:
-        return read_image(BytesIO(data), size, max_pixels=limits.max_pixels, formats=ALLOWED_FORMATS)
+        return read_image(BytesIO(data), size, max_pixels=limits.max_pixels, formats=ALLOWED_FORMATS, rules=rules)
     except ImageError as exc:
         raise ApiError({"format": 415, "size": 413}.get(exc.kind, 422), str(exc)) from None
 
@@ -201,7 +203,7 @@ def create_app(run: str | Path, engine: str = "auto", limits: Limits = Limits(),
                log: Callable[[str], None] | None = None) -> FastAPI:
     """The service for one run directory (or exported .onnx file)."""
     classifier = load_engine(run, engine, log)
-    kind, version = classifier.name, classifier.version
+    kind, version, rules = classifier.name, classifier.version, classifier.rules
     batcher = Batcher(classifier, limits.max_batch)
     cam_model, cam_lock = explainer(run, classifier), asyncio.Lock()
 
@@ -242,7 +244,7 @@ def create_app(run: str | Path, engine: str = "auto", limits: Limits = Limits(),
 
     async def upload(request: Request) -> np.ndarray:
         data = await upload_bytes(request, await read_body(request, limits.max_bytes))
-        return await asyncio.to_thread(decode_upload, data, classifier.image_size, limits)
+        return await asyncio.to_thread(decode_upload, data, classifier.image_size, limits, rules)
 
     async def classify(request: Request) -> dict:
         image = await upload(request)

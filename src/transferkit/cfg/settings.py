@@ -24,6 +24,8 @@ THRESHOLD_METRICS = ("balanced_accuracy", "f1", "youden")
 BALANCE_MODES = ("balanced", "none")
 CACHE_DTYPES = ("float16", "float32")
 LOGGERS = ("none", "tensorboard", "mlflow")
+WINDOWS = ("data", "dicom")  # the intensity window of high-bit-depth images (data/window.py)
+PAGE_RULES = ("first", "refuse")  # multi-page TIFF and multi-frame DICOM
 GROUPS = ("data", "preset", "backbone", "recipe", "augmentation", "decisions", "cache", "runtime")
 # What each preset sets when a setting is left unset (None); the data rules of presets.py come after.
 PRESETS = {
@@ -127,6 +129,18 @@ class TrainConfig:
                         "good images alone (docs/anomaly.md).", "data", str,
                         choices=TASKS)
     label_sep: str = setting("|", "Separator of the class names in a CSV's `labels` column.", "data", str)
+    window: str = setting(
+        "data", "High-bit-depth images (16-bit PNG/TIFF, 32-bit integer or float TIFF, DICOM): data = one intensity "
+        "window for the data set, the training images' window_low..window_high percentiles, mapped to 0..255; dicom = "
+        "each DICOM file's own window centre/width (the data set's window for the other files). 8-bit images are "
+        "never windowed.", "data", str, choices=WINDOWS)
+    window_low: float = setting(0.5, "Percentile of the training images' intensities mapped to 0 (window data).",
+                                "data", float, low=0, high=50, high_open=True)
+    window_high: float = setting(99.5, "Percentile of the training images' intensities mapped to 255 (window data).",
+                                 "data", float, low=50, high=100, low_open=True)
+    pages: str = setting("first", "Multi-page TIFF and multi-frame DICOM: first = the first page (frame) of each such "
+                         "file, counted in a note; refuse = such files are skipped with their page count.", "data", str,
+                         choices=PAGE_RULES)
     normal_class: str | None = setting(
         None, "--task anomaly with class folders (or a CSV of path,label): the class whose images are normal; only "
         "they train the model, the other classes are left out and counted in the log.", "data", str, optional=True)

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from ..utils.errors import DataError
+from .window import HighBit
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".dcm", ".dicom"}
 
 
 @dataclass
@@ -29,6 +30,7 @@ class LabelledImages:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     images: np.ndarray | None = None  # decoded (N, S, S, 3) uint8, once `decode` has run
     notes: list[str] = field(default_factory=list)
+    highbit: HighBit | None = None  # high-bit-depth images: their depths, those waiting for the window
     _keys: list[str] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -63,6 +65,7 @@ class LabelledImages:
             labels=self.labels[index],
             classes=self.classes,
             images=None if self.images is None else self.images[index],
+            highbit=None if self.highbit is None else self.highbit.subset(index),
             _keys=None if self._keys is None else [self._keys[i] for i in index],
         )
 

@@ -3,7 +3,11 @@ the file alone is enough), int8 quantization guarded by validation accuracy, and
 
 The exported graph is the inference path only (no augmentation, no dropout): uint8 RGB images of
 the model's size in, (N, C) class probabilities out, the same numbers as
-`Classifier.predict_proba` (normalisation and calibration temperature folded in).
+`Classifier.predict_proba` (normalisation and calibration temperature folded in). A model trained
+on high-bit-depth images (its model.json has an intensity window) takes float32 intensities
+instead, (N, S, S, 3) resized as transferkit resizes them, and the window is inside the graph:
+float32 because DICOM's rescaled values are signed and fractional and float TIFF has no integer
+range at all, which uint16 could not carry.
 """
 
 from __future__ import annotations
@@ -44,10 +48,17 @@ class InferenceGraph(nn.Module):
         if layout not in LAYOUTS:
             raise ExportError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.model, self.layout = classifier.model.eval().requires_grad_(False), layout
+        self.window = classifier.rules.window
+        if self.window is not None:  # float32 intensities in: the window, exactly as Window.apply computes it
+            low, scale = self.window.constants
+            self.register_buffer("low", torch.tensor(float(low), dtype=torch.float32), persistent=False)
+            self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float32), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.layout == "nhwc":
             images = images.permute(0, 3, 1, 2)
+        if self.window is not None:
+            images = torch.round(torch.clamp((images - self.low) * self.scale, 0.0, 255.0)) / 255.0
         model = self.model
         return model.probabilities(model.head(model.features(model.normalize(images))))
 
@@ -57,6 +68,19 @@ def metadata(classifier: Classifier, run_dir: str | Path, layout: str, quantizat
     preprocess = {**classifier.meta["preprocess"], "layout": layout, "dtype": "uint8", "channels": "RGB",
                   "resize": "bilinear, to image_size x image_size (done by the caller)",
                   "normalisation": "inside the graph: (x / 255 - mean) / std"}
+    window = classifier.rules.window
+    if window is not None:
+        preprocess.update(dtype="float32", channels="intensities, grey replicated to 3 channels", **{
+            "resize": "bilinear in float, to image_size x image_size (done by the caller, before the window)",
+            "normalisation": "inside the graph: the intensity window y = round(clip((x - low) * 255 / (high - low), "
+                             "0, 255)) (half to even), then (y / 255 - mean) / std",
+            "intensities": "as transferkit decodes them: DICOM after rescale slope/intercept, MONOCHROME1 inverted; "
+                           "an 8-bit image enters as low + v * (high - low) / 255"})
+        if classifier.rules.source == "dicom":
+            preprocess["dicom_window"] = ("a DICOM file with its own window [a, b] enters as low + (x - a) * "
+                                          "(high - low) / (b - a)")
+    elif classifier.rules.source == "dicom":
+        preprocess["dicom_window"] = "uint8 in: each DICOM file through its own window centre/width, by the caller"
     return {
         "task": classifier.task,
         "classes": json.dumps(classifier.classes),
@@ -77,6 +101,9 @@ def metadata(classifier: Classifier, run_dir: str | Path, layout: str, quantizat
 def example_input(classifier: Classifier, layout: str, n: int = 2) -> torch.Tensor:
     s = classifier.image_size
     shape = (n, s, s, 3) if layout == "nhwc" else (n, 3, s, s)
+    window = classifier.rules.window
+    if window is not None:
+        return torch.from_numpy(window.invert(np.random.default_rng(0).integers(0, 256, shape)))
     return torch.randint(0, 256, shape, dtype=torch.uint8)
 
 
@@ -104,7 +131,9 @@ def set_metadata(proto, values: dict[str, str]) -> None:
 
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, values)
-    proto.doc_string = "transferkit classifier: uint8 RGB images in, class probabilities out"
+    dtype = json.loads(values.get("preprocess", "{}")).get("dtype", "uint8")
+    proto.doc_string = ("transferkit classifier: " + ("uint8 RGB images" if dtype == "uint8" else
+                        "float32 intensities (the window inside)") + " in, class probabilities out")
 
 
 @contextmanager
@@ -214,6 +243,8 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
     if quantize_mode == "int8" and data is None:
         raise ExportError("static int8 quantization calibrates on images: give validation data (--val-dir)")
     images = None if data is None else data.images
+    if images is not None and classifier.rules.window is not None:  # the graph takes intensities
+        images = classifier.rules.window.invert(images)
     if images is not None and layout == "nchw":
         images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
     with tempfile.TemporaryDirectory() as tmp:

@@ -233,7 +233,8 @@ def load(run_dir: str | Path, device: str = "cpu"):
                        "restore it or train again")
     try:
         backbone = timm_model(meta["backbone"], num_classes=0, **meta.get("timm_kwargs", {}))
-        model = TransferModel(backbone, len(meta["classes"]), Preprocess(**meta["preprocess"]),
+        preprocess = Preprocess(**{k: meta["preprocess"][k] for k in ("image_size", "mean", "std")})
+        model = TransferModel(backbone, len(meta["classes"]), preprocess,
                               dropout=meta["dropout"], multilabel=is_multilabel(meta), **meta["augmentation"])
         model.load_state_dict(load_file(str(weights)))
     except Exception as exc:  # noqa: BLE001 - any inconsistency means an unusable run

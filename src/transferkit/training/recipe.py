@@ -23,11 +23,12 @@ import torch
 
 from ..cfg.settings import TrainConfig
 from ..data.balance import check_sampler, class_weights, epoch_order
-from ..data.decode import decode
+from ..data.decode import decode, fill, settle
 from ..data.dedupe import merge_duplicates, shared_images
 from ..data.listing import LabelledImages, check_labels, load_labelled
 from ..data.memory import memory_budget
 from ..data.split import stratified_split
+from ..data.window import Rules
 from ..models.backbones import Backbone, create_backbone
 from ..models.inference import to_batch
 from ..models.transfer import TransferModel
@@ -119,8 +120,9 @@ def train_steps(listing: "Listing", record: dict, work: Path, config: TrainConfi
         reporter.log(note)
     reporter.log(f"fine_tune_at = {fine_tune_at} "
                  f"({backbone.layers[fine_tune_at][0] if fine_tune_at < len(backbone.layers) else 'none'})")
-    train_set, val_set, skipped = prepare_data(listing, record["data"], record["val_data"],
-                                               backbone.preprocess.image_size, config, spill, reporter)
+    train_set, val_set, skipped, rules = prepare_data(listing, record["data"], record["val_data"],
+                                                      backbone.preprocess.image_size, config, spill, reporter)
+    record["rules"] = rules
     model = build_model(backbone, len(train_set.classes), config, device, train_set.multilabel)
 
     started = time.perf_counter()
@@ -208,18 +210,32 @@ def build_backbone(config: TrainConfig, reporter: Reporter) -> Backbone:
 
 
 def prepare_data(listing: Listing, data, val_data, size: int, config: TrainConfig, spill_dir: Path,
-                 reporter: Reporter) -> tuple[LabelledImages, LabelledImages, list[tuple[str, str]]]:
-    """Decode every image once; split off the validation set (stratified) unless one was given."""
-    everything = merge_duplicates(_decode(listing.train, "data", size, config, spill_dir, reporter), str(data))
+                 reporter: Reporter) -> tuple[LabelledImages, LabelledImages, list[tuple[str, str]], Rules]:
+    """Decode every image once; split off the validation set (stratified) unless one was given.
+    High-bit-depth images wait for the data set's intensity window, measured on the training
+    images alone (after the split), then go through it; returns the rules with that window."""
+    rules = Rules.from_config(config)
+    everything = merge_duplicates(_decode(listing.train, "data", size, config, spill_dir, reporter, rules, True),
+                                  str(data))
     check_labels(everything, str(data), split=listing.val is None)
     if listing.val is None:
         train_idx, val_idx = stratified_split(everything.labels, config.val_split, config.seed)
+    else:
+        train_idx = np.arange(len(everything))
+    started = time.perf_counter()
+    rules, window_notes = settle(everything, train_idx, rules, config.window_low, config.window_high)
+    fill(everything, rules, size)
+    if everything.highbit is not None:
+        window_notes.append(f"Intensity window measured and applied in {time.perf_counter() - started:.2f}s")
+    for note in window_notes:
+        reporter.log(note)
+    if listing.val is None:
         train_set, val_set = everything.subset(train_idx), everything.subset(val_idx)
         skipped = everything.skipped
     else:
         train_set = everything
-        val_set = merge_duplicates(_decode(listing.val, "validation data", size, config, spill_dir, reporter),
-                                   str(val_data))
+        val_set = merge_duplicates(_decode(listing.val, "validation data", size, config, spill_dir, reporter,
+                                           rules), str(val_data))
         check_labels(val_set, str(val_data), split=False, every_class=False)
         shared = shared_images(train_set, val_set)
         if shared:
@@ -237,16 +253,16 @@ def prepare_data(listing: Listing, data, val_data, size: int, config: TrainConfi
                      f"image on average, {int((cardinality == 0).sum())} image(s) with none; one sigmoid per class")
     reporter.log(f"Training on {len(train_set)} images, validating on {len(val_set)}; "
                  f"{'images per class' if train_set.multilabel else 'classes'} {everything.counts()}")
-    return train_set, val_set, skipped
+    return train_set, val_set, skipped, rules
 
 
 def _decode(raw: LabelledImages, name: str, size: int, config: TrainConfig, spill_dir: Path,
-            reporter: Reporter) -> LabelledImages:
+            reporter: Reporter, rules: Rules, defer: bool = False) -> LabelledImages:
     reporter.start(f"decoding {name}", len(raw))
     try:
         return distributed.current().decode(  # under torchrun each rank decodes its shard of the files
             decode, raw, size, spill_dir=spill_dir, budget=memory_budget(config.cache_memory_gb),
-            keep=config.keep_cache, progress=lambda i, n: reporter.advance())
+            keep=config.keep_cache, progress=lambda i, n: reporter.advance(), rules=rules, defer=defer)
     finally:
         reporter.stop()
 
@@ -561,7 +577,7 @@ def save_run(out: Path, model: TransferModel, backbone: Backbone, fine_tune_at: 
         "weights_sha256": backbone.weights_sha256,
         "timm_kwargs": backbone.timm_kwargs,
         "preprocess": {"image_size": backbone.preprocess.image_size, "mean": list(backbone.preprocess.mean),
-                       "std": list(backbone.preprocess.std)},
+                       "std": list(backbone.preprocess.std), **record["rules"].to_meta()},
         "fine_tune_at": {"index": fine_tune_at, "name": layers[fine_tune_at][0] if fine_tune_at < len(layers) else None,
                          "num_layers": len(layers)},
         "config": config.to_dict(),
