@@ -188,7 +188,7 @@ def test_bad_input_is_one_clear_line(brick_run, tmp_path):
     one_line_error(runner.invoke(app, ["evaluate", str(root / "run"), str(tmp_path / "classes"), "--normal-class",
                                        "nothing"]), "no class 'nothing'")
     # an anomaly run where a classifier is needed
-    for command in (["report", str(root / "run")], ["export", str(root / "run")]):
+    for command in (["report", str(root / "run")], ["serve", str(root / "run")]):
         one_line_error(runner.invoke(app, command), "an anomaly run (--task anomaly), not a classifier")
     # a damaged bank
     import shutil
@@ -206,3 +206,24 @@ def test_bad_input_is_one_clear_line(brick_run, tmp_path):
 def test_a_classifier_run_given_to_anomaly_evaluation_is_one_clear_line(binary_run, lfw_split):
     one_line_error(runner.invoke(app, ["evaluate", str(binary_run[1]), str(lfw_split[1]), "--normal-class", "face"]),
                    "a classifier run, not an anomaly run")
+
+
+def test_onnx_export_carries_the_bank_and_gives_the_scores_and_maps_of_pytorch(brick_run, tmp_path):
+    import onnxruntime as ort
+
+    root, detector = brick_run
+    out = runner.invoke(app, ["export", str(root / "run"), "--out", str(tmp_path / "a.onnx")])
+    assert out.exit_code == 0, out.output
+    assert not list(tmp_path.glob("*.data"))  # the bank is inside the file, not beside it
+    rng = np.random.default_rng(10)
+    clean = brick_crops(3, seed=11)
+    images = np.stack([np.repeat(c[..., None], 3, 2) for c in [*clean, paste(clean[0], "scratch", rng)[0]]])
+    session = ort.InferenceSession(str(tmp_path / "a.onnx"), providers=["CPUExecutionProvider"])
+    scores, maps = session.run(None, {"images": images})
+    want_scores, want_maps = detector.score(images, maps=True)
+    assert np.abs(scores - want_scores).max() < 1e-4 * max(1.0, float(np.abs(want_scores).max()))
+    assert np.abs(maps - want_maps).max() < 1e-3 * max(1.0, float(np.abs(want_maps).max()))
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "a.onnx")).metadata_props}
+    assert props["task"] == "anomaly" and json.loads(props["threshold"]) == detector.threshold

@@ -482,6 +482,15 @@ def export(
     layout: str = typer.Option("nhwc", help="Input layout of the exported graph: nhwc or nchw (uint8 RGB)."),
 ):
     """Export for deployment: preprocessing inside, probabilities out, metadata in the file."""
+    from .predict.run import is_anomaly_run
+
+    if is_anomaly_run(run):  # the bank inside; scores and maps out (deploy/anomaly_export.py)
+        from .deploy.anomaly_export import export_anomaly
+
+        if format != "onnx":
+            fail(f"an anomaly run exports to onnx only, not {format}")
+        typer.echo(f"Wrote {export_anomaly(run, out_file, layout, quantize)['path']}", err=True)
+        return
     from .deploy.export import export as export_run
 
     result = export_run(run, format, out_file, quantize, val_dir, tolerance, force, layout)
