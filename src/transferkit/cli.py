@@ -384,7 +384,7 @@ def predict(
         fail(f"no image files in {', '.join(map(str, inputs))}")
     if failures == total:
         raise typer.Exit(1)
-
+        typer.echo(f"{failures} of {total} file(s) could not be {verb} (see their records)", err=True)
 
 def predict_anomaly(detector, inputs: list[Path], format: Format, batch_size: int, tta: bool) -> None:
     """`predict` on an anomaly run: one record per file (anomaly_score, label, threshold)."""
