@@ -378,13 +378,18 @@ def predict(
             typer.echo(line, file=stream)
     finally:
         reporter.stop()
+    predicted(failures, total, inputs, "classified")
+
+
+def predicted(failures: int, total: int, inputs: list[Path], verb: str) -> None:
+    """`predict`'s end: the count of failed files; exit 2 without any file, 1 when none succeeded."""
     if failures:
-        typer.echo(f"{failures} of {total} file(s) could not be classified (see their records)", err=True)
+        typer.echo(f"{failures} of {total} file(s) could not be {verb} (see their records)", err=True)
     if total == 0:
         fail(f"no image files in {', '.join(map(str, inputs))}")
     if failures == total:
         raise typer.Exit(1)
-        typer.echo(f"{failures} of {total} file(s) could not be {verb} (see their records)", err=True)
+
 
 def predict_anomaly(detector, inputs: list[Path], format: Format, batch_size: int, tta: bool) -> None:
     """`predict` on an anomaly run: one record per file (anomaly_score, label, threshold)."""
@@ -409,12 +414,7 @@ def predict_anomaly(detector, inputs: list[Path], format: Format, batch_size: in
         else:
             typer.echo(f"{record['path']}\t{record['label']}\tanomaly_score={record['anomaly_score']:.4f}"
                        f"  threshold={record['threshold']:.4f}")
-    if failures:
-        typer.echo(f"{failures} of {total} file(s) could not be scored (see their records)", err=True)
-    if total == 0:
-        fail(f"no image files in {', '.join(map(str, inputs))}")
-    if failures == total:
-        raise typer.Exit(1)
+    predicted(failures, total, inputs, "scored")
 
 
 @app.command()
