@@ -162,9 +162,15 @@ def test_the_measured_window_is_the_training_images_percentiles_and_maps_alike(t
         pooled = np.concatenate([sample(read_pixels(data.paths[r], 64).array) for r in train_rows])
         assert (rules.window.low, rules.window.high) == tuple(np.percentile(pooled.astype(np.float64), [0.5, 99.5]))
         assert rules.measured["images"] == 3 and "Intensity window" in notes[0]
+        assert len(data.highbit.pixels) == len(pictures)  # kept in memory: no second reading
         fill(data, rules, 64)
         windows[name], images[name] = rules.window, data.images.copy()
-        assert data._keys is None and data.highbit.samples == {}
+        assert data._keys is None and data.highbit.samples == {} and data.highbit.pixels == {}
+        # no room to keep them (a memmap past the budget): decoded again, the same images
+        tight = decode(load_labelled(tmp_path / name, task="multiclass"), 64, defer=True, budget=0,
+                       spill_dir=tmp_path / "spill")
+        assert not tight.highbit.pixels
+        assert np.array_equal(fill(tight, rules, 64).images, images[name])
     # 16v and 30000 + 4v are the same picture: the same window relative to the signal, the same images
     assert windows["narrow"].low - 30000 == pytest.approx(windows["twelve"].low / 4, abs=0.02)
     assert np.abs(images["narrow"].astype(int) - images["twelve"]).max() <= 1

@@ -285,12 +285,17 @@ def decode(data: LabelledImages, size: int, workers: int | None = None,
     depths: list[str] = []
     waiting: dict[int, np.ndarray] = {}
     waiting_keys: dict[int, str] = {}
+    kept_pixels: dict[int, tuple] = {}  # the waiting images' intensities, up to half the memory budget
+    room = max(0, budget - n * size * size * 3) // 2
     multipage: list[tuple[str, int]] = []
     for i, (path, result) in enumerate(_iterate(data.paths, size, workers, 64, rules, True)):
         if not isinstance(result, str):
             row = len(kept)
             if defer and result.high and rules.window_for(result.own_window) is None:
                 waiting[row], waiting_keys[row] = sample(result.array), image_key(result.array)
+                if result.array.nbytes <= room:
+                    kept_pixels[row] = (result.array, result.own_window, result.depth)
+                    room -= result.array.nbytes
             else:
                 try:
                     store[row] = rules.to_uint8(result.array, result.own_window, result.depth)
@@ -311,7 +316,7 @@ def decode(data: LabelledImages, size: int, workers: int | None = None,
         notes.append(f"{len(multipage)} multi-page file(s) (TIFF pages or DICOM frames): the first page of each was "
                      f"used (pages=refuse skips them instead); first: {multipage[0][0]} ({multipage[0][1]} pages)")
     images = store[: len(kept)]
-    highbit = HighBit(depths, waiting) if any(d != "8-bit" for d in depths) else None
+    highbit = HighBit(depths, waiting, kept_pixels) if any(d != "8-bit" for d in depths) else None
     keys = None
     if waiting:  # the waiting rows are still zeros: their identity is their intensities'
         keys = [waiting_keys[r] if r in waiting_keys else image_key(images[r]) for r in range(len(kept))]
@@ -370,17 +375,19 @@ def shown_counts(counts: dict[str, int]) -> str:
 
 
 def fill(data: LabelledImages, rules: Rules, size: int, workers: int | None = None) -> LabelledImages:
-    """Decode the waiting images again, through `rules`' window now measured, into their rows;
-    their keys become those of the images the model sees."""
+    """The waiting images through `rules`' window now measured, into their rows (from their kept
+    intensities, or decoded again); their keys become those of the images the model sees."""
     highbit = data.highbit
     if highbit is None or not highbit.samples:
         return data
-    rows = sorted(highbit.samples)
+    for row, (pixels, own, depth) in highbit.pixels.items():
+        data.images[row] = rules.to_uint8(pixels, own, depth)
+    rows = sorted(set(highbit.samples) - set(highbit.pixels))
     for row, (path, result) in zip(rows, iter_decoded([data.paths[r] for r in rows], size, workers, rules=rules)):
         if isinstance(result, str):
             raise DataError(f"{path}: unreadable on its second reading ({result}); did it change during training?")
         data.images[row] = result
-    highbit.samples = {}
+    highbit.samples, highbit.pixels = {}, {}
     data._keys = None
     return data
 

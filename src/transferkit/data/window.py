@@ -165,15 +165,18 @@ def measure(samples: list[np.ndarray], low_percentile: float, high_percentile: f
 class HighBit:
     """What `decode` records about a set with high-bit-depth images: each image's bit depth
     ("8-bit", "16-bit PNG", "12-bit DICOM", ...) and, for the images still waiting for the data
-    set's window (train, before it is measured), a sample of their intensities by row."""
+    set's window (train, before it is measured), a sample of their intensities by row, and their
+    decoded intensities while they fit the memory budget (the others are decoded again)."""
 
     depths: list[str]
     samples: dict[int, np.ndarray] = field(default_factory=dict)
+    pixels: dict[int, tuple] = field(default_factory=dict)  # row -> (intensities, own window, depth)
 
     def subset(self, index) -> "HighBit":
         where = {int(old): new for new, old in enumerate(index)}
         return HighBit([self.depths[int(i)] for i in index],
-                       {where[r]: s for r, s in self.samples.items() if r in where})
+                       {where[r]: s for r, s in self.samples.items() if r in where},
+                       {where[r]: p for r, p in self.pixels.items() if r in where})
 
     @staticmethod
     def concat(parts: list["HighBit | None"], lengths: list[int]) -> "HighBit | None":

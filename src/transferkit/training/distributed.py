@@ -213,6 +213,8 @@ class Context:
         part = self.shard(len(raw))
         mine = decode(raw.subset(np.arange(part.start, part.stop)), size, spill_dir=spill_dir, budget=budget,
                       keep=keep, **options)
+        if mine.highbit is not None:
+            mine.highbit.pixels = {}  # not sent between ranks: `fill` decodes those images again
         shards = self.all_gather((mine.paths, mine.labels, mine.skipped, mine.keys(), mine.highbit,
                                   mine.notes[len(raw.notes):]))
         images = self.gather(mine.images if len(mine) else None, 0, lambda shape, dtype: allocate(
