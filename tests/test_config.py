@@ -30,6 +30,8 @@ BAD = {
     "window": "type", "window_low": 50, "window_high": 101, "pages": "all",
 }
 
+BAD.update(normal_class=5, anomaly_keep=1.0, anomaly_bank_mib=0)  # --task anomaly (docs/anomaly.md)
+
 
 def test_every_setting_has_a_rule_and_a_bad_value_here():
     assert set(BAD) == {f.name for f in fields(TrainConfig)}
