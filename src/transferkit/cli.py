@@ -102,6 +102,7 @@ class EngineName(str, Enum):
     torch = "torch"
     onnx = "onnx"
 
+    openvino = "openvino"
 
 METAVARS = {int: "INTEGER", float: "NUMBER", str: "TEXT", "layer": "INDEX|NAME"}
 
@@ -319,13 +320,14 @@ def print_skipped(metrics: dict) -> None:
 
 @app.command()
 def predict(
-    run: Path = typer.Argument(..., help="Run folder written by `train` (or an exported .onnx file)."),
+    run: Path = typer.Argument(..., help="Run folder written by `train` (or an exported .onnx or OpenVINO .xml file)."),
     inputs: list[Path] = typer.Argument(..., help="Image files and/or folders."),
     format: Format = typer.Option(Format.table, "--format", help="table, json (JSON lines) or csv."),
     batch_size: int = typer.Option(64, min=1, help="Images per batch."),
     tta: bool = typer.Option(False, help="Test-time augmentation: average each image with its mirror."),
-    engine: EngineName = typer.Option(EngineName.auto, help="auto: the run's model.onnx with ONNX Runtime when it "
-                                                            "exists and matches the run, else PyTorch."),
+    engine: EngineName = typer.Option(EngineName.auto, help="auto: the run's fastest export that exists and matches "
+                                                            "the run (model.xml with OpenVINO, then model.onnx with "
+                                                            "ONNX Runtime), else PyTorch."),
 ):
     """Classify images (calibrated probabilities; two classes use the run's threshold; multi-label:
     every class at or above its threshold), streaming one line per file; unreadable files get their
@@ -473,8 +475,10 @@ def report(
 @app.command()
 def export(
     run: Path = typer.Argument(..., help="Run folder written by `train`."),
-    format: str = typer.Option("onnx", "--format", help="onnx, or torch (a torch.export .pt2 program)."),
-    out_file: Optional[Path] = typer.Option(None, "--out", help="File to write (default: RUN/model.onnx or RUN/model.pt2)."),
+    format: str = typer.Option("onnx", "--format", help="onnx, openvino (IR: .xml + .bin), web (an offline "
+                                                        "browser app: a folder), or torch (a torch.export .pt2 program)."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="File (web: folder) to write (default: RUN/model.onnx, "
+                                                                "RUN/model.xml, RUN/web or RUN/model.pt2)."),
     quantize: Optional[str] = typer.Option(None, help="int8 (static, calibrated on --val-dir) or int8-dynamic."),
     val_dir: Optional[Path] = typer.Option(None, help="Labelled folder/CSV: checks (and calibrates) a quantized model."),
     tolerance: float = typer.Option(1.0, help="Largest validation accuracy drop (points) a quantized model may have."),
@@ -502,7 +506,7 @@ def export(
 
 @app.command()
 def serve(
-    run: Path = typer.Argument(..., help="Run folder written by `train` (or an exported .onnx file)."),
+    run: Path = typer.Argument(..., help="Run folder written by `train` (or an exported .onnx or OpenVINO .xml file)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (default: this machine only)."),
     port: int = typer.Option(8000, min=1, max=65535),
     engine: EngineName = typer.Option(EngineName.auto, help="As for predict."),

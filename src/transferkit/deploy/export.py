@@ -33,6 +33,7 @@ from ..utils.errors import ExportError
 from ..utils.files import atomic_path
 
 LAYOUTS = ("nhwc", "nchw")
+FORMATS = ("onnx", "torch", "openvino", "web")
 QUANTIZE_MODES = ("int8", "int8-dynamic")  # int8 = static (calibrated) QDQ, the faster one
 OPSET = 18
 
@@ -229,11 +230,21 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
     if format == "torch":
         path = export_program(classifier, run_dir, Path(out or run_dir / "model.pt2"), layout)
         return {"path": str(path)}
-    if format != "onnx":
-        raise ExportError(f"format must be onnx or torch, got {format!r}")
-    out = Path(out or run_dir / "model.onnx")
+    if format == "web":
+        from .web import export_web
+
+        return {"path": str(export_web(classifier, run_dir, Path(out or run_dir / "web"), quantize_mode, layout))}
+    if format not in FORMATS:
+        raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    out = Path(out or run_dir / ("model.xml" if format == "openvino" else "model.onnx"))
     if quantize_mode is None:
+        if format == "openvino":
+            from .openvino import export_ir
+
+            return {"path": str(export_ir(classifier, run_dir, out, layout))}
         return {"path": str(export_onnx(classifier, run_dir, out, layout))}
+    if format == "openvino" and quantize_mode != "int8":
+        raise ExportError(f"OpenVINO quantizes int8 (static, calibrated on --val-dir), not {quantize_mode!r}")
     if quantize_mode not in QUANTIZE_MODES:
         raise ExportError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize_mode!r}")
     if val_data is None and not force:
@@ -250,12 +261,17 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
     with tempfile.TemporaryDirectory() as tmp:
         float_path = export_onnx(classifier, run_dir, Path(tmp) / "float.onnx", layout)
         spread = None if images is None else np.linspace(0, len(images) - 1, min(len(images), 256)).astype(int)
-        q_path = quantize(float_path, Path(tmp) / "quantized.onnx", quantize_mode,
-                          None if images is None else images[spread])  # every class, not the first
+        calibration = None if images is None else images[spread]  # every class, not the first
+        if format == "openvino":
+            from .openvino import quantized_ir
+
+            engines = quantized_ir(float_path, Path(tmp), calibration)
+        else:
+            q_path = quantize(float_path, Path(tmp) / "quantized.onnx", quantize_mode, calibration)
+            engines = OnnxClassifier(float_path), OnnxClassifier(q_path)
         report = {"path": str(out), "quantization": quantize_mode}
         if data is not None:
-            for name, path in (("float", float_path), ("quantized", q_path)):
-                engine = OnnxClassifier(path)
+            for name, engine in zip(("float", "quantized"), engines):
                 probs = engine.predict_proba(data.images)
                 report[f"{name}_accuracy"] = evaluation_metrics(data.labels, probs, engine.classes,
                                                                 engine.threshold)["accuracy"]
@@ -265,6 +281,11 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
                     f"quantized model refused: validation accuracy {report['quantized_accuracy']:.2%} vs "
                     f"{report['float_accuracy']:.2%} float (drop {report['drop'] * 100:.2f} points > tolerance "
                     f"{tolerance:g}); nothing written (force writes it anyway)")
+        if format == "openvino":
+            from .openvino import place
+
+            place(engines[1].path, out)
+            return report
         with atomic_path(out) as target:
             target.write_bytes(Path(q_path).read_bytes())
     return report
