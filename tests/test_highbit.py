@@ -383,6 +383,8 @@ def test_dicom_own_window_only_with_window_dicom(tmp_path):
     path = write_dicom(tmp_path / "w.dcm", values, centre=1500, width=1001)
     pixels = read_pixels(path, 32)
     assert (pixels.own_window.low, pixels.own_window.high) == (999.5, 1499.5 + 500)
+    with pytest.raises(ImageError, match="without a window of its own, and this model has no data set window"):
+        read_image(write_dicom(tmp_path / "none.dcm", values), 32, rules=Rules(None, "dicom"))
     data_window = Window(0, 4080)
     assert np.array_equal(read_image(path, 32, rules=Rules(data_window)), data_window.apply(pixels.array))
     assert np.array_equal(read_image(path, 32, rules=Rules(data_window, "dicom")), pixels.own_window.apply(pixels.array))

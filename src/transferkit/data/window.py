@@ -99,6 +99,9 @@ class Rules:
             return pixels
         window = self.window_for(own)
         if window is None:
+            if self.source == "dicom":
+                raise ImageError(f"a {depth} image without a window of its own, and this model has no data set window "
+                                 "(its training images were 8-bit or DICOM files with their own windows)")
             raise ImageError(f"a {depth} image, but this model was trained on 8-bit images only (its model.json has "
                              "no intensity window); train on such images, or convert it to 8-bit")
         return window.apply(pixels)
