@@ -101,8 +101,8 @@ class EngineName(str, Enum):
     auto = "auto"
     torch = "torch"
     onnx = "onnx"
-
     openvino = "openvino"
+
 
 METAVARS = {int: "INTEGER", float: "NUMBER", str: "TEXT", "layer": "INDEX|NAME"}
 

@@ -13,11 +13,8 @@ range at all, which uint16 could not carry.
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +28,7 @@ from ..predict.onnx_engine import OnnxClassifier
 from ..predict.run import load, model_version
 from ..utils.errors import ExportError
 from ..utils.files import atomic_path
+from ..utils.logs import quiet_logger
 
 LAYOUTS = ("nhwc", "nchw")
 FORMATS = ("onnx", "torch", "openvino", "web")
@@ -137,19 +135,6 @@ def set_metadata(proto, values: dict[str, str]) -> None:
                         "float32 intensities (the window inside)") + " in, class probabilities out")
 
 
-@contextmanager
-def quiet_logger(name: str | None = None) -> Iterator[None]:
-    """Only errors from one logger (the root logger for None) for the duration of a call; its level
-    is the caller's again afterwards."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 class _Calibration:
     """onnxruntime's CalibrationDataReader over uint8 images, in batches."""
 
@@ -233,15 +218,18 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
     if format == "web":
         from .web import export_web
 
-        return {"path": str(export_web(classifier, run_dir, Path(out or run_dir / "web"), quantize_mode, layout))}
+        return {"path": str(export_web(classifier, Path(out or run_dir / "web"), quantize_mode,
+                                       lambda path: export_onnx(classifier, run_dir, path, layout)))}
     if format not in FORMATS:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     out = Path(out or run_dir / ("model.xml" if format == "openvino" else "model.onnx"))
     if quantize_mode is None:
         if format == "openvino":
-            from .openvino import export_ir
+            from .openvino import convert, save
 
-            return {"path": str(export_ir(classifier, run_dir, out, layout))}
+            with tempfile.TemporaryDirectory() as tmp:
+                return {"path": str(save(convert(export_onnx(classifier, run_dir, Path(tmp) / "float.onnx", layout)),
+                                         out))}
         return {"path": str(export_onnx(classifier, run_dir, out, layout))}
     if format == "openvino" and quantize_mode != "int8":
         raise ExportError(f"OpenVINO quantizes int8 (static, calibrated on --val-dir), not {quantize_mode!r}")

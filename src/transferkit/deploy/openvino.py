@@ -17,14 +17,7 @@ import numpy as np
 from ..predict.openvino_engine import SECTION, WEIGHTS_KEY, first_line, openvino_module
 from ..utils.errors import ExportError, RunError
 from ..utils.files import sha256_of
-
-
-def export_ir(classifier, run_dir: str | Path, out: str | Path, layout: str = "nhwc") -> Path:
-    """The float IR of a run: its ONNX graph converted, the ONNX file's metadata in it."""
-    from .export import export_onnx
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return save(convert(export_onnx(classifier, run_dir, Path(tmp) / "float.onnx", layout)), out)
+from ..utils.logs import quiet_logger
 
 
 def quantized_ir(float_onnx: Path, tmp: Path, calibration: np.ndarray):
@@ -55,8 +48,6 @@ def convert(onnx_path: str | Path):
 
 def quantize(model, calibration: np.ndarray, batch_size: int = 16):
     """int8 weights and activations by NNCF, calibrated on all of `calibration` (the graph's inputs)."""
-    from .export import quiet_logger
-
     try:
         with quiet_logger("torch"):  # nncf imports torch when it is there, which warns about CUDA
             import nncf

@@ -28,7 +28,9 @@ import tarfile
 import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
+from ..predict.onnx_engine import read_metadata
 from ..training.cache import default_cache_dir
 from ..utils.errors import ExportError
 from ..utils.files import atomic_path, write_text
@@ -76,11 +78,9 @@ def ort_web_dir() -> Path:
     return folder
 
 
-def export_web(classifier, run_dir: str | Path, out: Path, quantize_mode: str | None = None,
-               layout: str = "nhwc") -> Path:
-    """The app folder (module docstring) for a run; float only, uint8 RGB images in."""
-    from .export import export_onnx, metadata
-
+def export_web(classifier, out: Path, quantize_mode: str | None, write_model: Callable[[Path], Path]) -> Path:
+    """The app folder (module docstring) for a run; float only, uint8 RGB images in. `write_model`
+    writes the run's float ONNX export to the path it is given."""
     if quantize_mode is not None:
         raise ExportError("the web app runs the float model (its probabilities match PyTorch's); drop --quantize")
     if classifier.rules.window is not None:
@@ -94,9 +94,8 @@ def export_web(classifier, run_dir: str | Path, out: Path, quantize_mode: str | 
     for name in ORT_FILES:
         with atomic_path(out / "ort" / Path(name).name) as target:
             shutil.copyfile(vendor / Path(name).name, target)
-    model = export_onnx(classifier, run_dir, out / "model.onnx", layout)
-    meta = {key: json.loads(value) if key in ("classes", "threshold", "temperature", "preprocess") else value
-            for key, value in metadata(classifier, run_dir, layout).items()}
+    model = write_model(out / "model.onnx")
+    meta = read_metadata(model)
     bundle = {"model": model, "wasm": vendor / "ort-wasm-simd-threaded.wasm", "mjs": vendor / "ort-wasm-simd-threaded.mjs"}
     write_text(out / "offline.js", "window.TK_OFFLINE = " + json.dumps(
         {key: base64.b64encode(path.read_bytes()).decode() for key, path in bundle.items()}) + ";\n")

@@ -32,7 +32,7 @@ FORMAT_VERSION = 2
 WEIGHTS, META, EXPORT, CHECKPOINT = "model.safetensors", "model.json", "model.onnx", "checkpoint.json"
 ENGINES = ("auto", "torch", "onnx", "openvino")
 EXPORTS = {"openvino": "model.xml", "onnx": EXPORT}  # the exports `--engine auto` looks for in a run folder
-AUTO_ORDER = ("openvino", "onnx")  # fastest first: measured by bench/engines.py (docs/deploy.md)
+AUTO_ORDER = ("openvino", "onnx")  # fastest first; bench/engines.py measures it (docs/deploy.md: not yet done)
 ENGINE_NAMES = {"openvino": "OpenVINO", "onnx": "ONNX Runtime"}
 RUNNING, INTERRUPTED, COMPLETE = "running", "interrupted", "complete"  # model.json's "status"
 
@@ -277,7 +277,6 @@ def open_export(kind: str, path: Path, threads: int | None = None) -> Engine:
         return OpenVinoClassifier(path, threads)
     from .onnx_engine import OnnxClassifier
 
-    run = Path(run)
     return OnnxClassifier(path, threads)
 
 
@@ -287,6 +286,7 @@ def load_engine(run: str | Path, engine: str = "auto", log: Callable[[str], None
     fastest exported engine whose file exists, loads and matches the run (AUTO_ORDER, measured in
     docs/deploy.md), else PyTorch, with a note for each export passed over; "onnx" or "openvino"
     without a usable export is an error."""
+    run = Path(run)
     if engine not in ENGINES:
         raise RunError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     kind = {".onnx": "onnx", ".xml": "openvino"}.get(run.suffix)
@@ -323,12 +323,12 @@ def load_engine(run: str | Path, engine: str = "auto", log: Callable[[str], None
     return load(run)
 
 
-def write_predictions(path: str | Path, paths: list[str], labels: np.ndarray, probabilities: np.ndarray,
 def note_passed(passed: list[tuple[Path, str]], using: str, log: Callable[[str], None] | None) -> None:
     for exported, problem in passed if log else ():
         log(f"note: {exported} {problem}; using {using} (export again to use it)")
 
 
+def write_predictions(path: str | Path, paths: list[str], labels: np.ndarray, probabilities: np.ndarray,
                       classes: list[str], sep: str = "|") -> None:
     """One row per image: path, true class (multi-label: a `labels` column, the true classes joined
     by `sep`), the probability of every class."""
