@@ -125,7 +125,7 @@ def setting_parameters() -> list[inspect.Parameter]:
 def train(data: Path, out_dir: Path, config: Optional[Path], val_dir: Optional[Path], test_dir: Optional[Path],
           resume: bool, overwrite: bool, quiet: bool, nproc: Optional[int], **given):
     """Train a classifier: frozen backbone + new head, then fine-tune from --fine-tune-at."""
-    from .training.search import train as train_run
+    from .training.recipe import train as train_run
     from .utils.progress import Reporter
 
     if test_dir is not None and not test_dir.exists():  # before the training, not after it
