@@ -24,13 +24,13 @@ from typing import Callable
 import numpy as np
 
 from .. import __version__
+from ..cfg.service import ENGINES
 from ..utils.errors import RunError
 from ..utils.files import atomic_path, sha256_of, write_text
 from .engine import Engine, check_meta, is_multilabel
 
 FORMAT_VERSION = 2
 WEIGHTS, META, EXPORT, CHECKPOINT = "model.safetensors", "model.json", "model.onnx", "checkpoint.json"
-ENGINES = ("auto", "torch", "onnx")
 RUNNING, INTERRUPTED, COMPLETE = "running", "interrupted", "complete"  # model.json's "status"
 
 

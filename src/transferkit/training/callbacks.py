@@ -9,16 +9,11 @@ from __future__ import annotations
 
 import copy
 import random
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
 from ..predict import run
 from .experiment import open_log
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
 
 DIVERGED = 3.0  # a training loss this many times the first epoch's: the run diverged (warned)
 
@@ -33,24 +28,24 @@ def is_better(row: dict, best: dict | None, monitor: str) -> bool:
 
 
 class Callback:
-    """Every hook is optional; each gets the trainer."""
+    """Every hook is optional; each gets the trainer (trainer.Trainer: the loop and its state)."""
 
-    def on_start(self, trainer: Trainer) -> None:
+    def on_start(self, trainer) -> None:
         """The trainer is made, before the views are built (a checkpoint to continue from is read here)."""
 
-    def on_train_epoch_end(self, trainer: Trainer, epoch: int, train_loss: float, lr: float) -> None:
+    def on_train_epoch_end(self, trainer, epoch: int, train_loss: float, lr: float) -> None:
         """After the epoch's training pass, before its validation."""
 
-    def on_validation_end(self, trainer: Trainer, row: dict, logits: np.ndarray) -> None:
+    def on_validation_end(self, trainer, row: dict, logits: np.ndarray) -> None:
         """The epoch's history row is complete (not yet logged)."""
 
-    def on_epoch_end(self, trainer: Trainer, row: dict, optimizer, scheduler) -> None:
+    def on_epoch_end(self, trainer, row: dict, optimizer, scheduler) -> None:
         """The epoch is logged; last chance to stop the phase (`trainer.stopped`)."""
 
-    def on_fit_end(self, trainer: Trainer) -> None:
+    def on_fit_end(self, trainer) -> None:
         """After the last phase."""
 
-    def on_run_end(self, trainer: Trainer, metrics: dict) -> None:
+    def on_run_end(self, trainer, metrics: dict) -> None:
         """The run's final metrics are known."""
 
 
