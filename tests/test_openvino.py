@@ -21,7 +21,8 @@ from transferkit.data.listing import load_labelled
 from transferkit.deploy.export import export
 from transferkit.predict.onnx_engine import read_metadata
 from transferkit.predict.openvino_engine import OpenVinoClassifier
-from transferkit.predict.run import ENGINES, load_engine
+from transferkit.cfg.service import ENGINES
+from transferkit.predict.run import load_engine
 from transferkit.utils.errors import ExportError, RunError
 
 

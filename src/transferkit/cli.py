@@ -31,6 +31,8 @@ try:  # typer >= 0.20 carries its own copy of click
 except ImportError:  # pragma: no cover - older typer on click
     from click.exceptions import NoArgsIsHelpError, UsageError
 
+from .cfg.environment import LAUNCHED
+from .cfg.service import ENGINES, Limits
 from .cfg.settings import DEFAULT_BACKBONE, TrainConfig, flag, option_name, read_settings, settings, shown
 from .utils.errors import ConfigError, Interrupted, TransferkitError
 
@@ -42,7 +44,7 @@ class Boundary(TyperGroup):
         try:
             return super().invoke(ctx)
         except Interrupted as exc:  # Ctrl-C or SIGTERM during a run: it was left resumable
-            if not os.environ.get("TRANSFERKIT_LAUNCHED"):  # a rank of `train --nproc`: the launcher says it
+            if not os.environ.get(LAUNCHED):  # a rank of `train --nproc`: the launcher says it
                 typer.echo(str(exc), err=True)
             raise typer.Exit(exc.exit_code) from None
         except NoArgsIsHelpError:
@@ -72,7 +74,7 @@ def bug():
 
 def fail(message: str):
     tell_launcher(message)
-    if not os.environ.get("TRANSFERKIT_LAUNCHED"):  # a rank of `train --nproc`: the launcher says it once
+    if not os.environ.get(LAUNCHED):  # a rank of `train --nproc`: the launcher says it once
         typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
 
@@ -97,11 +99,7 @@ class Format(str, Enum):
     csv = "csv"
 
 
-class EngineName(str, Enum):
-    auto = "auto"
-    torch = "torch"
-    onnx = "onnx"
-    openvino = "openvino"
+EngineName = Enum("EngineName", {name: name for name in ENGINES}, type=str)
 
 
 METAVARS = {int: "INTEGER", float: "NUMBER", str: "TEXT", "layer": "INDEX|NAME"}
@@ -126,7 +124,7 @@ def setting_parameters() -> list[inspect.Parameter]:
 def train(data: Path, out_dir: Path, config: Optional[Path], val_dir: Optional[Path], test_dir: Optional[Path],
           resume: bool, overwrite: bool, quiet: bool, nproc: Optional[int], **given):
     """Train a classifier: frozen backbone + new head, then fine-tune from --fine-tune-at."""
-    from .training.search import train as train_run
+    from .training.recipe import train as train_run
     from .utils.progress import Reporter
 
     if test_dir is not None and not test_dir.exists():  # before the training, not after it
@@ -510,14 +508,16 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind (default: this machine only)."),
     port: int = typer.Option(8000, min=1, max=65535),
     engine: EngineName = typer.Option(EngineName.auto, help="As for predict."),
-    max_upload_mb: float = typer.Option(10.0, min=0.001, help="Largest request body."),
-    max_pixels: int = typer.Option(40_000_000, min=1, help="Largest image (width x height), checked before decoding."),
-    timeout: float = typer.Option(10.0, min=0.001, help="Seconds a request may take (upload, decoding, prediction)."),
+    max_upload_mb: float = typer.Option(Limits.max_bytes / 2**20, min=0.001, help="Largest request body."),
+    max_pixels: int = typer.Option(Limits.max_pixels, min=1, help="Largest image (width x height), checked before "
+                                   "decoding."),
+    timeout: float = typer.Option(Limits.timeout, min=0.001, help="Seconds a request may take (upload, decoding, "
+                                  "prediction)."),
 ):
     """HTTP service: POST /predict, GET /health, and a web page at /."""
     import uvicorn
 
-    from .apps.serve import Limits, create_app, header_timeout_protocol
+    from .apps.serve import create_app, header_timeout_protocol
 
     limits = Limits(max_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels, timeout=timeout)
     application = create_app(run, engine.value, limits, log=lambda m: typer.echo(m, err=True))

@@ -21,30 +21,27 @@ import asyncio
 import csv
 import fcntl
 import io
-import json
 import os
 import shlex
 import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from starlette.exceptions import HTTPException
+from fastapi.responses import HTMLResponse, Response
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ..cfg.settings import DEFAULT_BACKBONE
-from ..curate.active import STRATEGIES, UNLABELLED, cross_val_accuracy, find_label_issues, head, suggest
+from ..curate.active import STRATEGIES, UNLABELLED, check_strategy, cross_val_accuracy, find_label_issues, head, suggest
 from ..data.decode import display_image, iter_decoded, iter_pixels
 from ..data.listing import image_key, walk_files
 from ..data.window import Rules, measure, sample, with_window
-from ..utils.errors import DataError, ImageError, TransferkitError
+from ..utils.errors import ApiError, DataError, ImageError, TransferkitError
 from ..utils.files import write_text
-from .serve import ApiError, read_body
+from .web import error, json_body, page, web_app
 
 SHOWN = 24  # queue entries sent to the page (the grid)
 SHOWN_BAD = 200  # skipped files listed on the page (all are counted)
@@ -302,8 +299,7 @@ class Session:
 
     def __init__(self, root: str | Path, labels: LabelFile, featurizer: Featurizer, classes: list[str] | None = None,
                  strategy: str = "uncertainty", retrain_every: int = 10):
-        if strategy not in STRATEGIES:
-            raise DataError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+        check_strategy(strategy)
         if isinstance(retrain_every, bool) or not isinstance(retrain_every, int) or retrain_every < 1:
             raise DataError(f"retrain_every must be a positive integer, got {retrain_every!r}")
         self.root, self.labels_file, self.featurizer = Path(root), labels, featurizer
@@ -473,8 +469,7 @@ class Session:
             self.classes.append(name)
 
     def set_strategy(self, strategy: str) -> None:
-        if strategy not in STRATEGIES:
-            raise DataError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+        check_strategy(strategy)
         with self.lock:
             self.strategy = strategy
             if self.status == "ready":
@@ -551,25 +546,6 @@ def display_jpeg(file: Path, size: int, rules: Rules | None = None) -> bytes:
     return out.getvalue()
 
 
-def page() -> str:
-    return resources.files("transferkit.apps").joinpath("label.html").read_text(encoding="utf-8")
-
-
-async def json_body(request: Request) -> dict:
-    """A small JSON object body. Only `application/json` is accepted: a browser sends that type
-    cross-origin only after a CORS preflight, which this app never allows (no CSRF by a form)."""
-    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-        raise ApiError(415, "send a JSON object with Content-Type: application/json")
-    body = await read_body(request, 65536)  # refused as soon as it passes the limit, not after reading it all
-    try:
-        value = json.loads(body)
-    except ValueError as exc:
-        raise ApiError(400, f"malformed JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise ApiError(400, "expected a JSON object")
-    return value
-
-
 def create_app(session: Session, allowed_hosts: list[str] | None = None,
                log: Callable[[str], None] | None = None) -> FastAPI:
     """The labelling app over a `Session`. `allowed_hosts`: the Host headers accepted (a guard
@@ -594,32 +570,15 @@ def create_app(session: Session, allowed_hosts: list[str] | None = None,
             session.close()
             session.labels_file.close()
 
-    app = FastAPI(title="transferkit label", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = web_app("transferkit label", lifespan, {
+        TransferkitError: lambda exc: error(str(exc), 400),
+        OSError: lambda exc: error(f"cannot write {exc.filename or 'the labels'}: {exc.strerror or exc}", 500)})
     if allowed_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
 
-    @app.exception_handler(ApiError)
-    async def api_error(_request, exc: ApiError):
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
-
-    @app.exception_handler(TransferkitError)
-    async def user_error(_request, exc: TransferkitError):
-        return JSONResponse({"error": str(exc)}, status_code=400)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_request, exc: HTTPException):
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(OSError)
-    async def disk_error(_request, exc: OSError):
-        return JSONResponse({"error": f"cannot write {exc.filename or 'the labels'}: {exc.strerror or exc}"},
-                            status_code=500)
-
     @app.get("/", response_class=HTMLResponse)
     async def index():
-        return HTMLResponse(page(), headers={"Content-Security-Policy": (
-            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-            "img-src 'self'; connect-src 'self'")})
+        return page("label.html", "'self'")
 
     @app.get("/api/state")
     async def state():

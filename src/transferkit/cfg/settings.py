@@ -26,6 +26,8 @@ CACHE_DTYPES = ("float16", "float32")
 LOGGERS = ("none", "tensorboard", "mlflow")
 WINDOWS = ("data", "dicom")  # the intensity window of high-bit-depth images (data/window.py)
 PAGE_RULES = ("first", "refuse")  # multi-page TIFF and multi-frame DICOM
+OPTIMIZERS = ("adam", "adamw", "sgd")  # timm's names (training/optim.py)
+SCHEDULERS = ("none", "cosine")
 GROUPS = ("data", "preset", "backbone", "recipe", "augmentation", "decisions", "cache", "runtime")
 # What each preset sets when a setting is left unset (None); the data rules of presets.py come after.
 PRESETS = {
@@ -172,7 +174,12 @@ class TrainConfig:
         None, "First unfrozen layer in phase 2: index or name (`transferkit layers`); default: the backbone's (the "
         "last quarter of its layers, the seed's rule: layer 78 of EfficientNet-Lite0's 98).",
         "recipe", "layer", optional=True, unset="auto")
-    lr: float = setting(1e-3, "Base learning rate (Adam) of phase 1.", "recipe", float, low=0, low_open=True)
+    lr: float = setting(1e-3, "Base learning rate of phase 1.", "recipe", float, low=0, low_open=True)
+    optimizer: str = setting("adam", "The optimizer of each phase (a fresh one per phase; the seed: Adam).", "recipe", str,
+                             choices=OPTIMIZERS)
+    weight_decay: float = setting(0.0, "Weight decay (not on biases and norms).", "recipe", float, low=0)
+    scheduler: str = setting("none", "Learning rate over each phase: none (constant, the seed's) or cosine (decays "
+                             "to 0 over the phase's epochs).", "recipe", str, choices=SCHEDULERS)
     fine_tune_lr_factor: float = setting(0.1, "Phase 2's learning rate as a multiple of lr (the seed: 0.1).",
                                          "recipe", float, low=0, low_open=True)
     batch_size: int = setting(32, "Images per training step.", "recipe", int, low=1)

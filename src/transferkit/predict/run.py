@@ -24,13 +24,13 @@ from typing import Callable
 import numpy as np
 
 from .. import __version__
+from ..cfg.service import ENGINES
 from ..utils.errors import RunError
 from ..utils.files import atomic_path, sha256_of, write_text
 from .engine import Engine, check_meta, is_multilabel
 
 FORMAT_VERSION = 2
 WEIGHTS, META, EXPORT, CHECKPOINT = "model.safetensors", "model.json", "model.onnx", "checkpoint.json"
-ENGINES = ("auto", "torch", "onnx", "openvino")
 EXPORTS = {"openvino": "model.xml", "onnx": EXPORT}  # the exports `--engine auto` looks for in a run folder
 AUTO_ORDER = ("openvino", "onnx")  # fastest first; bench/engines.py measures it (docs/deploy.md: not yet done)
 ENGINE_NAMES = {"openvino": "OpenVINO", "onnx": "ONNX Runtime"}

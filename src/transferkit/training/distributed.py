@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..cfg.environment import LAUNCHED
 from ..data.listing import LabelledImages
 from ..data.memory import allocate
 from ..data.window import HighBit
@@ -47,7 +48,6 @@ from ..utils.errors import ConfigError, RunError, TransferkitError
 TIMEOUT = timedelta(minutes=10)  # a rank that stops answering without dying (a lost node) ends the job
 CHUNK_BYTES = 64 << 20  # gathers move at most this much per rank and message
 LOST = "lost contact with the other ranks"  # the start of a failure that another rank caused
-LAUNCHED = "TRANSFERKIT_LAUNCHED"  # set for the ranks that `launch` starts: it reports their errors
 
 
 @dataclass
