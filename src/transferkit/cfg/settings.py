@@ -126,6 +126,12 @@ class TrainConfig:
                         "rows); auto: multilabel for a `labels` column, else one label per image.", "data", str,
                         choices=TASKS)
     label_sep: str = setting("|", "Separator of the class names in a CSV's `labels` column.", "data", str)
+    group_by: str | None = setting(
+        None, "A regular expression on each image's path whose first group names its group (a patient, a part, a "
+        "video): the validation split keeps each group on one side. A CSV's `group` column does the same.", "data",
+        str, optional=True)
+    group_duplicates: bool = setting(True, "Keep near-duplicate images (the same pixels, or perceptual hashes within "
+                                     "6 bits of 64) on one side of the validation split.", "data", bool)
     preset: str = setting("default", "fast: the head alone on cached features (seconds to a minute); default: both "
                           "phases; best: the default, then deeper fine-tuning and bigger backbones while --time-budget "
                           "lasts, keeping the best on validation. Settings you give win over the preset's.", "preset", str,
@@ -215,6 +221,16 @@ class TrainConfig:
         if not self.label_sep or self.label_sep.strip() != self.label_sep or set(self.label_sep) & set(',"\n'):
             raise ConfigError(f"label_sep must be one or more characters, no comma, quote, newline or edge spaces, "
                               f"got {self.label_sep!r}")
+        if self.group_by is not None:
+            import re
+
+            try:
+                pattern = re.compile(self.group_by)
+            except re.error as exc:
+                raise ConfigError(f"group_by must be a regular expression, got {self.group_by!r} ({exc})") from None
+            if pattern.groups < 1:
+                raise ConfigError(f"group_by must have a group in parentheses that names the group, e.g. "
+                                  f"'(patient\\d+)', got {self.group_by!r}")
         if not valid_device(self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -155,6 +155,7 @@ def decode(data: LabelledImages, size: int, workers: int | None = None,
         skipped=skipped,
         images=store[: len(kept)],
         notes=data.notes,
+        groups=None if data.groups is None else [data.groups[i] for i in kept],
     )
 
 

@@ -212,13 +212,14 @@ class Context:
         part = self.shard(len(raw))
         mine = decode(raw.subset(np.arange(part.start, part.stop)), size, spill_dir=spill_dir, budget=budget,
                       keep=keep, **options)
-        shards = self.all_gather((mine.paths, mine.labels, mine.skipped, mine.keys()))
+        shards = self.all_gather((mine.paths, mine.labels, mine.skipped, mine.keys(), mine.groups))
         images = self.gather(mine.images if len(mine) else None, 0, lambda shape, dtype: allocate(
             shape, dtype, int(np.prod(shape)) <= budget, spill_dir, keep))
         return LabelledImages(
             paths=[p for s in shards for p in s[0]], labels=np.concatenate([s[1] for s in shards]),
             classes=raw.classes, skipped=list(raw.skipped) + [k for s in shards for k in s[2]], images=images,
-            notes=raw.notes, _keys=[k for s in shards for k in s[3]])
+            notes=raw.notes, _keys=[k for s in shards for k in s[3]],
+            groups=None if raw.groups is None else [g for s in shards for g in s[4]])
 
     def extract(self, extract: Callable, model, images: np.ndarray, views: int, *, keys: list[str],
                 in_ram: bool, spill_dir=None, keep: bool = False, **options) -> tuple[np.ndarray, np.ndarray | None]:
