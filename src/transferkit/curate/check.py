@@ -38,7 +38,8 @@ from PIL import Image
 from ..cfg.settings import DEFAULT_BACKBONE
 from ..data.decode import iter_decoded
 from ..data.listing import LabelledImages, image_key, load_labelled
-from ..data.phash import DEFAULT_MAX_DISTANCE, HASH_BITS, clusters, nearest, phash, signs
+from ..data.phash import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_MATCH, HASH_BITS, clusters, match, nearest, phash, signs, \
+    thumbnails
 from ..utils.errors import DataError
 
 KINDS = ("leak", "label_conflict", "exact_duplicate", "near_duplicate", "label_issue", "outlier", "unreadable")
@@ -56,8 +57,9 @@ OUTLIER_FENCE = 3.0  # Tukey's "far out": Q3 + 3 IQR of every image's neighbour 
 class Thresholds:
     """What counts as a near-duplicate and an outlier (the defaults are measured: docs/check.md)."""
 
-    phash_distance: int = DEFAULT_MAX_DISTANCE  # bits of 64; -1 turns the hash pass off
-    cosine: float = DEFAULT_COSINE  # embedding cosine similarity; > 1 turns the embedding pass off
+    phash_distance: int = DEFAULT_MAX_DISTANCE  # candidates: hashes within this many bits of 64; -1: off
+    cosine: float = DEFAULT_COSINE  # candidates: features at least this cosine-similar; > 1: off
+    min_match: float = DEFAULT_MIN_MATCH  # a candidate pair is a near-duplicate when its aligned thumbnails correlate this well
     neighbours: int = NEIGHBOURS
     outlier_k: int = OUTLIER_K
     outlier_fence: float = OUTLIER_FENCE
@@ -67,6 +69,8 @@ class Thresholds:
             raise DataError(f"phash distance must be in -1..{HASH_BITS} bits (-1: off), got {self.phash_distance}")
         if not -1.0 <= self.cosine <= 2.0:
             raise DataError(f"cosine threshold must be in [-1, 2] (above 1: off), got {self.cosine}")
+        if not -1.0 <= self.min_match <= 1.0:
+            raise DataError(f"min_match must be a correlation in [-1, 1], got {self.min_match}")
         if self.neighbours < 1 or self.outlier_k < 1:
             raise DataError("neighbours and outlier_k must be at least 1")
 
@@ -116,6 +120,7 @@ class Images:
     labels: list = field(default_factory=list)  # class index, or a tuple of them (multi-label)
     keys: list[str] = field(default_factory=list)
     bits: list[np.ndarray] = field(default_factory=list)
+    thumbs: list[np.ndarray] = field(default_factory=list)
     features: np.ndarray | None = None
 
 
@@ -259,6 +264,7 @@ def read_images(sets: dict[str, LabelledImages], size: int, embed=None, chunk: i
             return
         batch = np.stack([p[0] for p in pending])
         out.bits.extend(phash(batch))
+        out.thumbs.extend(thumbnails(batch))
         if embed is not None:
             feats.append(embed(batch, [p[1] for p in pending]))
         pending.clear()
@@ -295,8 +301,10 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 def duplicate_edges(images: Images, thresholds: Thresholds) -> tuple[list[tuple[int, int]], dict]:
-    """Edges (i, j) between images that are the same (key), close in hash or close in features;
-    `evidence[(i, j)]`: what linked them (hamming bits, cosine)."""
+    """Edges (i, j) between images that are the same (key), or near-duplicates: proposed by the
+    hash or the features (each image's nearest neighbours within the thresholds), confirmed by
+    aligned thumbnails (`match`); `evidence[(i, j)]`: what linked them (hamming bits, cosine,
+    match)."""
     n = len(images.paths)
     evidence: dict[tuple[int, int], dict] = {}
     first: dict[str, int] = {}
@@ -316,6 +324,14 @@ def duplicate_edges(images: Images, thresholds: Thresholds) -> tuple[list[tuple[
         for i, j in zip(*np.nonzero(score >= thresholds.cosine)):
             a, b = sorted((i, int(index[i, j])))
             evidence.setdefault((a, b), {})["cosine"] = round(float(score[i, j]), 4)
+    proposed = [pair for pair, e in evidence.items() if "same_pixels" not in e]
+    if proposed:
+        scores = match(np.asarray(images.thumbs), proposed)
+        for pair, value in zip(proposed, scores):
+            if value >= thresholds.min_match:
+                evidence[pair]["match"] = round(float(value), 4)
+            else:
+                del evidence[pair]
     return list(evidence), evidence
 
 

@@ -105,13 +105,67 @@ def near_pairs(bits: np.ndarray, max_distance: int = DEFAULT_MAX_DISTANCE, k: in
     return np.unique(np.asarray(rows, dtype=np.int64).reshape(-1, 3), axis=0)
 
 
-def duplicate_groups(keys: list[str], images: np.ndarray | None = None,
-                     max_distance: int | None = DEFAULT_MAX_DISTANCE) -> np.ndarray:
-    """(N,) group ids: images with the same key (`image_key`: the same pixels) share one, and, when
-    `images` are given and `max_distance` is not None, so do images whose perceptual hashes are
-    within `max_distance` bits (transitively)."""
-    first: dict[str, int] = {}
-    pairs = [(first.setdefault(key, i), i) for i, key in enumerate(keys)]
-    if images is not None and max_distance is not None and len(keys) > 1:
-        pairs += [(i, j) for i, j, _ in near_pairs(phash(images), max_distance)]
-    return clusters(len(keys), pairs)
+# -- verification: do two images show the same picture, up to a slight crop? ----------------------
+
+THUMB = 64  # grey thumbnail kept per image (4 KB)
+MATCH = 32  # the side at which aligned thumbnails are compared
+SCALES = (1.0, 0.96, 0.92, 0.88, 0.84, 0.80)  # the part of one image the other may show
+DEFAULT_MIN_MATCH = 0.90
+
+
+def thumbnails(images: np.ndarray) -> np.ndarray:
+    """(N, 64, 64) uint8 grey thumbnails of decoded images (what `match` compares)."""
+    out = np.empty((len(images), THUMB, THUMB), dtype=np.uint8)
+    for i, image in enumerate(images):
+        grey = Image.fromarray(np.ascontiguousarray(image))
+        grey = grey.convert("L") if grey.mode != "L" else grey
+        out[i] = np.asarray(grey.resize((THUMB, THUMB), Image.Resampling.BOX))
+    return out
+
+
+def _normed(x: np.ndarray) -> np.ndarray:
+    x = x.reshape(len(x), -1).astype(np.float32)
+    x -= x.mean(1, keepdims=True)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
+
+
+def _views(thumb: np.ndarray) -> np.ndarray:
+    """(V, 32 x 32) normalised views of one thumbnail: the whole, and windows of each scale at
+    3 x 3 positions, each resized to 32 x 32."""
+    picture = Image.fromarray(thumb)
+    boxes = [(0.0, 0.0, float(THUMB), float(THUMB))]
+    for s in SCALES[1:]:
+        side = s * THUMB
+        for y in (0.0, (THUMB - side) / 2, THUMB - side):
+            for x in (0.0, (THUMB - side) / 2, THUMB - side):
+                boxes.append((x, y, x + side, y + side))
+    return _normed(np.stack([np.asarray(picture.resize((MATCH, MATCH), Image.Resampling.BILINEAR, box=b))
+                             for b in boxes]))
+
+
+def match(thumbs: np.ndarray, pairs) -> np.ndarray:
+    """For each pair (i, j): the best correlation (Pearson, so brightness and contrast shifts do
+    not count) between one image's 32 x 32 thumbnail and a window of the other's (the whole, or
+    80-96 % of it at nine positions), either way round. A re-encoded, resized or brightened copy
+    or a slight crop of a picture scores above 0.9; distinct images that only look alike (cells
+    of one solar panel, tiles of one texture) rarely do (docs/check.md)."""
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    best = np.full(len(pairs), -1.0, dtype=np.float32)
+    if not len(pairs):
+        return best
+    whole = {}
+    users = np.unique(pairs)
+    for i in users:
+        whole[int(i)] = _normed(np.asarray(Image.fromarray(thumbs[i]).resize((MATCH, MATCH),
+                                                                             Image.Resampling.BILINEAR))[None])[0]
+    by_image: dict[int, list[tuple[int, int]]] = {}
+    for p, (i, j) in enumerate(pairs):
+        by_image.setdefault(int(i), []).append((p, int(j)))
+        by_image.setdefault(int(j), []).append((p, int(i)))
+    for i, items in by_image.items():
+        views = _views(thumbs[i])
+        others = np.stack([whole[j] for _, j in items])
+        scores = (views @ others.T).max(0)
+        index = np.array([p for p, _ in items])
+        best[index] = np.maximum(best[index], scores)
+    return best

@@ -107,7 +107,7 @@ def split_groups(data, group_by: str | None = None, duplicates: bool = True,
     import re
 
     from ..utils.errors import DataError
-    from .phash import DEFAULT_MAX_DISTANCE, clusters, near_pairs, phash
+    from .phash import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_MATCH, clusters, match, near_pairs, phash, thumbnails
 
     n, notes, edges = len(data), [], []
 
@@ -134,6 +134,9 @@ def split_groups(data, group_by: str | None = None, duplicates: bool = True,
     if duplicates and data.images is not None and n > 1:
         bits = np.concatenate([phash(data.images[i:i + 512]) for i in range(0, n, 512)])
         pairs = near_pairs(bits, DEFAULT_MAX_DISTANCE if max_distance is None else max_distance)
+        if len(pairs):  # confirmed by aligned thumbnails: look-alikes are not copies
+            thumbs = np.concatenate([thumbnails(data.images[i:i + 512]) for i in range(0, n, 512)])
+            pairs = pairs[match(thumbs, pairs[:, :2]) >= DEFAULT_MIN_MATCH]
         if len(pairs):
             near = clusters(n, pairs[:, :2])
             sizes = np.bincount(near)
@@ -149,13 +152,24 @@ def split_groups(data, group_by: str | None = None, duplicates: bool = True,
 def near_shared(train, val, max_distance: int | None = None) -> list[tuple[str, str, int]]:
     """(validation path, training path, bits) for each validation image whose perceptual hash is
     within `max_distance` bits of a training image's (the nearest one)."""
-    from .phash import DEFAULT_MAX_DISTANCE, HASH_BITS, nearest, phash, signs
+    from .phash import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_MATCH, HASH_BITS, match, nearest, phash, signs, thumbnails
 
     if not len(train) or not len(val):
         return []
     limit = DEFAULT_MAX_DISTANCE if max_distance is None else max_distance
     train_bits = np.concatenate([phash(train.images[i:i + 512]) for i in range(0, len(train), 512)])
     val_bits = np.concatenate([phash(val.images[i:i + 512]) for i in range(0, len(val), 512)])
-    index, score = nearest(signs(train_bits), 1, queries=signs(val_bits), skip_self=False)
-    distance = np.rint((HASH_BITS - score[:, 0]) / 2).astype(int)
-    return [(val.paths[i], train.paths[index[i, 0]], int(distance[i])) for i in np.flatnonzero(distance <= limit)]
+    index, score = nearest(signs(train_bits), 3, queries=signs(val_bits), skip_self=False)
+    distance = np.rint((HASH_BITS - score) / 2).astype(int)
+    rows, cols = np.nonzero(distance <= limit)
+    if not len(rows):
+        return []
+    thumbs = np.concatenate([thumbnails(val.images[i:i + 512]) for i in range(0, len(val), 512)]
+                            + [thumbnails(train.images[i:i + 512]) for i in range(0, len(train), 512)])
+    pairs = np.c_[rows, len(val) + index[rows, cols]]
+    scores = match(thumbs, pairs)
+    found = {}
+    for (v, t), d, m in zip(pairs, distance[rows, cols], scores):
+        if m >= DEFAULT_MIN_MATCH and v not in found:
+            found[v] = (val.paths[v], train.paths[t - len(val)], int(d))
+    return [found[v] for v in sorted(found)]
