@@ -137,7 +137,7 @@ def measured_distances(sets: list[str], n_originals: int, copies: int, cache: Pa
     from transferkit.curate.check import Embedder, unit
     from transferkit.data.decode import read_image
     from transferkit.data.listing import image_key
-    from transferkit.data.phash import nearest, phash, signs
+    from transferkit.data.phash import match, nearest, phash, signs, thumbnails
 
     embed = Embedder(cache_dir=str(cache))
     rows = []
@@ -154,22 +154,34 @@ def measured_distances(sets: list[str], n_originals: int, copies: int, cache: Pa
     for name in sets:
         found = real_set(name, n_originals)
         originals = np.stack([decoded(p) for p, _ in found])
-        f, bits = unit(features(originals)), phash(originals)
-        _, cos = nearest(f, 1)
-        _, hs = nearest(signs(bits), 1)
+        f, bits, thumbs = unit(features(originals)), phash(originals), thumbnails(originals)
+        cos_index, cos = nearest(f, 3)
+        hash_index, hs = nearest(signs(bits), 3)
         ham = (64 - hs[:, 0]) / 2
+        n = len(found)
+        candidates = np.unique(np.sort(np.r_[np.c_[np.repeat(np.arange(n), 3), cos_index.ravel()],
+                                             np.c_[np.repeat(np.arange(n), 3), hash_index.ravel()]], axis=1), axis=0)
+        distinct_match = match(thumbs, candidates)
         row = {"set": name, "originals": len(found),
                "distinct_nearest_cosine_percentiles_50_90_99_100": np.round(
                    np.percentile(cos[:, 0], [50, 90, 99, 100]), 4).tolist(),
                "distinct_nearest_hamming_percentiles_0_1_10_50": np.percentile(ham, [0, 1, 10, 50]).tolist(),
+               "distinct_candidates": len(candidates),
+               "distinct_candidate_match_percentiles_50_90_99_100": np.round(
+                   np.percentile(distinct_match, [50, 90, 99, 100]), 4).tolist(),
+               "distinct_candidates_matching_0.90_0.95_0.98": [int((distinct_match >= t).sum()) for t in (.9, .95, .98)],
                "kinds": {}}
         pick = np.random.default_rng(1).choice(len(found), min(copies, len(found)), replace=False)
         for kind in KINDS:
             made = np.stack([decoded(copy_of(found[i][0], kind)) for i in pick])
             cosine = (unit(features(made)) * f[pick]).sum(1)
             hamming = (phash(made) != bits[pick]).sum(1)
+            both = np.concatenate([thumbs, thumbnails(made)])
+            matched = match(both, np.c_[pick, n + np.arange(len(pick))])
             row["kinds"][kind] = {"cosine_percentiles_0_10_50": np.round(np.percentile(cosine, [0, 10, 50]), 4).tolist(),
-                                  "hamming_percentiles_50_90_100": np.percentile(hamming, [50, 90, 100]).tolist()}
+                                  "hamming_percentiles_50_90_100": np.percentile(hamming, [50, 90, 100]).tolist(),
+                                  "match_percentiles_0_10_50": np.round(np.percentile(matched, [0, 10, 50]), 4).tolist(),
+                                  "match_at_least_0.95": round(float((matched >= 0.95).mean()), 3)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

@@ -38,7 +38,7 @@ def photos() -> list[np.ndarray]:
     from skimage import data
     from sklearn.datasets import load_sample_images
 
-    found = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.motorcycle_left(),
+    found = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.camera(),
              data.hubble_deep_field(), data.retina(), data.immunohistochemistry(), *load_sample_images().images]
     out = []
     for image in found:
@@ -286,6 +286,7 @@ def featured(tmp_path_factory):
     save(root / "train", "texture", gravel[:12])
     Image.fromarray(gravel[12]).save(root / "train" / "photo" / "mislabelled.png")
     save(root / "test", "texture", gravel[13:16])
+    (root / "test" / "photo").mkdir(parents=True)
     origin = {}
     for i in (0, 2, 4):
         path = root / "test" / "photo" / f"crop{i}.png"

@@ -130,8 +130,9 @@ class TrainConfig:
         None, "A regular expression on each image's path whose first group names its group (a patient, a part, a "
         "video): the validation split keeps each group on one side. A CSV's `group` column does the same.", "data",
         str, optional=True)
-    group_duplicates: bool = setting(True, "Keep near-duplicate images (the same pixels, or perceptual hashes within "
-                                     "6 bits of 64) on one side of the validation split.", "data", bool)
+    group_duplicates: bool = setting(True, "Keep near-duplicate images (perceptual hashes within 6 bits of 64 and "
+                                     "aligned thumbnails correlating 0.95 or more) on one side of the validation "
+                                     "split.", "data", bool)
     preset: str = setting("default", "fast: the head alone on cached features (seconds to a minute); default: both "
                           "phases; best: the default, then deeper fine-tuning and bigger backbones while --time-budget "
                           "lasts, keeping the best on validation. Settings you give win over the preset's.", "preset", str,

@@ -2,9 +2,11 @@
 
 One pass over a labelled data set (and its validation and test sets, when given) finds
 - exact duplicates: the same decoded pixels (`image_key`, what `train` merges);
-- near-duplicates: a perceptual hash within `phash_distance` bits (the cheap pass: re-encodes,
-  resizes, brightness shifts), or pooled backbone features within cosine `cosine` (the rest:
-  crops, small edits), grouped transitively into clusters;
+- near-duplicates: pairs proposed by a perceptual hash within `phash_distance` bits (the cheap
+  pass: re-encodes, resizes, brightness shifts) or by pooled backbone features within cosine
+  `cosine` (the rest: crops, small edits), each confirmed by aligned grey thumbnails correlating
+  at least `min_match` (`data.phash.match`: look-alikes that hash alike are not copies), grouped
+  transitively into clusters;
 - leaks: clusters with members in more than one of train / val / test, shown first;
 - label conflicts: clusters whose members carry different labels;
 - outliers: images far from their nearest neighbours in feature space (mean cosine distance to
@@ -45,8 +47,8 @@ from ..utils.errors import DataError
 KINDS = ("leak", "label_conflict", "exact_duplicate", "near_duplicate", "label_issue", "outlier", "unreadable")
 GATING = ("leak", "label_conflict")  # exit status 1 when any is found
 SETS = ("train", "val", "test")
-# Measured on real images (docs/check.md, bench/check.py): planted crops and edits of real images
-# stay above cosine 0.90 of their originals, distinct real images of one class rarely reach it.
+# A candidate gate only (`match` decides): copies of real images at 224 px mostly stay above cosine
+# 0.90 of their originals, 4 % crops often do; distinct look-alikes do too (docs/check.md).
 DEFAULT_COSINE = 0.90
 NEIGHBOURS = 10  # candidates per image for both passes; clusters grow transitively beyond it
 OUTLIER_K = 5

@@ -14,8 +14,9 @@ import numpy as np
 from PIL import Image
 
 HASH_BITS = 64
-# Planted copies of real images (JPEG quality 60, resized, brightness-shifted) hash within 4 bits of
-# their originals, distinct real images no nearer than 8 on the sets measured (docs/check.md):
+# Planted copies of real images (JPEG quality 60, halved, brightness +20 %) hash within 6 bits of
+# their originals (8 for a few brightened ones); crops do not (docs/check.md). A candidate only:
+# `match` confirms it.
 DEFAULT_MAX_DISTANCE = 6
 
 
@@ -110,7 +111,7 @@ def near_pairs(bits: np.ndarray, max_distance: int = DEFAULT_MAX_DISTANCE, k: in
 THUMB = 64  # grey thumbnail kept per image (4 KB)
 MATCH = 32  # the side at which aligned thumbnails are compared
 SCALES = (1.0, 0.96, 0.92, 0.88, 0.84, 0.80)  # the part of one image the other may show
-DEFAULT_MIN_MATCH = 0.90
+DEFAULT_MIN_MATCH = 0.95
 
 
 def thumbnails(images: np.ndarray) -> np.ndarray:
@@ -146,9 +147,9 @@ def _views(thumb: np.ndarray) -> np.ndarray:
 def match(thumbs: np.ndarray, pairs) -> np.ndarray:
     """For each pair (i, j): the best correlation (Pearson, so brightness and contrast shifts do
     not count) between one image's 32 x 32 thumbnail and a window of the other's (the whole, or
-    80-96 % of it at nine positions), either way round. A re-encoded, resized or brightened copy
-    or a slight crop of a picture scores above 0.9; distinct images that only look alike (cells
-    of one solar panel, tiles of one texture) rarely do (docs/check.md)."""
+    80-96 % of it at nine positions), either way round. Re-encoded (JPEG 60), halved and brightened
+    copies of real images score 0.95 or more, 4 % crops mostly; distinct tiles of one texture photo
+    almost never; adjacent cells of one solar module often do: they look the same (docs/check.md)."""
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     best = np.full(len(pairs), -1.0, dtype=np.float32)
     if not len(pairs):
