@@ -27,6 +27,7 @@ BAD = {
     "cache": "yes", "views": -2, "cache_dtype": "int8", "cache_memory_gb": 0, "cache_dir": 5,
     "cache_cap_gb": -1, "keep_cache": None, "bf16": "on", "device": "banana", "patience": 0, "threads": 0,
     "log_to": "wandb", "task": "both", "label_sep": "a,b", "preset": "quick", "time_budget": 0,
+    "group_by": "patient", "group_duplicates": "maybe",
 }
 
 

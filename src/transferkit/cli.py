@@ -496,6 +496,8 @@ def check(
                                                  "within this many bits of 64 [default: 6; -1: off]."),
     cosine: Optional[float] = typer.Option(None, help="Near-duplicate: backbone features at least this cosine "
                                                       "similar [default: 0.9; above 1: off]."),
+    min_match: Optional[float] = typer.Option(None, help="Near-duplicate: a proposed pair's aligned grey "
+                                                         "thumbnails correlate at least this well [default: 0.95]."),
     features: bool = typer.Option(True, help="--no-features: no backbone (exact and hash near-duplicates, leaks, "
                                              "conflicts and the data's shape only; seconds)."),
     backbone: str = typer.Option(DEFAULT_BACKBONE, help="Backbone for the features."),
@@ -515,7 +517,8 @@ def check(
     from .curate.check import Thresholds, run_check, table, write_outputs
     from .utils.progress import Reporter
 
-    given = {k: v for k, v in (("phash_distance", phash_distance), ("cosine", cosine)) if v is not None}
+    given = {k: v for k, v in (("phash_distance", phash_distance), ("cosine", cosine),
+                                          ("min_match", min_match)) if v is not None}
     report = run_check(data, val_dir, test_dir, task=task, label_sep=label_sep, backbone=backbone, weights=weights,
                        image_size=image_size, cache_dir=cache_dir, thresholds=Thresholds(**given),
                        embeddings=features, reporter=Reporter(quiet=quiet))

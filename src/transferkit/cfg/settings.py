@@ -228,10 +228,10 @@ class TrainConfig:
             try:
                 pattern = re.compile(self.group_by)
             except re.error as exc:
-                raise ConfigError(f"group_by must be a regular expression, got {self.group_by!r} ({exc})") from None
+                raise ConfigError(f"group_by must be a regular expression ({exc}), got {self.group_by!r}") from None
             if pattern.groups < 1:
-                raise ConfigError(f"group_by must have a group in parentheses that names the group, e.g. "
-                                  f"'(patient\\d+)', got {self.group_by!r}")
+                raise ConfigError(f"group_by must be a regular expression with a group in parentheses that names "
+                                  f"the group (e.g. 'patient(\\d+)/'), got {self.group_by!r}")
         if not valid_device(self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
