@@ -29,6 +29,7 @@ BAD = {
     "log_to": "wandb", "task": "both", "label_sep": "a,b", "preset": "quick", "time_budget": 0,
     "window": "type", "window_low": 50, "window_high": 101, "pages": "all",
     "optimizer": "lbfgs", "weight_decay": -0.1, "scheduler": "step",
+    "group_by": "patient", "group_duplicates": "maybe",
 }
 
 BAD.update(normal_class=5, anomaly_keep=1.0, anomaly_bank_mib=0)  # --task anomaly (docs/anomaly.md)

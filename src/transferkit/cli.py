@@ -569,6 +569,59 @@ def label(
                 http=header_timeout_protocol(10.0))
 
 
+class CheckFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+@app.command()
+def check(
+    data: Path = typer.Argument(..., help="Class folders or a CSV, as `train` reads them."),
+    val_dir: Optional[Path] = typer.Option(None, help="Validation folder/CSV: leaks into it are reported."),
+    test_dir: Optional[Path] = typer.Option(None, help="Test folder/CSV: leaks into it are reported."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for check.html (thumbnails, no network) and "
+                                                               "check.json (every finding)."),
+    format: CheckFormat = typer.Option(CheckFormat.table, "--format", help="table (text) or json, on stdout."),
+    phash_distance: Optional[int] = typer.Option(None, min=-1, max=64, help="Near-duplicate: perceptual hashes "
+                                                 "within this many bits of 64 [default: 6; -1: off]."),
+    cosine: Optional[float] = typer.Option(None, help="Near-duplicate: backbone features at least this cosine "
+                                                      "similar [default: 0.9; above 1: off]."),
+    min_match: Optional[float] = typer.Option(None, help="Near-duplicate: a proposed pair's aligned grey "
+                                                         "thumbnails correlate at least this well [default: 0.95]."),
+    features: bool = typer.Option(True, help="--no-features: no backbone (exact and hash near-duplicates, leaks, "
+                                             "conflicts and the data's shape only; seconds)."),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, help="Backbone for the features."),
+    weights: Optional[str] = typer.Option(None, help="As for train."),
+    image_size: Optional[int] = typer.Option(None, min=8, help="Input size; default: the weights' own."),
+    cache_dir: Optional[str] = typer.Option(None, help="View store, shared with train and label; default: "
+                                                       "~/.cache/transferkit; '': off."),
+    task: str = typer.Option("auto", help="As for train: auto, multiclass or multilabel."),
+    label_sep: str = typer.Option("|", help="As for train."),
+    limit: int = typer.Option(10, min=1, help="Rows of each kind of finding in the table."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+):
+    """Check the data before training: exact and near-duplicates, leakage across train/val/test
+    (shown first), conflicting labels, outliers, likely label errors, class balance, sizes,
+    modes, bit depths and unreadable files. Exit status 1 when leakage or conflicting labels are
+    found, 0 otherwise, 2 for a user error."""
+    from .curate.check import Thresholds, run_check, table, write_outputs
+    from .utils.progress import Reporter
+
+    given = {k: v for k, v in (("phash_distance", phash_distance), ("cosine", cosine),
+                                          ("min_match", min_match)) if v is not None}
+    report = run_check(data, val_dir, test_dir, task=task, label_sep=label_sep, backbone=backbone, weights=weights,
+                       image_size=image_size, cache_dir=cache_dir, thresholds=Thresholds(**given),
+                       embeddings=features, reporter=Reporter(quiet=quiet))
+    if out_dir is not None:
+        written = write_outputs(report, out_dir)
+        typer.echo(f"Wrote {written[1]} and {written[0]}", err=True)
+    if format is CheckFormat.json:
+        typer.echo(json.dumps(report.to_dict()))
+    else:
+        typer.echo(table(report, limit))
+    raise typer.Exit(report.exit_code)
+
+
 @app.command()
 def backbones():
     """Backbones whose weights are available right now without a network, and from where."""

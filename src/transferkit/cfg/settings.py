@@ -151,6 +151,13 @@ class TrainConfig:
                                   low=0, high=1, low_open=True, high_open=True)
     anomaly_bank_mib: float = setting(8.0, "--task anomaly: memory cap of the patch bank (float32) in MiB; past it a "
                                       "greedy coreset keeps as many patches as fit.", "cache", float, low=0, low_open=True)
+    group_by: str | None = setting(
+        None, "A regular expression on each image's path whose first group names its group (a patient, a part, a "
+        "video): the validation split keeps each group on one side. A CSV's `group` column does the same.", "data",
+        str, optional=True)
+    group_duplicates: bool = setting(True, "Keep near-duplicate images (perceptual hashes within 6 bits of 64 and "
+                                     "aligned thumbnails correlating 0.95 or more) on one side of the validation "
+                                     "split.", "data", bool)
     preset: str = setting("default", "fast: the head alone on cached features (seconds to a minute); default: both "
                           "phases; best: the default, then deeper fine-tuning and bigger backbones while --time-budget "
                           "lasts, keeping the best on validation. Settings you give win over the preset's.", "preset", str,
@@ -248,6 +255,16 @@ class TrainConfig:
         if self.normal_class is not None and self.task != "anomaly":
             raise ConfigError(f"normal_class is for --task anomaly, not {self.task}; add --task anomaly or leave "
                               "--normal-class out")
+        if self.group_by is not None:
+            import re
+
+            try:
+                pattern = re.compile(self.group_by)
+            except re.error as exc:
+                raise ConfigError(f"group_by must be a regular expression ({exc}), got {self.group_by!r}") from None
+            if pattern.groups < 1:
+                raise ConfigError(f"group_by must be a regular expression with a group in parentheses that names "
+                                  f"the group (e.g. 'patient(\\d+)/'), got {self.group_by!r}")
         if not valid_device(self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -329,6 +329,7 @@ def decode(data: LabelledImages, size: int, workers: int | None = None,
         notes=notes,
         highbit=highbit,
         _keys=keys,
+        groups=None if data.groups is None else [data.groups[i] for i in kept],
     )
 
 

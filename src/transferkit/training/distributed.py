@@ -216,7 +216,7 @@ class Context:
         if mine.highbit is not None:
             mine.highbit.pixels = {}  # not sent between ranks: `fill` decodes those images again
         shards = self.all_gather((mine.paths, mine.labels, mine.skipped, mine.keys(), mine.highbit,
-                                  mine.notes[len(raw.notes):]))
+                                  mine.notes[len(raw.notes):], mine.groups))
         images = self.gather(mine.images if len(mine) else None, 0, lambda shape, dtype: allocate(
             shape, dtype, int(np.prod(shape)) <= budget, spill_dir, keep))
         return LabelledImages(
@@ -224,7 +224,8 @@ class Context:
             classes=raw.classes, skipped=list(raw.skipped) + [k for s in shards for k in s[2]], images=images,
             notes=raw.notes + [n for s in shards for n in s[5]],
             highbit=HighBit.concat([s[4] for s in shards], [len(s[0]) for s in shards]),
-            _keys=[k for s in shards for k in s[3]])
+            _keys=[k for s in shards for k in s[3]],
+            groups=None if raw.groups is None else [g for s in shards for g in s[6]])
 
     def extract(self, extract: Callable, model, images: np.ndarray, views: int, *, keys: list[str],
                 in_ram: bool, spill_dir=None, keep: bool = False, **options) -> tuple[np.ndarray, np.ndarray | None]:

@@ -30,7 +30,7 @@ from ..data.decode import decode, fill, settle
 from ..data.dedupe import merge_duplicates, shared_images
 from ..data.listing import LabelledImages, check_labels, load_labelled
 from ..data.memory import memory_budget
-from ..data.split import stratified_split
+from ..data.split import group_split, near_shared, split_groups
 from ..data.window import Rules
 from ..models.backbones import Backbone, create_backbone
 from ..models.transfer import TransferModel
@@ -240,7 +240,17 @@ def prepare_data(listing: Listing, data, val_data, size: int, config: TrainConfi
                                   str(data))
     check_labels(everything, str(data), split=listing.val is None)
     if listing.val is None:
-        train_idx, val_idx = stratified_split(everything.labels, config.val_split, config.seed)
+        # high-bit-depth images wait for the window (measured on the training side of this split): their
+        # pixels are not there yet for the perceptual hashes, so only named groups keep them together
+        waiting = everything.highbit is not None and bool(everything.highbit.samples)
+        groups, notes = split_groups(everything, config.group_by, config.group_duplicates and not waiting)
+        if waiting and config.group_duplicates:
+            notes.append("Validation split: near-duplicate grouping left out for high-bit-depth images (their "
+                         "pixels wait for the intensity window); named groups are kept together")
+        for note in notes:
+            reporter.log(note)
+        train_idx, val_idx = group_split(everything.labels, groups, config.val_split, config.seed,
+                                         everything.classes)
     else:
         train_idx = np.arange(len(everything))
     started = time.perf_counter()
@@ -262,6 +272,14 @@ def prepare_data(listing: Listing, data, val_data, size: int, config: TrainConfi
         if shared:
             raise DataError(f"{val_data}: {len(shared)} validation image(s) are also in the training data "
                             f"(first: {shared[0][1]} = {shared[0][0]}); validation must be held out")
+        near = near_shared(train_set, val_set) if config.group_duplicates else []
+        if near:
+            named = "; ".join(f"{v} ~ {t} ({bits} bits)" for v, t, bits in near[:5])
+            reporter.log(f"Warning: {len(near)} validation image(s) are near-duplicates of training images "
+                         f"(perceptual hashes within 6 bits of 64): {named}"
+                         + (f"; and {len(near) - 5} more (transferkit check lists all)" if len(near) > 5 else ""))
+        if config.group_by or listing.train.groups is not None:
+            reporter.log("Groups (--group-by, a group column) apply to a validation split; --val-dir is used as given")
         skipped = everything.skipped + val_set.skipped
         everything.notes += val_set.notes
     for note in everything.notes:
