@@ -299,3 +299,18 @@ def test_serve_answers_carry_the_ood_fields(binary_run, textures_run):
         health = client.get("/health").json()
     assert body["unknown"] is True and body["ood_score"] > health["ood"]["threshold"] and body["set"]
     assert health["coverage"] == 0.9
+
+
+def test_openvino_gives_the_pytorch_scores(binary_run, lfw_split, textures_run, tmp_path):
+    pytest.importorskip("openvino")
+    from transferkit.deploy.export import export
+    from transferkit.predict.openvino_engine import OpenVinoClassifier
+
+    run = tmp_path / "run"
+    shutil.copytree(binary_run[1], run)
+    export(run, format="openvino")
+    images = decoded(sorted(lfw_split[1].rglob("*.png")) + sorted((textures_run[1] / "held_out").rglob("*.png"))[:20])
+    a = load(run).configure(coverage=0.9).predict_open(images)
+    b = OpenVinoClassifier(run / "model.xml").configure(coverage=0.9).predict_open(images)
+    assert np.abs(a["ood_score"] - b["ood_score"]).max() <= 1e-4
+    assert (a["unknown"] == b["unknown"]).all() and (a["sets"] == b["sets"]).all()

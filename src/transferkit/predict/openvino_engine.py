@@ -13,7 +13,7 @@ import numpy as np
 from ..data.window import graph_window
 from ..utils.errors import RunError
 from ..utils.files import sha256_of
-from .engine import Engine, check_meta
+from .engine import Engine, OpenWorld, check_meta
 
 SECTION = "transferkit"  # the rt_info section that holds the metadata
 WEIGHTS_KEY = "weights_sha256"  # of the .bin, written by the export
@@ -93,14 +93,33 @@ class OpenVinoClassifier(Engine):
             raise RunError(f"{self.path}: {exc}") from None
         if self.window is not None and not self.window.exact_inverse():
             raise RunError(f"{self.path}: its intensity window is too narrow for float32; use the torch engine")
+        self.origin = str(self.path)
+        try:  # the ONNX export's OOD metadata, carried as runtime info (JSON text)
+            ood, sets = (json.loads(self.meta[k]) if isinstance(self.meta.get(k), str) else self.meta.get(k)
+                         for k in ("ood", "conformal"))
+            self.scores = len(self.compiled.outputs) > 1 and isinstance(ood, dict)
+            if self.scores:
+                self.meta.update(ood=ood, conformal=sets)
+            self.open_world = OpenWorld(
+                ood_scores=np.asarray(ood["val_scores"], np.float64) if self.scores else None,
+                keep=float(ood["keep"]) if self.scores else 0.95,
+                conformal_scores=np.asarray(sets["scores"], np.float64) if self.scores and isinstance(sets, dict) else None)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RunError(f"{self.path}: damaged OOD metadata ({type(exc).__name__}: {exc}); export it again") from None
 
     def _proba(self, images: np.ndarray, batch_size: int) -> np.ndarray:
-        out = []
+        return self._outputs(images, batch_size)[0]
+
+    def _outputs(self, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+        probs, scores = [], []
         for start in range(0, len(images), batch_size):
             batch = np.asarray(images[start:start + batch_size], dtype=np.uint8)
             if self.window is not None:
                 batch = self.window.invert(batch)
             if self.layout == "nchw":
                 batch = batch.transpose(0, 3, 1, 2)
-            out.append(np.array(self.request.infer({0: np.ascontiguousarray(batch)})[0], dtype=np.float32))
-        return np.concatenate(out)
+            result = self.request.infer({0: np.ascontiguousarray(batch)})
+            probs.append(np.array(result[0], dtype=np.float32))
+            if self.scores:
+                scores.append(np.array(result[1], dtype=np.float32))
+        return np.concatenate(probs), np.concatenate(scores) if self.scores else None
