@@ -190,7 +190,7 @@ def list_data(data: str | Path, val_data: str | Path | None, config: TrainConfig
     split; a separate validation set with the same classes (and the same task: multi-label data
     is validated on multi-label data)."""
     listing = Listing(load_labelled(data, task=config.task, sep=config.label_sep), None)
-    check_labels(listing.train, str(data), split=val_data is None)
+    check_labels(listing.train, str(data), split=val_data is None, val_split=config.val_split, seed=config.seed)
     check_sampler(listing.train.labels, config.sampler)
     if val_data is not None:
         task = "multilabel" if listing.train.multilabel else "multiclass"
@@ -211,7 +211,7 @@ def prepare_data(listing: Listing, data, val_data, size: int, config: TrainConfi
                  reporter: Reporter) -> tuple[LabelledImages, LabelledImages, list[tuple[str, str]]]:
     """Decode every image once; split off the validation set (stratified) unless one was given."""
     everything = merge_duplicates(_decode(listing.train, "data", size, config, spill_dir, reporter), str(data))
-    check_labels(everything, str(data), split=listing.val is None)
+    check_labels(everything, str(data), split=listing.val is None, val_split=config.val_split, seed=config.seed)
     if listing.val is None:
         train_idx, val_idx = stratified_split(everything.labels, config.val_split, config.seed)
         train_set, val_set = everything.subset(train_idx), everything.subset(val_idx)
