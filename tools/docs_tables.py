@@ -70,6 +70,8 @@ def load(name: str) -> dict:
 def cell(value, fmt: str | None) -> str:
     if value is None or (isinstance(value, float) and value != value):
         return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if fmt is None:
         return str(value)
     return fmt.format(value)
