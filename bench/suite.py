@@ -299,6 +299,13 @@ def write_results(rows: list[dict]) -> Path:
     """bench/results/suite.json: the summary as a table, and every run."""
     right = {"align": "right"}
     records = summary(rows)
+    runs = latest(rows)
+    shares = [r["others_cpu_share"] for r in runs if r.get("others_cpu_share") is not None]
+    machine = {"quiet": all(r.get("quiet") for r in runs) if all("quiet" in r for r in runs) else None,
+               "others_cpu_share": max(shares) if shares else None}  # the busiest run's
+    command = ["bench/suite.py", "--sets", *dict.fromkeys(r["set"] for r in runs),
+               "--ways", *dict.fromkeys(r["way"] for r in runs),
+               "--seeds", *map(str, sorted({r["seed"] for r in runs}))]
     return write("suite", {
         "runs": latest(rows),
         "tables": {"short": {  # the README's: the ways a user picks between, on every set run
@@ -320,7 +327,8 @@ def write_results(rows: list[dict]) -> Path:
             "rows": records,
             "note": "Time: `transferkit train --test-dir` from start to exit, a fresh process, an empty view "
                     "store; comparable only between quiet runs. Training time vs defaults: model.json's "
-                    "training_seconds, the mean over the seeds, over the defaults' on the same set."}}})
+                    "training_seconds, the mean over the seeds, over the defaults' on the same set."}}},
+        quiet=machine, command=command)
 
 
 def main() -> None:
