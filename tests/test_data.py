@@ -10,6 +10,7 @@ from conftest import lfw_arrays
 from PIL import Image
 
 from transferkit.data.decode import decode, load_image
+from transferkit.data.window import Rules, Window
 from transferkit.data.listing import LabelledImages, check_labels, from_csv, load_labelled
 from transferkit.data.split import stratified_split
 from transferkit.utils.errors import DataError, ImageError
@@ -29,7 +30,9 @@ def test_every_mode_becomes_rgb(tmp_path, face, mode):
         image = Image.fromarray(face[..., 0].astype(np.int32 if mode == "I" else np.float32))
     path = tmp_path / ("x.tif" if mode in ("I;16", "I", "F", "CMYK") else "x.png")
     image.save(path)
-    array = load_image(path, 32)
+    # high-bit-depth modes go through an intensity window (a model's: test_highbit.py measures one)
+    window = {"I;16": Window(0, 65535), "I": Window(0, 255), "F": Window(0, 255)}.get(mode)
+    array = load_image(path, 32, rules=Rules(window))
     assert array.shape == (32, 32, 3) and array.dtype == np.uint8
     reference = np.asarray(Image.fromarray(face).resize((32, 32), Image.Resampling.BILINEAR))
     if mode == "F":  # float images have no fixed range: stretched to 0..255, same picture

@@ -175,7 +175,7 @@ def test_calibrate_fits_temperature_and_threshold_or_keeps_a_fixed_one(binary_ru
     import copy
 
     from transferkit.cfg.settings import TrainConfig
-    from transferkit.training.recipe import calibrate
+    from transferkit.training.calibrate import calibrate
 
     model = copy.deepcopy(binary_run[0].model)
     logits = np.array([[-4.0], [-2.0], [1.0], [-0.5], [3.0], [5.0], [0.2], [-1.0]])

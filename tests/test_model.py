@@ -11,7 +11,7 @@ from transferkit.models.backbones import create_backbone, is_batchnorm
 from transferkit.models.transfer import Augment, TransferModel
 from transferkit.predict.metrics import predict_labels
 from transferkit.training.cache import Views
-from transferkit.training.recipe import train_epoch
+from transferkit.training.trainer import train_epoch
 from transferkit.utils.progress import Reporter
 
 

@@ -323,7 +323,7 @@ def test_config_knows_the_task():
 
 
 def test_monitor_val_map_keeps_the_epoch_with_the_best_mean_average_precision():
-    from transferkit.training.recipe import is_better
+    from transferkit.training.callbacks import is_better
 
     first = {"val_map": 0.80, "val_loss": 0.30, "val_accuracy": 0.5}
     better_map_worse_loss = {"val_map": 0.85, "val_loss": 0.40, "val_accuracy": 0.4}

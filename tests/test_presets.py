@@ -102,7 +102,7 @@ def test_best_keeps_the_candidate_best_on_validation_and_records_the_search(lfw_
 
 def test_best_interrupted_keeps_the_best_completed_candidate(lfw_split, tmp_path, monkeypatch):
     cheap(monkeypatch, Candidate("default", {}, 1.0), Candidate("second", {"dropout": 0.5}, 1.0))
-    real, calls = recipe.train, []
+    real, calls = recipe.train_run, []
 
     def stopped_second(*args, **kwargs):
         calls.append(args[1])
@@ -110,7 +110,7 @@ def test_best_interrupted_keeps_the_best_completed_candidate(lfw_split, tmp_path
             raise Interrupted(2)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(recipe, "train", stopped_second)
+    monkeypatch.setattr(recipe, "train_run", stopped_second)
     out = tmp_path / "best"
     transferkit.train(lfw_split[0], out, preset="best", image_size=SIZE, epochs=2, fine_tune_epochs=0, batch_size=16)
     found = json.loads((out / "search.json").read_text())

@@ -17,7 +17,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import transferkit.apps.serve as serve
-from transferkit.apps.serve import Limits, create_app
+from transferkit.apps.serve import create_app
+from transferkit.cfg.service import Limits
 from transferkit.predict.run import model_version
 
 

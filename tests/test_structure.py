@@ -97,9 +97,9 @@ def test_every_module_lives_in_a_wing_and_imports_only_downwards():
 
 def test_the_resolver_sees_relative_and_lazy_imports():
     graph = import_graph()
-    assert "training.recipe" in graph["training.search"]  # from . import recipe
+    assert "training.search" in graph["training.recipe"]  # from . import distributed, search
     assert "predict.run" in graph["training.search"]  # from ..predict import run
-    assert "training.search" in graph["cli"]  # a lazy import inside a command
+    assert "training.recipe" in graph["cli"]  # a lazy import inside a command
 
 
 def modules_after(code: str) -> set[str]:
@@ -210,3 +210,21 @@ def test_data_checks_that_need_no_decoding_run_before_the_backbone_is_built(tmp_
     with pytest.raises(DataError, match=r"class\(es\) \['dogs'\] have a single image"):
         transferkit.train(tmp_path / "two", tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_what_two_places_used_to_declare_is_declared_once():
+    """The service limits, the engine names, the launcher's variable, the web apps' error answers and
+    the labelling strategies each have one declaration that the others read."""
+    sources = {p.relative_to(PACKAGE).as_posix(): p.read_text() for p in PACKAGE.rglob("*.py")}
+    for literal, home in (('"TRANSFERKIT_LAUNCHED"', "cfg/environment.py"), ("40_000_000", "cfg/service.py"),
+                          ('("auto", "torch", "onnx", "openvino")', "cfg/service.py"), ("class ApiError", "utils/errors.py"),
+                          ('("balanced", "none")', "cfg/settings.py"), ("@app.exception_handler", None),
+                          ('("balanced_accuracy", "f1", "youden")', "cfg/settings.py"),
+                          ("unknown strategy", "curate/active.py")):
+        found = sorted(name for name, text in sources.items() for _ in range(text.count(literal)))
+        assert found == ([home] if home else []), f"{literal} declared in {found}"
+    from transferkit.cli import EngineName
+    from transferkit.cfg.service import ENGINES
+    from transferkit.utils.errors import ApiError, TransferkitError
+
+    assert [e.value for e in EngineName] == list(ENGINES) and issubclass(ApiError, TransferkitError)

@@ -12,7 +12,7 @@ except metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "unknown"
 
 _PUBLIC = {
-    "TrainConfig": "cfg.settings", "TransferkitError": "utils.errors", "train": "training.search", "load": "predict.run",
+    "TrainConfig": "cfg.settings", "TransferkitError": "utils.errors", "train": "training.recipe", "load": "predict.run",
     "load_engine": "predict.run", "Classifier": "predict.classifier", "available_backbones": "models.sources",
     "register_weights": "models.sources", "WeightSource": "models.sources", "create_backbone": "models.backbones",
     "list_layers": "models.adapters", "suggest": "curate.active", "find_label_issues": "curate.active",

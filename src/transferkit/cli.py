@@ -31,6 +31,8 @@ try:  # typer >= 0.20 carries its own copy of click
 except ImportError:  # pragma: no cover - older typer on click
     from click.exceptions import NoArgsIsHelpError, UsageError
 
+from .cfg.environment import LAUNCHED
+from .cfg.service import ENGINES, Limits
 from .cfg.settings import DEFAULT_BACKBONE, TrainConfig, flag, option_name, read_settings, settings, shown
 from .utils.errors import ConfigError, Interrupted, TransferkitError
 
@@ -42,7 +44,7 @@ class Boundary(TyperGroup):
         try:
             return super().invoke(ctx)
         except Interrupted as exc:  # Ctrl-C or SIGTERM during a run: it was left resumable
-            if not os.environ.get("TRANSFERKIT_LAUNCHED"):  # a rank of `train --nproc`: the launcher says it
+            if not os.environ.get(LAUNCHED):  # a rank of `train --nproc`: the launcher says it
                 typer.echo(str(exc), err=True)
             raise typer.Exit(exc.exit_code) from None
         except NoArgsIsHelpError:
@@ -72,7 +74,7 @@ def bug():
 
 def fail(message: str):
     tell_launcher(message)
-    if not os.environ.get("TRANSFERKIT_LAUNCHED"):  # a rank of `train --nproc`: the launcher says it once
+    if not os.environ.get(LAUNCHED):  # a rank of `train --nproc`: the launcher says it once
         typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
 
@@ -97,10 +99,7 @@ class Format(str, Enum):
     csv = "csv"
 
 
-class EngineName(str, Enum):
-    auto = "auto"
-    torch = "torch"
-    onnx = "onnx"
+EngineName = Enum("EngineName", {name: name for name in ENGINES}, type=str)
 
 
 METAVARS = {int: "INTEGER", float: "NUMBER", str: "TEXT", "layer": "INDEX|NAME"}
@@ -125,7 +124,7 @@ def setting_parameters() -> list[inspect.Parameter]:
 def train(data: Path, out_dir: Path, config: Optional[Path], val_dir: Optional[Path], test_dir: Optional[Path],
           resume: bool, overwrite: bool, quiet: bool, nproc: Optional[int], **given):
     """Train a classifier: frozen backbone + new head, then fine-tune from --fine-tune-at."""
-    from .training.search import train as train_run
+    from .training.recipe import train as train_run
     from .utils.progress import Reporter
 
     if test_dir is not None and not test_dir.exists():  # before the training, not after it
@@ -157,8 +156,10 @@ def train(data: Path, out_dir: Path, config: Optional[Path], val_dir: Optional[P
     if classifier is None:  # a rank other than 0 of a torchrun job
         return
     if not quiet:
-        typer.echo(f"Wrote {out_dir}/ (model.safetensors, model.json, metrics.json, history.csv, "
-                   "learning_curves.png, skipped.csv, val_predictions.csv, report.html)", err=True)
+        typer.echo(f"Wrote {out_dir}/ (" + ("model.safetensors, bank.safetensors, model.json, metrics.json, "
+                   "val_scores.csv, skipped.csv" if settings_.task == "anomaly" else "model.safetensors, model.json, "
+                   "metrics.json, history.csv, learning_curves.png, skipped.csv, val_predictions.csv, report.html")
+                   + ")", err=True)
     evaluate_held_out(out_dir, test_dir, quiet, classifier)
 
 
@@ -225,12 +226,19 @@ def evaluate(
     data: Path = typer.Argument(..., help="Labelled class folders or CSV."),
     output: Optional[Path] = typer.Option(None, "--output", help="Also write the metrics as JSON."),
     tta: bool = typer.Option(False, help="Test-time augmentation: average each image with its mirror."),
+    normal_class: Optional[str] = typer.Option(None, "--normal-class", help="Anomaly runs: the class folder of "
+                                               "normal images (default: the run's); every other class is anomalous."),
 ):
     """Metrics of a trained model on another labelled folder."""
-    from .predict.run import load
+    from .predict.run import is_anomaly_run, load
     from .utils.files import write_text
 
-    metrics = load(run).evaluate(data, tta=tta)
+    if is_anomaly_run(run) or normal_class is not None:
+        from .predict.anomaly_engine import load_detector
+
+        metrics = load_detector(run).evaluate(data, normal_class, tta=tta)
+    else:
+        metrics = load(run).evaluate(data, tta=tta)
     if output:
         write_text(output, json.dumps(metrics, indent=2) + "\n")
     print_metrics(data, metrics, tta)
@@ -238,6 +246,9 @@ def evaluate(
 
 def print_metrics(data: Path, metrics: dict, tta: bool = False) -> None:
     """`evaluate`'s summary: the headline numbers, the per-class table and the confusion matrix."""
+    if metrics.get("task") == "anomaly":
+        print_anomaly(data, metrics)
+        return
     if metrics.get("task") == "multilabel":
         print_multilabel(data, metrics, tta)
         return
@@ -285,6 +296,19 @@ def print_multilabel(data: Path, metrics: dict, tta: bool) -> None:
     print_skipped(metrics)
 
 
+def print_anomaly(data: Path, metrics: dict) -> None:
+    """`evaluate`'s summary for an anomaly run."""
+    def ci(key: str) -> str:
+        return f"{metrics[key]:.4f} (95% CI {metrics[key + '_ci95'][0]:.4f}-{metrics[key + '_ci95'][1]:.4f})"
+
+    out.print(f"{data}: {metrics['n']} images ({metrics['n_normal']} normal: {metrics['normal_class']}, "
+              f"{metrics['n_anomalous']} anomalous), AUROC {ci('auroc')}, average precision {ci('average_precision')}",
+              markup=False, soft_wrap=True)
+    out.print(f"at the threshold {metrics['threshold']:.4f}: F1 {ci('f1')}, false-alarm rate {ci('false_alarm_rate')}, "
+              f"miss rate {ci('miss_rate')}", markup=False, soft_wrap=True)
+    print_skipped(metrics)
+
+
 def print_skipped(metrics: dict) -> None:
     if metrics["skipped"]:
         out.print(f"skipped {len(metrics['skipped'])} unusable file(s):")
@@ -294,13 +318,14 @@ def print_skipped(metrics: dict) -> None:
 
 @app.command()
 def predict(
-    run: Path = typer.Argument(..., help="Run folder written by `train` (or an exported .onnx file)."),
+    run: Path = typer.Argument(..., help="Run folder written by `train` (or an exported .onnx or OpenVINO .xml file)."),
     inputs: list[Path] = typer.Argument(..., help="Image files and/or folders."),
     format: Format = typer.Option(Format.table, "--format", help="table, json (JSON lines) or csv."),
     batch_size: int = typer.Option(64, min=1, help="Images per batch."),
     tta: bool = typer.Option(False, help="Test-time augmentation: average each image with its mirror."),
-    engine: EngineName = typer.Option(EngineName.auto, help="auto: the run's model.onnx with ONNX Runtime when it "
-                                                            "exists and matches the run, else PyTorch."),
+    engine: EngineName = typer.Option(EngineName.auto, help="auto: the run's fastest export that exists and matches "
+                                                            "the run (model.xml with OpenVINO, then model.onnx with "
+                                                            "ONNX Runtime), else PyTorch."),
 ):
     """Classify images (calibrated probabilities; two classes use the run's threshold; multi-label:
     every class at or above its threshold), streaming one line per file; unreadable files get their
@@ -309,6 +334,13 @@ def predict(
     from .predict.run import load_engine
     from .utils.progress import Reporter
 
+    from .predict.run import is_anomaly_run
+
+    if is_anomaly_run(run):
+        from .predict.anomaly_engine import load_detector
+
+        predict_anomaly(load_detector(run), inputs, format, batch_size, tta)
+        return
     classifier = load_engine(run, engine.value, log=lambda m: typer.echo(m, err=True))
     paths, stdout, reporter = expand_inputs(inputs), sys.stdout, Reporter()
     if reporter.live:  # a bar needs the total: list the files first (names only)
@@ -346,12 +378,43 @@ def predict(
             typer.echo(line, file=stream)
     finally:
         reporter.stop()
+    predicted(failures, total, inputs, "classified")
+
+
+def predicted(failures: int, total: int, inputs: list[Path], verb: str) -> None:
+    """`predict`'s end: the count of failed files; exit 2 without any file, 1 when none succeeded."""
     if failures:
-        typer.echo(f"{failures} of {total} file(s) could not be classified (see their records)", err=True)
+        typer.echo(f"{failures} of {total} file(s) could not be {verb} (see their records)", err=True)
     if total == 0:
         fail(f"no image files in {', '.join(map(str, inputs))}")
     if failures == total:
         raise typer.Exit(1)
+
+
+def predict_anomaly(detector, inputs: list[Path], format: Format, batch_size: int, tta: bool) -> None:
+    """`predict` on an anomaly run: one record per file (anomaly_score, label, threshold)."""
+    from .data.listing import expand_inputs
+
+    writer = csv.writer(sys.stdout)
+    if format is Format.csv:
+        writer.writerow(["path", "label", "anomaly_score", "threshold", "error"])
+    failures = total = 0
+    for record in detector.predict_files(expand_inputs(inputs), batch_size, tta=tta):
+        total += 1
+        error = record.get("error")
+        failures += error is not None
+        if format is Format.json:
+            typer.echo(json.dumps(record))
+        elif format is Format.csv:
+            writer.writerow([record["path"], record.get("label", ""), f"{record['anomaly_score']:.6f}" if not error
+                             else "", f"{detector.threshold:.6f}", error or ""])
+            sys.stdout.flush()
+        elif error:
+            typer.echo(f"{record['path']}\tERROR: {error}")
+        else:
+            typer.echo(f"{record['path']}\t{record['label']}\tanomaly_score={record['anomaly_score']:.4f}"
+                       f"  threshold={record['threshold']:.4f}")
+    predicted(failures, total, inputs, "scored")
 
 
 @app.command()
@@ -365,9 +428,23 @@ def explain(
     """Grad-CAM heatmaps: where each image holds the evidence for its predicted class (multi-label:
     one overlay per predicted class)."""
     from .data.listing import expand_inputs
-    from .predict.run import load
+    from .predict.run import is_anomaly_run, load
     from .reports.explain import explain_files
 
+    if is_anomaly_run(run):
+        from .predict.anomaly_engine import load_detector
+        from .reports.anomaly import explain_anomaly
+
+        if label is not None:
+            fail("--label is for classifiers; an anomaly run's map shows where each image is unusual")
+        failures = 0
+        for record in explain_anomaly(load_detector(run), expand_inputs(inputs), out_dir):
+            failures += "error" in record
+            typer.echo(f"{record['path']}\tERROR: {record['error']}" if "error" in record else
+                       f"{record['path']}\t{record['label']}\t{record['anomaly_score']:.4f}\t{record['output']}")
+        if failures:
+            typer.echo(f"{failures} file(s) could not be explained (see their records)", err=True)
+        return
     classifier = load(run)
     failures = 0
     for record in explain_files(classifier, expand_inputs(inputs), out_dir, label=label):
@@ -396,8 +473,10 @@ def report(
 @app.command()
 def export(
     run: Path = typer.Argument(..., help="Run folder written by `train`."),
-    format: str = typer.Option("onnx", "--format", help="onnx, or torch (a torch.export .pt2 program)."),
-    out_file: Optional[Path] = typer.Option(None, "--out", help="File to write (default: RUN/model.onnx or RUN/model.pt2)."),
+    format: str = typer.Option("onnx", "--format", help="onnx, openvino (IR: .xml + .bin), web (an offline "
+                                                        "browser app: a folder), or torch (a torch.export .pt2 program)."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="File (web: folder) to write (default: RUN/model.onnx, "
+                                                                "RUN/model.xml, RUN/web or RUN/model.pt2)."),
     quantize: Optional[str] = typer.Option(None, help="int8 (static, calibrated on --val-dir) or int8-dynamic."),
     val_dir: Optional[Path] = typer.Option(None, help="Labelled folder/CSV: checks (and calibrates) a quantized model."),
     tolerance: float = typer.Option(1.0, help="Largest validation accuracy drop (points) a quantized model may have."),
@@ -405,6 +484,15 @@ def export(
     layout: str = typer.Option("nhwc", help="Input layout of the exported graph: nhwc or nchw (uint8 RGB)."),
 ):
     """Export for deployment: preprocessing inside, probabilities out, metadata in the file."""
+    from .predict.run import is_anomaly_run
+
+    if is_anomaly_run(run):  # the bank inside; scores and maps out (deploy/anomaly_export.py)
+        from .deploy.anomaly_export import export_anomaly
+
+        if format != "onnx":
+            fail(f"an anomaly run exports to onnx only, not {format}")
+        typer.echo(f"Wrote {export_anomaly(run, out_file, layout, quantize)['path']}", err=True)
+        return
     from .deploy.export import export as export_run
 
     result = export_run(run, format, out_file, quantize, val_dir, tolerance, force, layout)
@@ -416,18 +504,20 @@ def export(
 
 @app.command()
 def serve(
-    run: Path = typer.Argument(..., help="Run folder written by `train` (or an exported .onnx file)."),
+    run: Path = typer.Argument(..., help="Run folder written by `train` (or an exported .onnx or OpenVINO .xml file)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (default: this machine only)."),
     port: int = typer.Option(8000, min=1, max=65535),
     engine: EngineName = typer.Option(EngineName.auto, help="As for predict."),
-    max_upload_mb: float = typer.Option(10.0, min=0.001, help="Largest request body."),
-    max_pixels: int = typer.Option(40_000_000, min=1, help="Largest image (width x height), checked before decoding."),
-    timeout: float = typer.Option(10.0, min=0.001, help="Seconds a request may take (upload, decoding, prediction)."),
+    max_upload_mb: float = typer.Option(Limits.max_bytes / 2**20, min=0.001, help="Largest request body."),
+    max_pixels: int = typer.Option(Limits.max_pixels, min=1, help="Largest image (width x height), checked before "
+                                   "decoding."),
+    timeout: float = typer.Option(Limits.timeout, min=0.001, help="Seconds a request may take (upload, decoding, "
+                                  "prediction)."),
 ):
     """HTTP service: POST /predict, GET /health, and a web page at /."""
     import uvicorn
 
-    from .apps.serve import Limits, create_app, header_timeout_protocol
+    from .apps.serve import create_app, header_timeout_protocol
 
     limits = Limits(max_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels, timeout=timeout)
     application = create_app(run, engine.value, limits, log=lambda m: typer.echo(m, err=True))
@@ -477,6 +567,59 @@ def label(
                "(Ctrl-C stops; every label is written at once)", err=True)
     uvicorn.run(application, host=host, port=port, log_level="warning", timeout_keep_alive=5,
                 http=header_timeout_protocol(10.0))
+
+
+class CheckFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+@app.command()
+def check(
+    data: Path = typer.Argument(..., help="Class folders or a CSV, as `train` reads them."),
+    val_dir: Optional[Path] = typer.Option(None, help="Validation folder/CSV: leaks into it are reported."),
+    test_dir: Optional[Path] = typer.Option(None, help="Test folder/CSV: leaks into it are reported."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for check.html (thumbnails, no network) and "
+                                                               "check.json (every finding)."),
+    format: CheckFormat = typer.Option(CheckFormat.table, "--format", help="table (text) or json, on stdout."),
+    phash_distance: Optional[int] = typer.Option(None, min=-1, max=64, help="Near-duplicate: perceptual hashes "
+                                                 "within this many bits of 64 [default: 6; -1: off]."),
+    cosine: Optional[float] = typer.Option(None, help="Near-duplicate: backbone features at least this cosine "
+                                                      "similar [default: 0.9; above 1: off]."),
+    min_match: Optional[float] = typer.Option(None, help="Near-duplicate: a proposed pair's aligned grey "
+                                                         "thumbnails correlate at least this well [default: 0.95]."),
+    features: bool = typer.Option(True, help="--no-features: no backbone (exact and hash near-duplicates, leaks, "
+                                             "conflicts and the data's shape only; seconds)."),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, help="Backbone for the features."),
+    weights: Optional[str] = typer.Option(None, help="As for train."),
+    image_size: Optional[int] = typer.Option(None, min=8, help="Input size; default: the weights' own."),
+    cache_dir: Optional[str] = typer.Option(None, help="View store, shared with train and label; default: "
+                                                       "~/.cache/transferkit; '': off."),
+    task: str = typer.Option("auto", help="As for train: auto, multiclass or multilabel."),
+    label_sep: str = typer.Option("|", help="As for train."),
+    limit: int = typer.Option(10, min=1, help="Rows of each kind of finding in the table."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+):
+    """Check the data before training: exact and near-duplicates, leakage across train/val/test
+    (shown first), conflicting labels, outliers, likely label errors, class balance, sizes,
+    modes, bit depths and unreadable files. Exit status 1 when leakage or conflicting labels are
+    found, 0 otherwise, 2 for a user error."""
+    from .curate.check import Thresholds, run_check, table, write_outputs
+    from .utils.progress import Reporter
+
+    given = {k: v for k, v in (("phash_distance", phash_distance), ("cosine", cosine),
+                                          ("min_match", min_match)) if v is not None}
+    report = run_check(data, val_dir, test_dir, task=task, label_sep=label_sep, backbone=backbone, weights=weights,
+                       image_size=image_size, cache_dir=cache_dir, thresholds=Thresholds(**given),
+                       embeddings=features, reporter=Reporter(quiet=quiet))
+    if out_dir is not None:
+        written = write_outputs(report, out_dir)
+        typer.echo(f"Wrote {written[1]} and {written[0]}", err=True)
+    if format is CheckFormat.json:
+        typer.echo(json.dumps(report.to_dict()))
+    else:
+        typer.echo(table(report, limit))
+    raise typer.Exit(report.exit_code)
 
 
 @app.command()

@@ -21,30 +21,27 @@ import asyncio
 import csv
 import fcntl
 import io
-import json
 import os
 import shlex
 import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from importlib import resources
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image
-from starlette.exceptions import HTTPException
+from fastapi.responses import HTMLResponse, Response
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ..cfg.settings import DEFAULT_BACKBONE
-from ..curate.active import STRATEGIES, UNLABELLED, cross_val_accuracy, find_label_issues, head, suggest
-from ..data.decode import decoded_rgb, iter_decoded
+from ..curate.active import STRATEGIES, UNLABELLED, check_strategy, cross_val_accuracy, find_label_issues, head, suggest
+from ..data.decode import display_image, iter_decoded, iter_pixels
 from ..data.listing import image_key, walk_files
-from ..utils.errors import DataError, TransferkitError
+from ..data.window import Rules, measure, sample, with_window
+from ..utils.errors import ApiError, DataError, ImageError, TransferkitError
 from ..utils.files import write_text
-from .serve import ApiError, read_body
+from .web import error, json_body, page, web_app
 
 SHOWN = 24  # queue entries sent to the page (the grid)
 SHOWN_BAD = 200  # skipped files listed on the page (all are counted)
@@ -165,13 +162,17 @@ def list_pool(root: Path, exclude: set[str]) -> tuple[list[Path], list[tuple[str
 @dataclass
 class Featurizer:
     """Pool images to pooled features: the model (a run's, or a pretrained backbone), its input
-    size, the view store (None: off) and, with a run, its calibrated head and classes."""
+    size, the view store (None: off) and, with a run, its calibrated head and classes. `rules`:
+    how high-bit-depth images are read: a run's intensity window, or without a run one measured
+    on the pool itself (the data set here) by `extract_pool`."""
 
     model: object  # TransferModel
     size: int
     store: object | None  # FeatureStore
     classes: list[str]
     origin: str
+    rules: Rules = field(default_factory=Rules)
+    from_run: bool = False
 
     @classmethod
     def build(cls, run: str | Path | None = None, backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
@@ -182,9 +183,10 @@ class Featurizer:
         from ..predict.run import load
         from ..training.cache import feature_store
 
+        rules = Rules()
         if run is not None:
             classifier = load(run)
-            model, meta = classifier.model, classifier.meta
+            model, meta, rules = classifier.model, classifier.meta, classifier.rules
             size, sha, name = int(meta["preprocess"]["image_size"]), meta["model_sha256"], meta["backbone"]
             classes, origin = list(classifier.classes), f"run {run} ({name})"
         else:
@@ -195,7 +197,7 @@ class Featurizer:
             classes, origin = [], f"{name}, weights {made.weights}"
         config = TrainConfig(backbone=name, cache_dir=cache_dir)
         store = feature_store(config, model.eval(), sha, None, size, False, ((model.head.in_features,), None))
-        return cls(model, size, store, classes, origin)
+        return cls(model, size, store, classes, origin, rules, run is not None)
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         """The run's calibrated probabilities (N, C) of pooled features."""
@@ -229,7 +231,32 @@ def extract_pool(featurizer: Featurizer, files: list[Path], progress: Callable[[
         done += len(pending)
         pending.clear()
 
-    for i, (path, result) in enumerate(iter_decoded([str(f) for f in files], featurizer.size)):
+    def decoded():
+        """(index, path, uint8 or reason): high-bit-depth images without a window wait for the pool's."""
+        rules, waiting = featurizer.rules, []
+        for i, (path, pixels) in enumerate(iter_pixels([str(f) for f in files], featurizer.size, pages=rules.pages)):
+            if isinstance(pixels, str):
+                yield i, path, pixels
+            elif pixels.high and rules.window_for(pixels.own_window) is None and not featurizer.from_run:
+                waiting.append((i, sample(pixels.array), pixels.depth))
+            else:
+                try:
+                    yield i, path, rules.to_uint8(pixels.array, pixels.own_window, pixels.depth)
+                except ImageError as exc:
+                    yield i, path, str(exc)
+        if waiting:  # the pool is the data set: its window, as `train` measures one
+            from ..cfg.settings import TrainConfig
+
+            config = TrainConfig()
+            window, _ = measure([s for _, s, _ in waiting], config.window_low, config.window_high)
+            featurizer.rules = with_window(rules, window, {"percentiles": [config.window_low, config.window_high],
+                                                           "images": len(waiting), "measured_on": "the pool"})
+            index = [i for i, _, _ in waiting]
+            for i, (path, result) in zip(index, iter_decoded([str(files[i]) for i in index], featurizer.size,
+                                                             rules=featurizer.rules)):
+                yield i, path, result
+
+    for i, path, result in decoded():
         if isinstance(result, str):
             skipped.append((path, result))
             done += 1
@@ -272,8 +299,7 @@ class Session:
 
     def __init__(self, root: str | Path, labels: LabelFile, featurizer: Featurizer, classes: list[str] | None = None,
                  strategy: str = "uncertainty", retrain_every: int = 10):
-        if strategy not in STRATEGIES:
-            raise DataError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+        check_strategy(strategy)
         if isinstance(retrain_every, bool) or not isinstance(retrain_every, int) or retrain_every < 1:
             raise DataError(f"retrain_every must be a positive integer, got {retrain_every!r}")
         self.root, self.labels_file, self.featurizer = Path(root), labels, featurizer
@@ -443,8 +469,7 @@ class Session:
             self.classes.append(name)
 
     def set_strategy(self, strategy: str) -> None:
-        if strategy not in STRATEGIES:
-            raise DataError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+        check_strategy(strategy)
         with self.lock:
             self.strategy = strategy
             if self.status == "ready":
@@ -509,37 +534,16 @@ class Session:
                                 "self_confidence": x.self_confidence} for x in issues]}
 
 
-def display_jpeg(file: Path, size: int) -> bytes:
-    """The image for a browser: EXIF orientation applied, RGB as `train` sees it, at most `size`
-    pixels a side, as JPEG."""
+def display_jpeg(file: Path, size: int, rules: Rules | None = None) -> bytes:
+    """The image for a browser: EXIF orientation applied, RGB as `train` sees it (high-bit-depth
+    images through the intensity window, not black), at most `size` pixels a side, as JPEG."""
     try:
-        with Image.open(file) as image:
-            rgb = decoded_rgb(image, size)
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        raise ApiError(422, f"{file.name}: unreadable image ({exc})") from None
-    rgb.thumbnail((size, size))
+        rgb = display_image(file, size, rules)
+    except ImageError as exc:
+        raise ApiError(422, f"{file.name}: {exc}") from None
     out = io.BytesIO()
     rgb.save(out, "JPEG", quality=90)
     return out.getvalue()
-
-
-def page() -> str:
-    return resources.files("transferkit.apps").joinpath("label.html").read_text(encoding="utf-8")
-
-
-async def json_body(request: Request) -> dict:
-    """A small JSON object body. Only `application/json` is accepted: a browser sends that type
-    cross-origin only after a CORS preflight, which this app never allows (no CSRF by a form)."""
-    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-        raise ApiError(415, "send a JSON object with Content-Type: application/json")
-    body = await read_body(request, 65536)  # refused as soon as it passes the limit, not after reading it all
-    try:
-        value = json.loads(body)
-    except ValueError as exc:
-        raise ApiError(400, f"malformed JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise ApiError(400, "expected a JSON object")
-    return value
 
 
 def create_app(session: Session, allowed_hosts: list[str] | None = None,
@@ -566,32 +570,15 @@ def create_app(session: Session, allowed_hosts: list[str] | None = None,
             session.close()
             session.labels_file.close()
 
-    app = FastAPI(title="transferkit label", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = web_app("transferkit label", lifespan, {
+        TransferkitError: lambda exc: error(str(exc), 400),
+        OSError: lambda exc: error(f"cannot write {exc.filename or 'the labels'}: {exc.strerror or exc}", 500)})
     if allowed_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
 
-    @app.exception_handler(ApiError)
-    async def api_error(_request, exc: ApiError):
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
-
-    @app.exception_handler(TransferkitError)
-    async def user_error(_request, exc: TransferkitError):
-        return JSONResponse({"error": str(exc)}, status_code=400)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_request, exc: HTTPException):
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(OSError)
-    async def disk_error(_request, exc: OSError):
-        return JSONResponse({"error": f"cannot write {exc.filename or 'the labels'}: {exc.strerror or exc}"},
-                            status_code=500)
-
     @app.get("/", response_class=HTMLResponse)
     async def index():
-        return HTMLResponse(page(), headers={"Content-Security-Policy": (
-            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-            "img-src 'self'; connect-src 'self'")})
+        return page("label.html", "'self'")
 
     @app.get("/api/state")
     async def state():
@@ -604,7 +591,7 @@ def create_app(session: Session, allowed_hosts: list[str] | None = None,
     @app.get("/image")
     async def image(path: str = "", size: int = 512):
         file = session.file(path)
-        data = await asyncio.to_thread(display_jpeg, file, min(max(size, 32), 1024))
+        data = await asyncio.to_thread(display_jpeg, file, min(max(size, 32), 1024), session.featurizer.rules)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     @app.post("/api/label")

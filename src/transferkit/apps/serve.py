@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from importlib import resources
 from io import BytesIO
 from pathlib import Path
 from typing import Callable
@@ -20,30 +18,18 @@ from typing import Callable
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from starlette.exceptions import HTTPException
+from fastapi.responses import HTMLResponse, Response
 
+from ..cfg.service import Limits
 from ..data.decode import read_image
+from ..data.window import Rules
 from ..predict.engine import Engine
 from ..predict.run import load_engine
-from ..utils.errors import ImageError
+from ..utils.errors import ApiError, ImageError
+from .web import error, page, read_body, web_app
 
-# Pillow format names accepted by /predict.
-ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_bytes: int = 10 * 2**20  # request body
-    max_pixels: int = 40_000_000  # width x height, read from the header before decoding
-    timeout: float = 10.0  # seconds for one request: upload, decoding and prediction
-    max_batch: int = 32  # requests classified together
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
+# Pillow format names accepted by /predict, and DICOM (pydicom).
+ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF", "DICOM")
 
 
 class Batcher:
@@ -88,21 +74,6 @@ def padded(batch: np.ndarray) -> np.ndarray:
     return np.concatenate([batch, np.repeat(batch[-1:], size - len(batch), 0)]) if size > len(batch) else batch
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` bytes."""
-    too_large = ApiError(413, f"upload too large (limit {limit} bytes)")
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def upload_bytes(request: Request, body: bytes) -> bytes:
     """The image bytes: the multipart field `file`, or the whole body."""
     ctype = request.headers.get("content-type", "")
@@ -126,10 +97,11 @@ async def upload_bytes(request: Request, body: bytes) -> bytes:
     return body
 
 
-def decode_upload(data: bytes, size: int, limits: Limits) -> np.ndarray:
-    """Decode as training does, after checking the format and the pixel count from the header."""
+def decode_upload(data: bytes, size: int, limits: Limits, rules: Rules | None = None) -> np.ndarray:
+    """Decode as training does (high-bit-depth images through the model's intensity window,
+    `rules`), after checking the format and the pixel count from the header."""
     try:
-        return read_image(BytesIO(data), size, max_pixels=limits.max_pixels, formats=ALLOWED_FORMATS)
+        return read_image(BytesIO(data), size, max_pixels=limits.max_pixels, formats=ALLOWED_FORMATS, rules=rules)
     except ImageError as exc:
         raise ApiError({"format": 415, "size": 413}.get(exc.kind, 422), str(exc)) from None
 
@@ -193,15 +165,11 @@ def header_timeout_protocol(seconds: float) -> type:
     return HeaderTimeout
 
 
-def page() -> str:
-    return resources.files("transferkit.apps").joinpath("page.html").read_text(encoding="utf-8")
-
-
 def create_app(run: str | Path, engine: str = "auto", limits: Limits = Limits(),
                log: Callable[[str], None] | None = None) -> FastAPI:
     """The service for one run directory (or exported .onnx file)."""
     classifier = load_engine(run, engine, log)
-    kind, version = classifier.name, classifier.version
+    kind, version, rules = classifier.name, classifier.version, classifier.rules
     batcher = Batcher(classifier, limits.max_batch)
     cam_model, cam_lock = explainer(run, classifier), asyncio.Lock()
 
@@ -213,19 +181,7 @@ def create_app(run: str | Path, engine: str = "auto", limits: Limits = Limits(),
         finally:
             task.cancel()
 
-    app = FastAPI(title="transferkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.exception_handler(ApiError)
-    async def api_error(_request, exc: ApiError):
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_request, exc: HTTPException):
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_request, exc: RequestValidationError):
-        return JSONResponse({"error": str(exc.errors())}, status_code=422)
+    app = web_app("transferkit", lifespan, {RequestValidationError: lambda exc: error(str(exc.errors()), 422)})
 
     @app.get("/health")
     async def health():
@@ -236,13 +192,11 @@ def create_app(run: str | Path, engine: str = "auto", limits: Limits = Limits(),
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
-        return HTMLResponse(page(), headers={"Content-Security-Policy": (
-            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-            "img-src blob:; connect-src 'self'")})
+        return page("page.html", "blob:")
 
     async def upload(request: Request) -> np.ndarray:
         data = await upload_bytes(request, await read_body(request, limits.max_bytes))
-        return await asyncio.to_thread(decode_upload, data, classifier.image_size, limits)
+        return await asyncio.to_thread(decode_upload, data, classifier.image_size, limits, rules)
 
     async def classify(request: Request) -> dict:
         image = await upload(request)

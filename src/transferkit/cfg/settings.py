@@ -19,11 +19,15 @@ from ..utils.errors import ConfigError
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 MONITORS = ("val_loss", "val_accuracy", "val_map")
-TASKS = ("auto", "multiclass", "multilabel")
+TASKS = ("auto", "multiclass", "multilabel", "anomaly")
 THRESHOLD_METRICS = ("balanced_accuracy", "f1", "youden")
 BALANCE_MODES = ("balanced", "none")
 CACHE_DTYPES = ("float16", "float32")
 LOGGERS = ("none", "tensorboard", "mlflow")
+WINDOWS = ("data", "dicom")  # the intensity window of high-bit-depth images (data/window.py)
+PAGE_RULES = ("first", "refuse")  # multi-page TIFF and multi-frame DICOM
+OPTIMIZERS = ("adam", "adamw", "sgd")  # timm's names (training/optim.py)
+SCHEDULERS = ("none", "cosine")
 GROUPS = ("data", "preset", "backbone", "recipe", "augmentation", "decisions", "cache", "runtime")
 # What each preset sets when a setting is left unset (None); the data rules of presets.py come after.
 PRESETS = {
@@ -124,9 +128,37 @@ class TrainConfig:
     changes that measurements on real data supported (see docs/benchmarks.md)."""
 
     task: str = setting("auto", "multilabel: any number of labels per image (CSV `path,labels`, or a path on several "
-                        "rows); auto: multilabel for a `labels` column, else one label per image.", "data", str,
+                        "rows); auto: multilabel for a `labels` column, else one label per image; anomaly: a detector trained on "
+                        "good images alone (docs/anomaly.md).", "data", str,
                         choices=TASKS)
     label_sep: str = setting("|", "Separator of the class names in a CSV's `labels` column.", "data", str)
+    window: str = setting(
+        "data", "High-bit-depth images (16-bit PNG/TIFF, 32-bit integer or float TIFF, DICOM): data = one intensity "
+        "window for the data set, the training images' window_low..window_high percentiles, mapped to 0..255; dicom = "
+        "each DICOM file's own window centre/width (the data set's window for the other files). 8-bit images are "
+        "never windowed.", "data", str, choices=WINDOWS)
+    window_low: float = setting(0.5, "Percentile of the training images' intensities mapped to 0 (window data).",
+                                "data", float, low=0, high=50, high_open=True)
+    window_high: float = setting(99.5, "Percentile of the training images' intensities mapped to 255 (window data).",
+                                 "data", float, low=50, high=100, low_open=True)
+    pages: str = setting("first", "Multi-page TIFF and multi-frame DICOM: first = the first page (frame) of each such "
+                         "file, counted in a note; refuse = such files are skipped with their page count.", "data", str,
+                         choices=PAGE_RULES)
+    normal_class: str | None = setting(
+        None, "--task anomaly with class folders (or a CSV of path,label): the class whose images are normal; only "
+        "they train the model, the other classes are left out and counted in the log.", "data", str, optional=True)
+    anomaly_keep: float = setting(0.99, "--task anomaly: the fraction of good images that must pass; the threshold is "
+                                  "fitted on held-out good images (val_split of them, or --val-dir).", "decisions", float,
+                                  low=0, high=1, low_open=True, high_open=True)
+    anomaly_bank_mib: float = setting(8.0, "--task anomaly: memory cap of the patch bank (float32) in MiB; past it a "
+                                      "greedy coreset keeps as many patches as fit.", "cache", float, low=0, low_open=True)
+    group_by: str | None = setting(
+        None, "A regular expression on each image's path whose first group names its group (a patient, a part, a "
+        "video): the validation split keeps each group on one side. A CSV's `group` column does the same.", "data",
+        str, optional=True)
+    group_duplicates: bool = setting(True, "Keep near-duplicate images (perceptual hashes within 6 bits of 64 and "
+                                     "aligned thumbnails correlating 0.95 or more) on one side of the validation "
+                                     "split.", "data", bool)
     preset: str = setting("default", "fast: the head alone on cached features (seconds to a minute); default: both "
                           "phases; best: the default, then deeper fine-tuning and bigger backbones while --time-budget "
                           "lasts, keeping the best on validation. Settings you give win over the preset's.", "preset", str,
@@ -150,7 +182,12 @@ class TrainConfig:
         None, "First unfrozen layer in phase 2: index or name (`transferkit layers`); default: the backbone's (the "
         "last quarter of its layers, the seed's rule: layer 78 of EfficientNet-Lite0's 98).",
         "recipe", "layer", optional=True, unset="auto")
-    lr: float = setting(1e-3, "Base learning rate (Adam) of phase 1.", "recipe", float, low=0, low_open=True)
+    lr: float = setting(1e-3, "Base learning rate of phase 1.", "recipe", float, low=0, low_open=True)
+    optimizer: str = setting("adam", "The optimizer of each phase (a fresh one per phase; the seed: Adam).", "recipe", str,
+                             choices=OPTIMIZERS)
+    weight_decay: float = setting(0.0, "Weight decay (not on biases and norms).", "recipe", float, low=0)
+    scheduler: str = setting("none", "Learning rate over each phase: none (constant, the seed's) or cosine (decays "
+                             "to 0 over the phase's epochs).", "recipe", str, choices=SCHEDULERS)
     fine_tune_lr_factor: float = setting(0.1, "Phase 2's learning rate as a multiple of lr (the seed: 0.1).",
                                          "recipe", float, low=0, low_open=True)
     batch_size: int = setting(32, "Images per training step.", "recipe", int, low=1)
@@ -218,6 +255,19 @@ class TrainConfig:
         if not self.label_sep or self.label_sep.strip() != self.label_sep or set(self.label_sep) & set(',"\n'):
             raise ConfigError(f"label_sep must be one or more characters, no comma, quote, newline or edge spaces, "
                               f"got {self.label_sep!r}")
+        if self.normal_class is not None and self.task != "anomaly":
+            raise ConfigError(f"normal_class is for --task anomaly, not {self.task}; add --task anomaly or leave "
+                              "--normal-class out")
+        if self.group_by is not None:
+            import re
+
+            try:
+                pattern = re.compile(self.group_by)
+            except re.error as exc:
+                raise ConfigError(f"group_by must be a regular expression ({exc}), got {self.group_by!r}") from None
+            if pattern.groups < 1:
+                raise ConfigError(f"group_by must be a regular expression with a group in parentheses that names "
+                                  f"the group (e.g. 'patient(\\d+)/'), got {self.group_by!r}")
         if not valid_device(self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -42,6 +42,13 @@ def head() -> LogisticRegression:
     return LogisticRegression(max_iter=1000)
 
 
+def check_strategy(strategy) -> str:
+    """`strategy` when it is one of STRATEGIES; a one-line error naming them otherwise."""
+    if strategy not in STRATEGIES:
+        raise DataError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    return strategy
+
+
 def suggest(features, labels, k: int, strategy: str = "uncertainty", seed: int = 0,
             probabilities=None) -> np.ndarray:
     """Indices of the k unlabelled images (labels == -1) to label next, in the order picked.
@@ -66,8 +73,7 @@ def suggest(features, labels, k: int, strategy: str = "uncertainty", seed: int =
     features, labels = check_data(features, labels)
     unlabelled = np.flatnonzero(labels == UNLABELLED)
     check_k(k, len(unlabelled))
-    if strategy not in STRATEGIES:
-        raise DataError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    check_strategy(strategy)
     if probabilities is not None:
         probabilities = check_probabilities(probabilities, len(labels))
     if strategy == "random":

@@ -7,9 +7,6 @@ import torch
 
 from ..utils.errors import ConfigError
 
-MODES = ("balanced", "none")
-
-
 def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tensor | None:
     """scikit-learn's "balanced" weights n / (C * n_c) per class; for multi-label (N, C) labels the
     `pos_weight` of each label's binary loss, negatives / positives (the balanced weights' ratio);

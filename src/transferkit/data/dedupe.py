@@ -33,7 +33,8 @@ def merge_duplicates(data: LabelledImages, origin: str) -> LabelledImages:
         merged.append((data.paths[i], reason))
     if not merged:
         return data
-    result = LabelledImages(data.paths, labels, data.classes, images=data.images, _keys=data._keys).subset(
+    result = LabelledImages(data.paths, labels, data.classes, images=data.images, highbit=data.highbit,
+                            _keys=data._keys, groups=data.groups).subset(
         np.asarray(keep))
     result.skipped = data.skipped + merged
     result.notes = data.notes + [f"{origin}: {len(merged)} duplicate image(s) " + (

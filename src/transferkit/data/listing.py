@@ -14,8 +14,9 @@ import numpy as np
 
 from ..utils.errors import DataError
 from .split import split_problem
+from .window import HighBit
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".dcm", ".dicom"}
 
 
 @dataclass
@@ -30,7 +31,9 @@ class LabelledImages:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     images: np.ndarray | None = None  # decoded (N, S, S, 3) uint8, once `decode` has run
     notes: list[str] = field(default_factory=list)
+    highbit: HighBit | None = None  # high-bit-depth images: their depths, those waiting for the window
     _keys: list[str] | None = field(default=None, repr=False)
+    groups: list[str] | None = None  # a CSV's `group` column: the validation split keeps each group on one side
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -64,7 +67,9 @@ class LabelledImages:
             labels=self.labels[index],
             classes=self.classes,
             images=None if self.images is None else self.images[index],
+            highbit=None if self.highbit is None else self.highbit.subset(index),
             _keys=None if self._keys is None else [self._keys[i] for i in index],
+            groups=None if self.groups is None else [self.groups[i] for i in index],
         )
 
 
@@ -195,7 +200,10 @@ def from_csv(csv_path: str | Path, classes: list[str] | None = None, task: str =
         raise DataError(f"{csv_path}: labels {unknown} are not among the model's classes {classes}")
     paths, labels, skipped, where = [], [], [], {}
     repeats, merged = 0, 0
-    for line, raw, names in entries:
+    grouped = "group" in columns
+    groups = [(row.get("group") or "").strip() for _, row in rows] if grouped else None
+    kept_groups = []
+    for (line, raw, names), group in zip(entries, groups or [None] * len(entries)):
         if not raw or not (names or multilabel):
             skipped.append((f"{csv_path}:{line}", "empty path or label"))
             continue
@@ -214,6 +222,7 @@ def from_csv(csv_path: str | Path, classes: list[str] | None = None, task: str =
         where[path] = (line, len(paths))
         paths.append(path)
         labels.append(names)
+        kept_groups.append(group or f"\0{path}")  # no group given: the image is a group of its own
     notes = [f"{csv_path}: {repeats} repeated row(s) of the same path and label merged"] if repeats else []
     if merged:
         notes.append(f"{csv_path}: {merged} row(s) gave more labels to a path listed before; their labels merged")
@@ -221,7 +230,7 @@ def from_csv(csv_path: str | Path, classes: list[str] | None = None, task: str =
         array = indicator([[classes.index(n) for n in names] for names in labels], len(classes))
     else:
         array = np.asarray([classes.index(names[0]) for names in labels], dtype=np.int64)
-    return LabelledImages(paths, array, list(classes), skipped, notes=notes)
+    return LabelledImages(paths, array, list(classes), skipped, notes=notes, groups=kept_groups if grouped else None)
 
 
 def split_labels(value: str, sep: str, where: str) -> list[str]:

@@ -3,17 +3,18 @@ the file alone is enough), int8 quantization guarded by validation accuracy, and
 
 The exported graph is the inference path only (no augmentation, no dropout): uint8 RGB images of
 the model's size in, (N, C) class probabilities out, the same numbers as
-`Classifier.predict_proba` (normalisation and calibration temperature folded in).
+`Classifier.predict_proba` (normalisation and calibration temperature folded in). A model trained
+on high-bit-depth images (its model.json has an intensity window) takes float32 intensities
+instead, (N, S, S, 3) resized as transferkit resizes them, and the window is inside the graph:
+float32 because DICOM's rescaled values are signed and fractional and float TIFF has no integer
+range at all, which uint16 could not carry.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,10 @@ from ..predict.onnx_engine import OnnxClassifier
 from ..predict.run import load, model_version
 from ..utils.errors import ExportError
 from ..utils.files import atomic_path
+from ..utils.logs import quiet_logger
 
 LAYOUTS = ("nhwc", "nchw")
+FORMATS = ("onnx", "torch", "openvino", "web")
 QUANTIZE_MODES = ("int8", "int8-dynamic")  # int8 = static (calibrated) QDQ, the faster one
 OPSET = 18
 
@@ -44,10 +47,17 @@ class InferenceGraph(nn.Module):
         if layout not in LAYOUTS:
             raise ExportError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.model, self.layout = classifier.model.eval().requires_grad_(False), layout
+        self.window = classifier.rules.window
+        if self.window is not None:  # float32 intensities in: the window, exactly as Window.apply computes it
+            low, scale = self.window.constants
+            self.register_buffer("low", torch.tensor(float(low), dtype=torch.float32), persistent=False)
+            self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float32), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.layout == "nhwc":
             images = images.permute(0, 3, 1, 2)
+        if self.window is not None:
+            images = torch.round(torch.clamp((images - self.low) * self.scale, 0.0, 255.0)) / 255.0
         model = self.model
         return model.probabilities(model.head(model.features(model.normalize(images))))
 
@@ -57,6 +67,19 @@ def metadata(classifier: Classifier, run_dir: str | Path, layout: str, quantizat
     preprocess = {**classifier.meta["preprocess"], "layout": layout, "dtype": "uint8", "channels": "RGB",
                   "resize": "bilinear, to image_size x image_size (done by the caller)",
                   "normalisation": "inside the graph: (x / 255 - mean) / std"}
+    window = classifier.rules.window
+    if window is not None:
+        preprocess.update(dtype="float32", channels="intensities, grey replicated to 3 channels", **{
+            "resize": "bilinear in float, to image_size x image_size (done by the caller, before the window)",
+            "normalisation": "inside the graph: the intensity window y = round(clip((x - low) * 255 / (high - low), "
+                             "0, 255)) (half to even), then (y / 255 - mean) / std",
+            "intensities": "as transferkit decodes them: DICOM after rescale slope/intercept, MONOCHROME1 inverted; "
+                           "an 8-bit image enters as low + v * (high - low) / 255"})
+        if classifier.rules.source == "dicom":
+            preprocess["dicom_window"] = ("a DICOM file with its own window [a, b] enters as low + (x - a) * "
+                                          "(high - low) / (b - a)")
+    elif classifier.rules.source == "dicom":
+        preprocess["dicom_window"] = "uint8 in: each DICOM file through its own window centre/width, by the caller"
     return {
         "task": classifier.task,
         "classes": json.dumps(classifier.classes),
@@ -77,6 +100,9 @@ def metadata(classifier: Classifier, run_dir: str | Path, layout: str, quantizat
 def example_input(classifier: Classifier, layout: str, n: int = 2) -> torch.Tensor:
     s = classifier.image_size
     shape = (n, s, s, 3) if layout == "nhwc" else (n, 3, s, s)
+    window = classifier.rules.window
+    if window is not None:
+        return torch.from_numpy(window.invert(np.random.default_rng(0).integers(0, 256, shape)))
     return torch.randint(0, 256, shape, dtype=torch.uint8)
 
 
@@ -104,20 +130,9 @@ def set_metadata(proto, values: dict[str, str]) -> None:
 
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, values)
-    proto.doc_string = "transferkit classifier: uint8 RGB images in, class probabilities out"
-
-
-@contextmanager
-def quiet_logger(name: str | None = None) -> Iterator[None]:
-    """Only errors from one logger (the root logger for None) for the duration of a call; its level
-    is the caller's again afterwards."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    dtype = json.loads(values.get("preprocess", "{}")).get("dtype", "uint8")
+    proto.doc_string = ("transferkit classifier: " + ("uint8 RGB images" if dtype == "uint8" else
+                        "float32 intensities (the window inside)") + " in, class probabilities out")
 
 
 class _Calibration:
@@ -200,11 +215,24 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
     if format == "torch":
         path = export_program(classifier, run_dir, Path(out or run_dir / "model.pt2"), layout)
         return {"path": str(path)}
-    if format != "onnx":
-        raise ExportError(f"format must be onnx or torch, got {format!r}")
-    out = Path(out or run_dir / "model.onnx")
+    if format == "web":
+        from .web import export_web
+
+        return {"path": str(export_web(classifier, Path(out or run_dir / "web"), quantize_mode,
+                                       lambda path: export_onnx(classifier, run_dir, path, layout)))}
+    if format not in FORMATS:
+        raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    out = Path(out or run_dir / ("model.xml" if format == "openvino" else "model.onnx"))
     if quantize_mode is None:
+        if format == "openvino":
+            from .openvino import convert, save
+
+            with tempfile.TemporaryDirectory() as tmp:
+                return {"path": str(save(convert(export_onnx(classifier, run_dir, Path(tmp) / "float.onnx", layout)),
+                                         out))}
         return {"path": str(export_onnx(classifier, run_dir, out, layout))}
+    if format == "openvino" and quantize_mode != "int8":
+        raise ExportError(f"OpenVINO quantizes int8 (static, calibrated on --val-dir), not {quantize_mode!r}")
     if quantize_mode not in QUANTIZE_MODES:
         raise ExportError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize_mode!r}")
     if val_data is None and not force:
@@ -214,17 +242,24 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
     if quantize_mode == "int8" and data is None:
         raise ExportError("static int8 quantization calibrates on images: give validation data (--val-dir)")
     images = None if data is None else data.images
+    if images is not None and classifier.rules.window is not None:  # the graph takes intensities
+        images = classifier.rules.window.invert(images)
     if images is not None and layout == "nchw":
         images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
     with tempfile.TemporaryDirectory() as tmp:
         float_path = export_onnx(classifier, run_dir, Path(tmp) / "float.onnx", layout)
         spread = None if images is None else np.linspace(0, len(images) - 1, min(len(images), 256)).astype(int)
-        q_path = quantize(float_path, Path(tmp) / "quantized.onnx", quantize_mode,
-                          None if images is None else images[spread])  # every class, not the first
+        calibration = None if images is None else images[spread]  # every class, not the first
+        if format == "openvino":
+            from .openvino import quantized_ir
+
+            engines = quantized_ir(float_path, Path(tmp), calibration)
+        else:
+            q_path = quantize(float_path, Path(tmp) / "quantized.onnx", quantize_mode, calibration)
+            engines = OnnxClassifier(float_path), OnnxClassifier(q_path)
         report = {"path": str(out), "quantization": quantize_mode}
         if data is not None:
-            for name, path in (("float", float_path), ("quantized", q_path)):
-                engine = OnnxClassifier(path)
+            for name, engine in zip(("float", "quantized"), engines):
                 probs = engine.predict_proba(data.images)
                 report[f"{name}_accuracy"] = evaluation_metrics(data.labels, probs, engine.classes,
                                                                 engine.threshold)["accuracy"]
@@ -234,6 +269,11 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
                     f"quantized model refused: validation accuracy {report['quantized_accuracy']:.2%} vs "
                     f"{report['float_accuracy']:.2%} float (drop {report['drop'] * 100:.2f} points > tolerance "
                     f"{tolerance:g}); nothing written (force writes it anyway)")
+        if format == "openvino":
+            from .openvino import place
+
+            place(engines[1].path, out)
+            return report
         with atomic_path(out) as target:
             target.write_bytes(Path(q_path).read_bytes())
     return report

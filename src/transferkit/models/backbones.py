@@ -25,9 +25,8 @@ from ..utils.errors import BackboneError
 from ..utils.files import sha256_of
 from . import keras
 from .adapters import adapter_for
-from .sources import WEIGHT_SOURCES, WeightSource, available_backbones
+from .sources import Resolved, WeightSource, available_backbones, resolve_weights
 
-RANDOM = "random"  # the explicit opt-in for random initialisation
 
 
 @dataclass(frozen=True)
@@ -169,53 +168,14 @@ def create_backbone(
     """Create `name` (any timm model) without its classifier and load pretrained weights.
 
     `weights`: None resolves automatically (known package, then timm download); a path loads that
-    file; "random" keeps random initialisation (explicit opt-in).
+    file; "random" keeps random initialisation (explicit opt-in). Where they come from is
+    `sources.resolve_weights`; how they load, `load_weights`.
     """
     check_name(name)
     kwargs = {**size_kwargs(name, image_size), **(timm_kwargs or {})}
-    source = WEIGHT_SOURCES.get(name)
-    preprocess = None
-    if weights == RANDOM:
-        if source is not None and source.mapping == "keras":  # the architecture of its weights
-            kwargs = {**keras.TIMM_KWARGS, **kwargs}
-        model = timm_model(name, num_classes=0, **kwargs)
-        origin, digest = "random initialisation (no pretrained weights)", None
-    elif weights is not None and keras.is_h5(Path(weights)):
-        path = Path(weights)
-        model, found = keras.load(path, name, kwargs)
-        origin, digest = f"Keras file {path} ({found.model_name or 'bare MobileNetV2'})", sha256_of(path)
-        kwargs, preprocess = {**keras.TIMM_KWARGS, **kwargs}, _keras_preprocess(found, image_size)
-    elif weights is not None:
-        path = Path(weights)
-        path = path / keras.IMPORTED if path.is_dir() else path
-        config = imported_config(path, name)
-        kwargs = {**config.get("timm_kwargs", {}), **kwargs}
-        model = timm_model(name, num_classes=0, **kwargs)
-        state = read_state_dict(path)
-        mapping = "keys" if set(model.state_dict()) <= set(state) else "ordered"
-        model.load_state_dict(map_state(model, state, mapping, str(path)))
-        origin, digest = f"file {path}", sha256_of(path)
-        if "preprocess" in config:
-            saved = config["preprocess"]
-            preprocess = Preprocess(image_size or int(saved["image_size"]), tuple(saved["mean"]), tuple(saved["std"]))
-    elif source is not None and source.path() is not None:
-        path = source.path()
-        digest = sha256_of(path)
-        if digest != source.sha256:
-            raise BackboneError(
-                f"{path}: sha256 {digest} does not match the registered {source.sha256}; "
-                f"the file is corrupted: reinstall it ({source.install})"
-            )
-        origin = source.description
-        if source.mapping == "keras":
-            model, found = keras.load(path, name, kwargs)
-            kwargs, preprocess = {**keras.TIMM_KWARGS, **kwargs}, _keras_preprocess(found, image_size)
-        else:
-            model = timm_model(name, num_classes=0, **kwargs)
-            model.load_state_dict(map_state(model, read_state_dict(path), source.mapping, str(path)))
-    else:
-        model = _timm_download(name, source, kwargs)
-        origin, digest = f"timm download ({model.pretrained_cfg.get('hf_hub_id') or name})", None
+    found = resolve_weights(name, weights)
+    model, origin, digest, kwargs, preprocess = load_weights(name, found, kwargs, image_size)
+    source = found.source
     adapter = adapter_for(model)
     layers = adapter.layers(model)
     names = [n for n, _ in layers]
@@ -230,6 +190,46 @@ def create_backbone(
         layers=layers,
         timm_kwargs=kwargs,
     )
+
+
+def load_weights(name: str, found: Resolved, kwargs: dict, image_size: int | None
+                 ) -> tuple[nn.Module, str, str | None, dict, Preprocess | None]:
+    """Build `name` without its classifier with the weights `found` says: (the model, where its
+    weights came from, their sha256, the timm kwargs that rebuild it, the preprocessing the
+    weights bring, if any). A registered file whose checksum does not match is refused."""
+    source, path = found.source, found.path
+    digest = sha256_of(path) if path is not None and found.kind != "file" else None
+    if found.registered and digest != source.sha256:
+        raise BackboneError(f"{path}: sha256 {digest} does not match the registered {source.sha256}; "
+                            f"the file is corrupted: reinstall it ({source.install})")
+    if found.kind == "random":
+        if source is not None and source.mapping == "keras":  # the architecture of its weights
+            kwargs = {**keras.TIMM_KWARGS, **kwargs}
+        return timm_model(name, num_classes=0, **kwargs), "random initialisation (no pretrained weights)", None, \
+            kwargs, None
+    if found.kind == "keras":
+        model, keras_file = keras.load(path, name, kwargs)
+        origin = source.description if found.registered else \
+            f"Keras file {path} ({keras_file.model_name or 'bare MobileNetV2'})"
+        return model, origin, digest, {**keras.TIMM_KWARGS, **kwargs}, _keras_preprocess(keras_file, image_size)
+    if found.kind == "file":
+        config = imported_config(path, name)
+        kwargs = {**config.get("timm_kwargs", {}), **kwargs}
+        model = timm_model(name, num_classes=0, **kwargs)
+        state = read_state_dict(path)
+        mapping = "keys" if set(model.state_dict()) <= set(state) else "ordered"
+        model.load_state_dict(map_state(model, state, mapping, str(path)))
+        preprocess = None
+        if "preprocess" in config:
+            saved = config["preprocess"]
+            preprocess = Preprocess(image_size or int(saved["image_size"]), tuple(saved["mean"]), tuple(saved["std"]))
+        return model, f"file {path}", sha256_of(path), kwargs, preprocess
+    if found.kind == "package":
+        model = timm_model(name, num_classes=0, **kwargs)
+        model.load_state_dict(map_state(model, read_state_dict(path), source.mapping, str(path)))
+        return model, source.description, digest, kwargs, None
+    model = _timm_download(name, source, kwargs)
+    return model, f"timm download ({model.pretrained_cfg.get('hf_hub_id') or name})", None, kwargs, None
 
 
 def _keras_preprocess(found: "keras.KerasFile", image_size: int | None) -> Preprocess:

@@ -21,11 +21,11 @@ from torch import nn
 
 from ..utils.errors import BackboneError
 from ..utils.files import atomic_path, sha256_of, write_text
+from .sources import IMPORTED
 
 TIMM_KWARGS = {"pad_type": "same", "bn_eps": 1e-3}
 MEAN = STD = (0.5, 0.5, 0.5)  # (x / 255 - 0.5) / 0.5 == x / 127.5 - 1
 DEFAULT_FINE_TUNE_AT = "block_13_depthwise"  # the seed's fine_tune_at = 120
-IMPORTED = "backbone.safetensors"  # what `import-keras` writes, next to backbone.json
 # block_16_project's output channels (320 x width, rounded to 8) -> timm model
 WIDTHS = {112: "mobilenetv2_035", 160: "mobilenetv2_050", 240: "mobilenetv2_075",
           320: "mobilenetv2_100", 448: "mobilenetv2_140"}
@@ -106,15 +106,6 @@ class KerasFile:
             raise KerasError(f"{self.path}: block_16_project has {channels} output channels, a width "
                              f"multiplier timm has no MobileNetV2 for (supported: 0.35, 0.5, 0.75, 1.0, 1.4)")
         return WIDTHS[channels]
-
-
-def is_h5(path: Path) -> bool:
-    """An HDF5 file (by its signature, whatever its name)."""
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(8) == b"\x89HDF\r\n\x1a\n"
-    except OSError:
-        return False
 
 
 def _text(values) -> list[str]:

@@ -1,6 +1,8 @@
-"""The registry of offline weight sources: installable packages that ship pretrained weights for a
-timm architecture (timm's `pretrained_cfg` idea: the source carries its checksum and its default
-fine-tuning point). Importing this module imports neither torch nor timm, so that listing the
+"""Where a backbone's weights come from: the registry of offline weight sources (installable
+packages that ship pretrained weights for a timm architecture; timm's `pretrained_cfg` idea: the
+source carries its checksum and its default fine-tuning point), and `resolve_weights`, which
+answers "where from" for a backbone and a `--weights` value. How they load is backbones.py's
+`load_weights`. Importing this module imports neither torch nor timm, so that listing the
 available backbones is instant."""
 
 from __future__ import annotations
@@ -38,6 +40,49 @@ class WeightSource:
 
 
 WEIGHT_SOURCES: dict[str, WeightSource] = {}
+RANDOM = "random"  # the explicit opt-in for random initialisation
+IMPORTED = "backbone.safetensors"  # what `import-keras` writes, next to backbone.json
+KINDS = ("random", "keras", "file", "package", "download")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Where the weights come from: `kind` (random initialisation, a Keras .h5 file, a state-dict
+    file, a registered package's state-dict file, timm's download), the file, and the registered
+    source of the architecture (its checksum when `registered`, its default fine-tuning point)."""
+
+    kind: str
+    path: Path | None = None
+    source: WeightSource | None = None
+    registered: bool = False  # the file is the source's own: its sha256 must match
+
+    def __post_init__(self):
+        assert self.kind in KINDS, self.kind
+
+
+def is_h5(path: Path) -> bool:
+    """An HDF5 file (by its signature, whatever its name)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        return False
+
+
+def resolve_weights(name: str, weights: str | Path | None) -> Resolved:
+    """Where `name`'s weights come from: `weights` ("random", a file, an import-keras folder) when
+    given; else the registered package when installed; else timm's download."""
+    source = WEIGHT_SOURCES.get(name)
+    if weights == RANDOM:
+        return Resolved("random", None, source)
+    if weights is not None:
+        path = Path(weights)
+        if is_h5(path):
+            return Resolved("keras", path, source)
+        return Resolved("file", path / IMPORTED if path.is_dir() else path, source)
+    if source is not None and source.path() is not None:
+        return Resolved("keras" if source.mapping == "keras" else "package", source.path(), source, registered=True)
+    return Resolved("download", None, source)
 
 
 def register_weights(source: WeightSource) -> WeightSource:

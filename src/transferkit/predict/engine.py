@@ -14,6 +14,8 @@ import numpy as np
 
 from ..data.decode import decode_source, decoded_batches
 from ..data.listing import LabelledImages
+from ..data.window import Rules
+from ..data.window import check_meta as check_window
 from ..utils.errors import RunError
 from .metrics import evaluation_metrics, predict_labels, predict_sets
 
@@ -59,6 +61,7 @@ def check_meta(meta: dict, where) -> None:
         check(isinstance(values, list) and len(values) == 3 and all(number(v) and (key == "mean" or v > 0)
                                                                     for v in values),
               f"preprocess.{key} must be three finite numbers{' > 0' if key == 'std' else ''}, got {values!r}")
+    check_window(pre, check)
 
 
 class Engine(ABC):
@@ -97,6 +100,12 @@ class Engine(ABC):
         return int(self.meta["preprocess"]["image_size"])
 
     @property
+    def rules(self) -> Rules:
+        """How this model reads high-bit-depth and multi-page images: its data set's intensity
+        window (model.json's preprocess), where windows come from, the page rule."""
+        return Rules.from_meta(self.meta["preprocess"])
+
+    @property
     def version(self) -> str:
         """Names exactly one trained model: the first 16 hex digits of its weights' SHA-256."""
         return str(self.meta.get("model_version", ""))
@@ -125,7 +134,7 @@ class Engine(ABC):
                       workers: int | None = None, tta: bool = False) -> Iterator[dict]:
         """Stream one record per file, in order: {path, label, probabilities} (multi-label: {path,
         labels, probabilities}) or {path, error}."""
-        for batch in decoded_batches(paths, self.image_size, batch_size, workers):
+        for batch in decoded_batches(paths, self.image_size, batch_size, workers, rules=self.rules):
             if isinstance(batch, tuple):
                 yield {"path": batch[0], "error": batch[1]}
                 continue
@@ -137,7 +146,7 @@ class Engine(ABC):
     def read_labelled(self, source: str | Path) -> LabelledImages:
         """A labelled folder or CSV decoded for this model: its size, its classes, its task (a
         multi-label model reads multi-label data) and its separator."""
-        return decode_source(source, self.image_size, self.classes, self.task, self.label_sep)
+        return decode_source(source, self.image_size, self.classes, self.task, self.label_sep, rules=self.rules)
 
     def evaluate(self, source: str | Path, batch_size: int = 64, tta: bool = False) -> dict:
         """Metrics on a labelled folder or CSV whose classes are among this model's (multi-label

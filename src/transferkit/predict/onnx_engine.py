@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.window import graph_window
 from ..utils.errors import RunError
 from .engine import Engine, check_meta
 
@@ -53,11 +54,20 @@ class OnnxClassifier(Engine):
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
             raise RunError(f"{self.path}: cannot load with ONNX Runtime ({str(exc).splitlines()[0]})") from None
         self.input_name = self.session.get_inputs()[0].name
+        try:
+            self.window = graph_window(self.meta)  # None: uint8 in; else float32 intensities, the window inside
+        except RunError as exc:
+            raise RunError(f"{self.path}: {exc}") from None
+        if self.window is not None and not self.window.exact_inverse():
+            raise RunError(f"{self.path}: its intensity window [{self.window.low}, {self.window.high}] is too narrow for "
+                           "float32 at that magnitude (8-bit levels would not survive it); use the torch engine")
 
     def _proba(self, images: np.ndarray, batch_size: int) -> np.ndarray:
         out = []
         for start in range(0, len(images), batch_size):
             batch = np.asarray(images[start:start + batch_size], dtype=np.uint8)
+            if self.window is not None:  # windowed uint8 images as intensities the graph's window gives back exactly
+                batch = self.window.invert(batch)
             if self.layout == "nchw":
                 batch = batch.transpose(0, 3, 1, 2)
             out.append(self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})[0])

@@ -24,13 +24,16 @@ from typing import Callable
 import numpy as np
 
 from .. import __version__
+from ..cfg.service import ENGINES
 from ..utils.errors import RunError
 from ..utils.files import atomic_path, sha256_of, write_text
 from .engine import Engine, check_meta, is_multilabel
 
 FORMAT_VERSION = 2
 WEIGHTS, META, EXPORT, CHECKPOINT = "model.safetensors", "model.json", "model.onnx", "checkpoint.json"
-ENGINES = ("auto", "torch", "onnx")
+EXPORTS = {"openvino": "model.xml", "onnx": EXPORT}  # the exports `--engine auto` looks for in a run folder
+AUTO_ORDER = ("openvino", "onnx")  # fastest first; bench/engines.py measures it (docs/deploy.md: not yet done)
+ENGINE_NAMES = {"openvino": "OpenVINO", "onnx": "ONNX Runtime"}
 RUNNING, INTERRUPTED, COMPLETE = "running", "interrupted", "complete"  # model.json's "status"
 
 
@@ -213,6 +216,9 @@ def read_meta(run_dir: str | Path) -> dict:
 
 def load(run_dir: str | Path, device: str = "cpu"):
     """The PyTorch classifier of a run folder, after checking its metadata and its weights' hash."""
+    if is_anomaly_run(run_dir):
+        raise RunError(f"{run_dir}: an anomaly run (--task anomaly), not a classifier; this command needs a "
+                       "classifier run (an anomaly run takes predict, evaluate --normal-class and explain)")
     import torch
     from safetensors.torch import load_file
 
@@ -230,13 +236,20 @@ def load(run_dir: str | Path, device: str = "cpu"):
                        "restore it or train again")
     try:
         backbone = timm_model(meta["backbone"], num_classes=0, **meta.get("timm_kwargs", {}))
-        model = TransferModel(backbone, len(meta["classes"]), Preprocess(**meta["preprocess"]),
+        preprocess = Preprocess(**{k: meta["preprocess"][k] for k in ("image_size", "mean", "std")})
+        model = TransferModel(backbone, len(meta["classes"]), preprocess,
                               dropout=meta["dropout"], multilabel=is_multilabel(meta), **meta["augmentation"])
         model.load_state_dict(load_file(str(weights)))
     except Exception as exc:  # noqa: BLE001 - any inconsistency means an unusable run
         raise RunError(f"{run_dir}: cannot load the model ({type(exc).__name__}: {exc})") from exc
     model.to(device, memory_format=torch.channels_last)
     return Classifier(model, meta["classes"], meta)
+
+
+def is_anomaly_run(run_dir: str | Path) -> bool:
+    """Whether `run_dir` holds an anomaly run (model.json's task "anomaly"; predict/anomaly_engine.py)."""
+    meta = read_json(Path(run_dir) / META) if Path(run_dir).is_dir() else None
+    return meta is not None and meta.get("task") == "anomaly"
 
 
 def model_version(run_dir: str | Path) -> str:
@@ -256,41 +269,63 @@ def stale_reason(onnx: Engine, run_dir: Path) -> str | None:
     return None
 
 
-def load_engine(run: str | Path, engine: str = "auto", log: Callable[[str], None] | None = None,
-                threads: int | None = None) -> Engine:
-    """A run folder (or an .onnx file) as a classifier. "auto": the run's model.onnx with ONNX
-    Runtime when it exists, loads and matches the run, else PyTorch (with a note); "onnx" without a
-    usable export is an error."""
+def open_export(kind: str, path: Path, threads: int | None = None) -> Engine:
+    """An exported file as its engine: "onnx" (ONNX Runtime) or "openvino" (an IR's .xml)."""
+    if kind == "openvino":
+        from .openvino_engine import OpenVinoClassifier
+
+        return OpenVinoClassifier(path, threads)
     from .onnx_engine import OnnxClassifier
 
+    return OnnxClassifier(path, threads)
+
+
+def load_engine(run: str | Path, engine: str = "auto", log: Callable[[str], None] | None = None,
+                threads: int | None = None) -> Engine:
+    """A run folder (or an exported .onnx or OpenVINO .xml file) as a classifier. "auto": the
+    fastest exported engine whose file exists, loads and matches the run (AUTO_ORDER, measured in
+    docs/deploy.md), else PyTorch, with a note for each export passed over; "onnx" or "openvino"
+    without a usable export is an error."""
     run = Path(run)
     if engine not in ENGINES:
         raise RunError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if run.suffix == ".onnx":
-        if engine == "torch":
-            raise RunError(f"{run}: an ONNX file needs the onnx or auto engine")
-        return OnnxClassifier(run, threads)
-    exported = run / EXPORT
-    if engine == "torch" or (engine == "auto" and not exported.is_file()):
+    kind = {".onnx": "onnx", ".xml": "openvino"}.get(run.suffix)
+    if kind is not None:
+        if engine not in ("auto", kind):
+            raise RunError(f"{run}: an exported {kind} file needs the {kind} or auto engine")
+        return open_export(kind, run, threads)
+    if engine == "torch":
         return load(run)
-    if not exported.is_file():
-        raise RunError(f"{exported}: not found; run `transferkit export {run}` first (or use the torch engine)")
-    try:
-        onnx = OnnxClassifier(exported, threads)
-    except RunError as exc:  # damaged (an interrupted copy, say): PyTorch still answers
-        if engine == "onnx":
-            raise
-        problem = f"is not usable ({exc})"
-    else:
-        reason = stale_reason(onnx, run)
+    passed = []  # (file, why) of the exports auto passed over
+    for kind in AUTO_ORDER if engine == "auto" else (engine,):
+        exported = run / EXPORTS[kind]
+        if not exported.is_file():
+            if engine == kind:
+                option = "" if kind == "onnx" else f" --format {kind}"
+                raise RunError(f"{exported}: not found; run `transferkit export {run}{option}` first (or use the "
+                               "torch engine)")
+            continue
+        try:
+            chosen = open_export(kind, exported, threads)
+        except RunError as exc:  # damaged (an interrupted copy, say), or its package missing
+            if engine == kind:
+                raise
+            passed.append((exported, f"is not usable ({exc})"))
+            continue
+        reason = stale_reason(chosen, run)
         if reason is None:
-            return onnx
-        if engine == "onnx":
+            note_passed(passed, ENGINE_NAMES[kind], log)
+            return chosen
+        if engine == kind:
             raise RunError(f"{exported}: out of date ({reason}); export again")
-        problem = f"is out of date ({reason})"
-    if log:
-        log(f"note: {exported} {problem}; using PyTorch (export again to use it)")
+        passed.append((exported, f"is out of date ({reason})"))
+    note_passed(passed, "PyTorch", log)
     return load(run)
+
+
+def note_passed(passed: list[tuple[Path, str]], using: str, log: Callable[[str], None] | None) -> None:
+    for exported, problem in passed if log else ():
+        log(f"note: {exported} {problem}; using {using} (export again to use it)")
 
 
 def write_predictions(path: str | Path, paths: list[str], labels: np.ndarray, probabilities: np.ndarray,

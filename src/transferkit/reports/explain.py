@@ -97,7 +97,7 @@ def explain_files(classifier, paths: Iterable[str | Path], out_dir: str | Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
     model = classifier.model
-    for batch in decoded_batches(paths, classifier.image_size, batch_size):
+    for batch in decoded_batches(paths, classifier.image_size, batch_size, rules=classifier.rules):
         if isinstance(batch, tuple):
             yield {"path": batch[0], "error": batch[1]}
             continue

@@ -136,7 +136,8 @@ def readable(classifier: Classifier, paths: list[str], chosen: np.ndarray,
     found, arrays = [], []
     for i in chosen:
         try:
-            arrays.append(images[i] if images is not None else load_image(paths[i], classifier.image_size))
+            arrays.append(images[i] if images is not None else load_image(paths[i], classifier.image_size,
+                                                                                  rules=classifier.rules))
             found.append(i)
         except ImageError:
             continue  # the file moved since training: counted below the gallery

@@ -5,10 +5,13 @@ both per class: each class's sigmoid is its own binary problem."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy.optimize import minimize_scalar
 from scipy.special import log_expit, log_softmax
 
-THRESHOLD_METRICS = ("balanced_accuracy", "f1", "youden")
+from ..cfg.settings import THRESHOLD_METRICS, TrainConfig
+from ..models.transfer import TransferModel
+from ..predict.metrics import binary_calibration_error, expected_calibration_error
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
@@ -86,3 +89,46 @@ def choose_threshold(labels: np.ndarray, p1: np.ndarray, metric: str = "balanced
     pick = best[np.argmin(np.abs(thresholds[best] - 0.5))]
     return {"metric": metric, "threshold": float(thresholds[pick]), "score": float(scores[pick]),
             "score_at_0.5": score_at(labels, p1, 0.5, metric)}
+
+
+def calibrate(model: TransferModel, logits: np.ndarray, labels: np.ndarray,
+              config: TrainConfig) -> tuple[np.ndarray, dict, dict | None]:
+    """Fit the temperature (sets model.temperature) and, for two classes, the threshold on the
+    validation logits; returns the calibrated probabilities and what was fitted."""
+    if model.multilabel:
+        return calibrate_labels(model, logits, labels, config)
+    model.temperature = 1.0
+    before = model.probabilities(torch.from_numpy(logits)).numpy()
+    model.temperature = fit_temperature(logits, labels)
+    probs = model.probabilities(torch.from_numpy(logits)).numpy()
+    calibration = {"temperature": model.temperature, "method": "temperature scaling on the validation set",
+                   "loss_before": nll(logits, labels), "loss_after": nll(logits, labels, model.temperature),
+                   "ece_before": expected_calibration_error(labels, before),
+                   "ece_after": expected_calibration_error(labels, probs)}
+    if not model.binary:
+        return probs, calibration, None
+    if config.threshold_metric == "none":
+        return probs, calibration, {"metric": "fixed", "threshold": config.threshold}
+    return probs, calibration, choose_threshold(labels, probs[:, 1], config.threshold_metric)
+
+
+def calibrate_labels(model: TransferModel, logits: np.ndarray, labels: np.ndarray,
+                     config: TrainConfig) -> tuple[np.ndarray, dict, dict]:
+    """Multi-label `calibrate`: a temperature per class (sets model.temperature) and a threshold
+    per class, fixed (`threshold`) or chosen on validation (`threshold_metric`)."""
+    model.temperature = 1.0
+    before = model.probabilities(torch.from_numpy(logits)).numpy()
+    temperatures = fit_temperatures(logits, labels)
+    model.temperature = temperatures
+    probs = model.probabilities(torch.from_numpy(logits)).numpy()
+    scaled = logits / np.asarray(temperatures, dtype=np.float32)
+    flat = labels.reshape(-1)
+    calibration = {"temperature": temperatures, "method": "temperature scaling per class on the validation set",
+                   "loss_before": nll(logits.reshape(-1, 1), flat), "loss_after": nll(scaled.reshape(-1, 1), flat),
+                   "ece_before": binary_calibration_error(labels, before),
+                   "ece_after": binary_calibration_error(labels, probs)}
+    if config.threshold_metric == "none":
+        return probs, calibration, {"metric": "fixed", "threshold": [config.threshold] * labels.shape[1]}
+    chosen = [choose_threshold(labels[:, j], probs[:, j], config.threshold_metric) for j in range(labels.shape[1])]
+    return probs, calibration, {"metric": config.threshold_metric, "threshold": [c["threshold"] for c in chosen],
+                                "per_class": chosen}

@@ -38,15 +38,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..cfg.environment import LAUNCHED
 from ..data.listing import LabelledImages
 from ..data.memory import allocate
+from ..data.window import HighBit
 from ..models.inference import predict_logits
 from ..utils.errors import ConfigError, RunError, TransferkitError
 
 TIMEOUT = timedelta(minutes=10)  # a rank that stops answering without dying (a lost node) ends the job
 CHUNK_BYTES = 64 << 20  # gathers move at most this much per rank and message
 LOST = "lost contact with the other ranks"  # the start of a failure that another rank caused
-LAUNCHED = "TRANSFERKIT_LAUNCHED"  # set for the ranks that `launch` starts: it reports their errors
 
 
 @dataclass
@@ -212,13 +213,19 @@ class Context:
         part = self.shard(len(raw))
         mine = decode(raw.subset(np.arange(part.start, part.stop)), size, spill_dir=spill_dir, budget=budget,
                       keep=keep, **options)
-        shards = self.all_gather((mine.paths, mine.labels, mine.skipped, mine.keys()))
+        if mine.highbit is not None:
+            mine.highbit.pixels = {}  # not sent between ranks: `fill` decodes those images again
+        shards = self.all_gather((mine.paths, mine.labels, mine.skipped, mine.keys(), mine.highbit,
+                                  mine.notes[len(raw.notes):], mine.groups))
         images = self.gather(mine.images if len(mine) else None, 0, lambda shape, dtype: allocate(
             shape, dtype, int(np.prod(shape)) <= budget, spill_dir, keep))
         return LabelledImages(
             paths=[p for s in shards for p in s[0]], labels=np.concatenate([s[1] for s in shards]),
             classes=raw.classes, skipped=list(raw.skipped) + [k for s in shards for k in s[2]], images=images,
-            notes=raw.notes, _keys=[k for s in shards for k in s[3]])
+            notes=raw.notes + [n for s in shards for n in s[5]],
+            highbit=HighBit.concat([s[4] for s in shards], [len(s[0]) for s in shards]),
+            _keys=[k for s in shards for k in s[3]],
+            groups=None if raw.groups is None else [g for s in shards for g in s[6]])
 
     def extract(self, extract: Callable, model, images: np.ndarray, views: int, *, keys: list[str],
                 in_ram: bool, spill_dir=None, keep: bool = False, **options) -> tuple[np.ndarray, np.ndarray | None]:

@@ -34,8 +34,10 @@ def preset_values(config: TrainConfig) -> tuple[dict, dict]:
 
 
 def filled(config: TrainConfig) -> TrainConfig:
-    """The preset's values where the settings were left unset (no data rule)."""
-    return TrainConfig.from_dict(preset_values(config)[0])
+    """The preset's values where the settings were left unset (no data rule); `config` itself when
+    nothing is unset."""
+    values, decided = preset_values(config)
+    return TrainConfig.from_dict(values) if decided else config
 
 
 def resolve(config: TrainConfig, backbone: Backbone, smallest: int) -> tuple[TrainConfig, int, list[str]]:

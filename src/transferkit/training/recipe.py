@@ -1,18 +1,21 @@
-"""The seed's two-phase recipe: train the new head on a frozen backbone, then fine-tune the layers
-from `fine_tune_at` on at a tenth of the learning rate; keep the best epoch of both phases.
+"""The entry point of training and the seed's two-phase recipe: train the new head on a frozen
+backbone, then fine-tune the layers from `fine_tune_at` on at a tenth of the learning rate; keep
+the best epoch of both phases.
 
-`train()` reads in the order it runs: check the data, build the backbone, prepare the data, build
-the model, fit the head, fine-tune, calibrate and save the run. The run folder says where it is
-(model.json's status); after every epoch a checkpoint lets `resume=True` continue a killed or
-interrupted run to exactly the result the uninterrupted run gives.
+`train()` is the one entry point of every preset: it settles the settings once and runs the recipe
+(`train_run`), or for `--preset best` the search, a loop over `train_run` (search.py). `train_run`
+reads in the order it runs: check the data, build the backbone, decide what the preset and the
+data leave open, prepare the data, build the model, fit the head, fine-tune (the loop: trainer.py),
+calibrate and save the run. The run folder says where it is (model.json's status); after every
+epoch a checkpoint lets `resume=True` continue a killed or interrupted run to exactly the result
+the uninterrupted run gives.
 """
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
-import random
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -22,36 +25,27 @@ import numpy as np
 import torch
 
 from ..cfg.settings import TrainConfig
-from ..data.balance import check_sampler, class_weights, epoch_order
-from ..data.decode import decode
+from ..data.balance import check_sampler
+from ..data.decode import decode, fill, settle
 from ..data.dedupe import merge_duplicates, shared_images
 from ..data.listing import LabelledImages, check_labels, load_labelled
 from ..data.memory import memory_budget
-from ..data.split import stratified_split
+from ..data.split import group_split, near_shared, split_groups
+from ..data.window import Rules
 from ..models.backbones import Backbone, create_backbone
-from ..models.inference import to_batch
 from ..models.transfer import TransferModel
 from ..predict import run
 from ..predict.classifier import Classifier
-from ..predict.metrics import (
-    binary_calibration_error,
-    epoch_metrics,
-    evaluation_metrics,
-    expected_calibration_error,
-    predict_labels,
-    predict_sets,
-)
+from ..predict.metrics import evaluation_metrics
 from ..utils.errors import ConfigError, DataError, Interrupted
 from ..utils.files import atomic_path, write_text
 from ..utils.progress import Reporter
 from ..utils.runtime import resolve_device, seed_everything, set_threads, stop_on_signals
-from . import distributed
-from .cache import PhaseViews, Views, build_views, plain_views, plan
-from .calibrate import choose_threshold, fit_temperature, fit_temperatures, nll
-from .experiment import open_log
+from . import distributed, search
+from .cache import PhaseViews, build_views, plain_views, plan
+from .calibrate import calibrate
 from .presets import filled, resolve, smallest_class
-
-DIVERGED = 3.0  # a training loss this many times the first epoch's: the run diverged (warned)
+from .trainer import Trainer
 
 
 def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
@@ -62,16 +56,43 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
     `val_data`: a separate labelled set for validation; otherwise a stratified `val_split` of
     `data`. Keyword overrides change single settings: `train("data", "runs/x", epochs=3)`.
     `out` holding a complete run is refused unless `overwrite` (the old run stays until the new
-    one completes); `resume` continues an interrupted run with its own settings. Under torchrun
+    one completes); `resume` continues an interrupted run with its own settings. `--preset best`
+    trains its candidates one after another and keeps the best on validation. Under torchrun
     every rank calls this; rank 0 returns the classifier, the others None.
     """
+    if resume:
+        if overrides.get("task") == "anomaly" or (config is not None and config.task == "anomaly"):
+            from .anomaly import refuse_resume
+
+            refuse_resume()
+        if overrides.get("preset") == "best" or (config is not None and config.preset == "best"):
+            raise ConfigError("--resume does not apply to --preset best: Ctrl-C already ends the search with the "
+                              "best completed candidate; start it again to search again")
+        return train_run(data, out, config, val_data, reporter, resume=True, overwrite=overwrite, overrides=overrides)
+    if config is None or overrides:  # the settings, settled once
+        config = TrainConfig.from_dict({**(config or TrainConfig()).to_dict(), **overrides})
+    if config.task == "anomaly":  # a patch memory bank from good images, no epochs (training/anomaly.py)
+        from . import anomaly
+
+        return anomaly.train(data, out, config, val_data, reporter, overwrite)
+    if config.preset == "best":
+        if "RANK" in os.environ:
+            raise ConfigError("--preset best runs its candidates one after another in one process; leave out --nproc "
+                              "and torchrun")
+        return search.search(train_run, data, Path(out), config, val_data, reporter or Reporter(), overwrite)
+    return train_run(data, out, config, val_data, reporter, overwrite=overwrite)
+
+
+def train_run(data: str | Path, out: str | Path, config: TrainConfig | None, val_data: str | Path | None = None,
+              reporter: Reporter | None = None, resume: bool = False, overwrite: bool = False,
+              overrides: dict | None = None) -> Classifier:
+    """One run of the recipe with settled settings (`resume`: the run folder's own, checked against
+    `config` and `overrides`, what was asked for now)."""
     out = Path(out)
     ctx = distributed.start()  # under torchrun: this rank of the job; rank 0 alone decides and writes
-    if not resume:
-        config = TrainConfig.from_dict({**(config or TrainConfig()).to_dict(), **overrides})
     work = ctx.on_main(run.prepare, out, resume, overwrite)  # refuses before any work
     if resume:
-        config = ctx.on_main(resumed_config, work, data, config, overrides, ctx.world_size)
+        config = ctx.on_main(resumed_config, work, data, config, overrides or {}, ctx.world_size)
     reporter = (reporter or Reporter()) if ctx.main else Reporter(live=False, quiet=True)
     device = ctx.device(config.device, config.batch_size) if ctx.distributed else resolve_device(config.device)
     if ctx.distributed:
@@ -85,7 +106,7 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
         run.start(work, record)
     with stop_on_signals(reporter.interrupt), ctx.failures():
         try:
-            classifier = train_steps(listing, record, work, config, reporter, device)
+            classifier = train_steps(listing, record, work, config, reporter, device, ctx)
         except Interrupted as exc:
             if not ctx.main:
                 raise Interrupted(exc.signum) from None
@@ -106,10 +127,9 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
 
 
 def train_steps(listing: "Listing", record: dict, work: Path, config: TrainConfig, reporter: Reporter,
-                device: torch.device) -> Classifier:
+                device: torch.device, ctx: distributed.Context) -> Classifier:
     """The recipe, step by step, writing into the run folder `work` (`record`: its data paths). Under
     torchrun every rank trains; rank 0 alone saves (the others return None)."""
-    ctx = distributed.current()
     spill = ctx.scratch(work / "cache")
     backbone = build_backbone(config, reporter)
     config, fine_tune_at, notes = resolve(config, backbone, smallest_class(
@@ -119,13 +139,14 @@ def train_steps(listing: "Listing", record: dict, work: Path, config: TrainConfi
         reporter.log(note)
     reporter.log(f"fine_tune_at = {fine_tune_at} "
                  f"({backbone.layers[fine_tune_at][0] if fine_tune_at < len(backbone.layers) else 'none'})")
-    train_set, val_set, skipped = prepare_data(listing, record["data"], record["val_data"],
-                                               backbone.preprocess.image_size, config, spill, reporter)
+    train_set, val_set, skipped, rules = prepare_data(listing, record["data"], record["val_data"],
+                                                      backbone.preprocess.image_size, config, spill, reporter, ctx)
+    record["rules"] = rules
     model = build_model(backbone, len(train_set.classes), config, device, train_set.multilabel)
 
     started = time.perf_counter()
     trainer = fit(model, train_set, val_set, config, fine_tune_at, reporter, device, spill,
-                  backbone.weights_sha256, checkpoints=work)
+                  backbone.weights_sha256, checkpoints=work, ctx=ctx)
     seconds = time.perf_counter() - started
     if not ctx.main:
         return None
@@ -158,14 +179,15 @@ def resumed_config(work: Path, data, config: TrainConfig | None, overrides: dict
 
 def fit(model: TransferModel, train_set: LabelledImages, val_set: LabelledImages, config: TrainConfig,
         fine_tune_at: int, reporter: Reporter, device: torch.device, spill_dir: Path | None = None,
-        weights_sha256: str | None = None, checkpoints: Path | None = None) -> "Trainer":
+        weights_sha256: str | None = None, checkpoints: Path | None = None,
+        ctx: distributed.Context | None = None) -> Trainer:
     """The two phases as the seed runs them; the model ends with the best epoch's weights. With
     `checkpoints` (a run folder), each epoch leaves a checkpoint there and a checkpoint found there
     is continued."""
     started = time.perf_counter()
     config = filled(config)  # already decided when `train` calls it; the preset's values otherwise
     set_threads(config.threads)  # extraction, and the inference after training, too
-    trainer = Trainer(model, train_set, config, reporter, device, checkpoints)
+    trainer = Trainer(model, train_set, config, reporter, device, checkpoints, ctx)
     head_views, suffix_views = cached_views(model, train_set, val_set, config, fine_tune_at, spill_dir,
                                             weights_sha256, reporter, device)
     trainer.timings.setdefault("extract_seconds", time.perf_counter() - started)
@@ -208,23 +230,56 @@ def build_backbone(config: TrainConfig, reporter: Reporter) -> Backbone:
 
 
 def prepare_data(listing: Listing, data, val_data, size: int, config: TrainConfig, spill_dir: Path,
-                 reporter: Reporter) -> tuple[LabelledImages, LabelledImages, list[tuple[str, str]]]:
-    """Decode every image once; split off the validation set (stratified) unless one was given."""
-    everything = merge_duplicates(_decode(listing.train, "data", size, config, spill_dir, reporter), str(data))
+                 reporter: Reporter, ctx: distributed.Context | None = None
+                 ) -> tuple[LabelledImages, LabelledImages, list[tuple[str, str]], Rules]:
+    """Decode every image once; split off the validation set (stratified) unless one was given.
+    High-bit-depth images wait for the data set's intensity window, measured on the training
+    images alone (after the split), then go through it; returns the rules with that window."""
+    rules = Rules.from_config(config)
+    everything = merge_duplicates(_decode(listing.train, "data", size, config, spill_dir, reporter, rules, True, ctx),
+                                  str(data))
     check_labels(everything, str(data), split=listing.val is None, val_split=config.val_split, seed=config.seed)
     if listing.val is None:
-        train_idx, val_idx = stratified_split(everything.labels, config.val_split, config.seed)
+        # high-bit-depth images wait for the window (measured on the training side of this split): their
+        # pixels are not there yet for the perceptual hashes, so only named groups keep them together
+        waiting = everything.highbit is not None and bool(everything.highbit.samples)
+        groups, notes = split_groups(everything, config.group_by, config.group_duplicates and not waiting)
+        if waiting and config.group_duplicates:
+            notes.append("Validation split: near-duplicate grouping left out for high-bit-depth images (their "
+                         "pixels wait for the intensity window); named groups are kept together")
+        for note in notes:
+            reporter.log(note)
+        train_idx, val_idx = group_split(everything.labels, groups, config.val_split, config.seed,
+                                         everything.classes)
+    else:
+        train_idx = np.arange(len(everything))
+    started = time.perf_counter()
+    rules, window_notes = settle(everything, train_idx, rules, config.window_low, config.window_high)
+    fill(everything, rules, size)
+    if everything.highbit is not None:
+        window_notes.append(f"Intensity window measured and applied in {time.perf_counter() - started:.2f}s")
+    for note in window_notes:
+        reporter.log(note)
+    if listing.val is None:
         train_set, val_set = everything.subset(train_idx), everything.subset(val_idx)
         skipped = everything.skipped
     else:
         train_set = everything
-        val_set = merge_duplicates(_decode(listing.val, "validation data", size, config, spill_dir, reporter),
-                                   str(val_data))
+        val_set = merge_duplicates(_decode(listing.val, "validation data", size, config, spill_dir, reporter,
+                                           rules, ctx=ctx), str(val_data))
         check_labels(val_set, str(val_data), split=False, every_class=False)
         shared = shared_images(train_set, val_set)
         if shared:
             raise DataError(f"{val_data}: {len(shared)} validation image(s) are also in the training data "
                             f"(first: {shared[0][1]} = {shared[0][0]}); validation must be held out")
+        near = near_shared(train_set, val_set) if config.group_duplicates else []
+        if near:
+            named = "; ".join(f"{v} ~ {t} ({bits} bits)" for v, t, bits in near[:5])
+            reporter.log(f"Warning: {len(near)} validation image(s) are near-duplicates of training images "
+                         f"(perceptual hashes within 6 bits of 64): {named}"
+                         + (f"; and {len(near) - 5} more (transferkit check lists all)" if len(near) > 5 else ""))
+        if config.group_by or listing.train.groups is not None:
+            reporter.log("Groups (--group-by, a group column) apply to a validation split; --val-dir is used as given")
         skipped = everything.skipped + val_set.skipped
         everything.notes += val_set.notes
     for note in everything.notes:
@@ -237,16 +292,17 @@ def prepare_data(listing: Listing, data, val_data, size: int, config: TrainConfi
                      f"image on average, {int((cardinality == 0).sum())} image(s) with none; one sigmoid per class")
     reporter.log(f"Training on {len(train_set)} images, validating on {len(val_set)}; "
                  f"{'images per class' if train_set.multilabel else 'classes'} {everything.counts()}")
-    return train_set, val_set, skipped
+    return train_set, val_set, skipped, rules
 
 
 def _decode(raw: LabelledImages, name: str, size: int, config: TrainConfig, spill_dir: Path,
-            reporter: Reporter) -> LabelledImages:
+            reporter: Reporter, rules: Rules, defer: bool = False,
+            ctx: distributed.Context | None = None) -> LabelledImages:
     reporter.start(f"decoding {name}", len(raw))
     try:
-        return distributed.current().decode(  # under torchrun each rank decodes its shard of the files
+        return (ctx or distributed.current()).decode(  # under torchrun each rank decodes its shard of the files
             decode, raw, size, spill_dir=spill_dir, budget=memory_budget(config.cache_memory_gb),
-            keep=config.keep_cache, progress=lambda i, n: reporter.advance())
+            keep=config.keep_cache, progress=lambda i, n: reporter.advance(), rules=rules, defer=defer)
     finally:
         reporter.stop()
 
@@ -275,268 +331,6 @@ def cached_views(model: TransferModel, train_set: LabelledImages, val_set: Label
     return build_views(model, train_set, val_set, config, cache_plan, device, spill_dir, weights_sha256, reporter)
 
 
-class Trainer:
-    """Runs the epochs of both phases, keeps the history and the best epoch's weights, stops a
-    phase early when asked (`patience`), and checkpoints every epoch."""
-
-    def __init__(self, model: TransferModel, train_set: LabelledImages, config: TrainConfig,
-                 reporter: Reporter, device: torch.device, checkpoints: Path | None = None):
-        self.model, self.config, self.reporter, self.device = model, config, reporter, device
-        self.checkpoints = checkpoints
-        self.n_batches = -(-len(train_set) // config.batch_size)
-        self.rng = np.random.default_rng(config.seed)
-        self.history: list[dict] = []
-        self.best: dict | None = None
-        self.best_state: dict | None = None
-        self.best_logits: np.ndarray | None = None
-        self.timings: dict[str, float] = {}
-        self.warnings: list[str] = []
-        self.stopped: dict[str, dict] = {}  # phase -> where and why it stopped early
-        self.resumed_optimizer: dict | None = None
-        self.experiment = open_log(config.log_to, checkpoints, config.to_dict()) \
-            if checkpoints and distributed.current().main else None
-        self.class_weight = class_weights(train_set.labels, model.num_classes, config.class_weight)
-        if self.class_weight is not None or config.sampler != "none":
-            weights = "off" if self.class_weight is None else [round(w, 3) for w in self.class_weight.tolist()]
-            kind = "pos_weight per class" if model.multilabel else "class weights"
-            reporter.log(f"Imbalance: {kind} {weights}, sampler {config.sampler}")
-        if checkpoints is not None:
-            self.restore()
-
-    def fit_head(self, train_views: Views, val_views: Views) -> None:
-        """Phase 1: the new head only, the whole backbone frozen, at the base learning rate."""
-        self.phase(1, self.config.epochs, len(self.model.layers), self.config.lr, train_views, val_views)
-
-    def fine_tune(self, train_views: Views, val_views: Views, fine_tune_at: int) -> None:
-        """Phase 2: layers from `fine_tune_at` on, at lr x fine_tune_lr_factor."""
-        self.phase(2, self.config.fine_tune_epochs, fine_tune_at,
-                   self.config.lr * self.config.fine_tune_lr_factor, train_views, val_views)
-
-    def phase(self, phase: int, epochs: int, trainable_from: int, lr: float, train_views: Views,
-              val_views: Views) -> None:
-        done = sum(r["phase"] == phase for r in self.history)
-        if done >= epochs or str(phase) in self.stopped:
-            return
-        started = time.perf_counter()
-        self.model.unfreeze_from(trainable_from)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=lr)
-        if done and self.resumed_optimizer is not None:  # resuming inside this phase
-            optimizer.load_state_dict(self.resumed_optimizer)
-        threads = set_threads(self.config.threads)
-        train_views = distributed.current().replicate(self.model, train_views)
-        self.reporter.log(f"Phase {phase}: {'head only' if phase == 1 else f'fine-tuning layers {trainable_from}..'}"
-                          f", {sum(p.numel() for p in params):,} trainable parameters, lr {lr:g}, {threads} thread(s)")
-        for _ in range(epochs - done):
-            self.epoch(phase, lr, optimizer, train_views, val_views)
-            self.stop_early(phase)
-            self.checkpoint(phase, optimizer)
-            self.reporter.check()  # a Ctrl-C during the epoch takes effect here at the latest
-            if str(phase) in self.stopped:
-                break
-        self.timings[f"phase{phase}_seconds"] = self.timings.get(f"phase{phase}_seconds", 0.0) + \
-            time.perf_counter() - started
-
-    def epoch(self, phase: int, lr: float, optimizer, train_views: Views, val_views: Views) -> None:
-        epoch, start = len(self.history) + 1, time.perf_counter()
-        self.reporter.start(f"phase {phase} epoch {epoch}", self.n_batches)
-        try:
-            train_loss, train_acc = train_epoch(self.model, train_views, optimizer, self.config.batch_size,
-                                                self.rng, self.device, self.reporter, self.config.sampler,
-                                                self.class_weight)
-        finally:
-            self.reporter.stop()
-        if not np.isfinite(train_loss):
-            raise ConfigError(f"training diverged in epoch {epoch} (loss {train_loss}); lower lr (now {lr:g})")
-        first = self.history[0]["train_loss"] if self.history else train_loss
-        if train_loss > DIVERGED * first and not self.warnings:
-            self.warnings.append(f"the training loss grew from {first:.4g} (epoch 1) to {train_loss:.4g} (epoch "
-                                 f"{epoch}): the learning rate ({lr:g}) is probably too high")
-            self.reporter.log(f"warning: {self.warnings[-1]}")
-        logits = distributed.current().predict_logits(self.model, val_views.inputs[0], val_views.forward,
-                                                      self.config.batch_size, self.device)
-        val = epoch_metrics(val_views.labels, self.model.probabilities(torch.from_numpy(logits)).numpy(), 0.5)
-        row = {"epoch": epoch, "phase": phase, "lr": lr, "train_loss": train_loss, "train_accuracy": train_acc,
-               "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_map": val["map"],
-               "seconds": time.perf_counter() - start}
-        self.history.append(row)
-        if is_better(row, self.best, self.config.monitor):
-            self.best, self.best_state = row, {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            self.best_logits = logits  # what calibration needs: the kept model's validation logits
-        self.reporter.log(f"epoch {epoch:>3} phase {phase}  loss {train_loss:.4f}  acc {train_acc:.4f}"
-                          f"  val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}"
-                          + (f"  val_map {row['val_map']:.4f}" if self.model.multilabel else "") +
-                          f"  {row['seconds']:.1f}s" + ("  *" if self.best is row else ""))
-        if self.experiment:
-            self.experiment.epoch(row)
-
-    def stop_early(self, phase: int) -> None:
-        """Record an early stop when the phase's best monitored epoch is `patience` epochs old."""
-        patience = self.config.patience
-        rows = [r for r in self.history if r["phase"] == phase]
-        if patience is None or not rows:
-            return
-        best = rows[0]
-        for row in rows[1:]:
-            best = row if is_better(row, best, self.config.monitor) else best
-        if rows[-1]["epoch"] - best["epoch"] >= patience:
-            reason = f"no better {self.config.monitor} than epoch {best['epoch']} for {patience} epoch(s)"
-            self.stopped[str(phase)] = {"epoch": rows[-1]["epoch"], "reason": reason}
-            self.reporter.log(f"Phase {phase} stops early after epoch {rows[-1]['epoch']}: {reason}")
-
-    def keep_best(self) -> dict:
-        """The model ends frozen, in inference mode, with the best epoch's weights."""
-        self.model.load_state_dict(self.best_state)
-        self.model.unfreeze_from(len(self.model.layers))
-        self.model.eval()
-        return self.best
-
-    # -- checkpoints: what changes during training, and every random state -----------------------
-
-    def changing_keys(self) -> list[str]:
-        """State-dict keys of what training can change now: the head and the unfrozen layers
-        (the frozen rest is the pretrained weights, rebuilt identically on resume)."""
-        names = {id(t): k for k, t in self.model.state_dict(keep_vars=True).items()}
-        keys = [k for k in names.values() if k.startswith("head.")]
-        for _, module in self.model.layers[self.model.trainable_from:]:
-            for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-                if id(tensor) in names:
-                    keys.append(names[id(tensor)])
-        return keys
-
-    def checkpoint(self, phase: int, optimizer) -> None:
-        if self.checkpoints is None or not distributed.current().main:
-            return
-        keys = self.changing_keys()
-        current = self.model.state_dict()
-        tensors = {**{f"model.{k}": current[k] for k in keys}, **{f"best.{k}": self.best_state[k] for k in keys},
-                   "rng.torch": torch.get_rng_state(), "best_logits": torch.from_numpy(self.best_logits)}
-        saved = optimizer.state_dict()
-        for index, values in saved["state"].items():
-            for name, value in values.items():
-                tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value)
-        legacy = np.random.get_state()
-        state = {"epoch": len(self.history), "phase": phase, "history": self.history, "best": self.best,
-                 "stopped": self.stopped, "timings": self.timings, "warnings": self.warnings,
-                 "optimizer": {"param_groups": saved["param_groups"],
-                               "state": {str(i): sorted(v) for i, v in saved["state"].items()}},
-                 "rng_numpy": self.rng.bit_generator.state, "rng_python": random.getstate(),
-                 "rng_numpy_legacy": [legacy[0], legacy[1].tolist(), *legacy[2:]]}
-        run.save_checkpoint(self.checkpoints, tensors, state)
-
-    def restore(self) -> None:
-        """Continue from the checkpoint in the run folder, if there is one."""
-        found = distributed.current().on_main(run.load_checkpoint, self.checkpoints)
-        if found is None:
-            return
-        tensors, state = found
-        initial = copy.deepcopy(self.model.state_dict())
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
-        self.best_state = {**initial, **{k[5:]: v for k, v in tensors.items() if k.startswith("best.")}}
-        self.history, self.best, self.stopped = state["history"], state["best"], state["stopped"]
-        self.best_logits = tensors["best_logits"].numpy()
-        self.timings, self.warnings = state["timings"], state["warnings"]
-        self.rng.bit_generator.state = state["rng_numpy"]
-        torch.set_rng_state(tensors["rng.torch"])
-        version, internal, gauss = state["rng_python"]
-        random.setstate((version, tuple(internal), gauss))
-        np.random.set_state((state["rng_numpy_legacy"][0], np.asarray(state["rng_numpy_legacy"][1], np.uint32),
-                             *state["rng_numpy_legacy"][2:]))
-        optimizer = state["optimizer"]
-        self.resumed_optimizer = {"param_groups": optimizer["param_groups"], "state": {
-            int(i): {name: tensors[f"optimizer.{i}.{name}"] for name in names} for i, names in optimizer["state"].items()}}
-        self.reporter.log(f"Resuming after epoch {state['epoch']} (phase {state['phase']}) from the checkpoint "
-                          f"in {self.checkpoints}")
-
-
-def train_epoch(model: TransferModel, views: Views, optimizer, batch_size: int,
-                rng: np.random.Generator, device, reporter: Reporter, sampler: str = "none",
-                class_weight: torch.Tensor | None = None) -> tuple[float, float]:
-    """One pass in a seeded random order (class-balanced draws with `sampler="balanced"`), one
-    stored view per image; returns (loss, accuracy: multi-label, every label right)."""
-    model.train()
-    ctx = distributed.current()  # under torchrun: each rank takes its part of every batch
-    n = len(views.labels)
-    order = epoch_order(views.labels, rng, sampler)
-    pick = rng.integers(0, views.num_views, n) if views.num_views > 1 else np.zeros(n, dtype=np.int64)
-    total_loss, correct = 0.0, 0
-    for start in range(0, n, batch_size):
-        batch = ctx.batch(order[start:start + batch_size], views.labels, class_weight)
-        index = batch.index
-        x = to_batch(views.inputs[pick[index], index], device)
-        y = torch.from_numpy(views.labels[index]).to(device)  # class indices, or multi-label 0/1 (B, C)
-        logits = views.forward(x)
-        loss = batch.loss(model.loss(logits, y, class_weight), logits)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total_loss += loss.item() * batch.share
-        correct += exact_matches(model.probabilities(logits.detach()).cpu().numpy(), views.labels[index])
-        seen = start + len(index)
-        reporter.advance(f"loss {total_loss / seen:.4f} acc {correct / seen:.3f}")
-    total_loss, correct = ctx.sum(total_loss, correct)
-    return total_loss / n, correct / n
-
-
-def exact_matches(probabilities: np.ndarray, labels: np.ndarray) -> int:
-    """Images whose decision at 0.5 is right (multi-label: every one of their labels)."""
-    if labels.ndim == 2:
-        return int((predict_sets(probabilities, 0.5) == labels).all(1).sum())
-    return int((predict_labels(probabilities) == labels).sum())
-
-
-def is_better(row: dict, best: dict | None, monitor: str) -> bool:
-    """Higher accuracy or mean average precision (ties: lower loss), or lower loss."""
-    if best is None:
-        return True
-    if monitor in ("val_accuracy", "val_map"):
-        return (row[monitor], -row["val_loss"]) > (best[monitor], -best["val_loss"])
-    return row["val_loss"] < best["val_loss"]
-
-
-def calibrate(model: TransferModel, logits: np.ndarray, labels: np.ndarray,
-              config: TrainConfig) -> tuple[np.ndarray, dict, dict | None]:
-    """Fit the temperature (sets model.temperature) and, for two classes, the threshold on the
-    validation logits; returns the calibrated probabilities and what was fitted."""
-    if model.multilabel:
-        return calibrate_labels(model, logits, labels, config)
-    model.temperature = 1.0
-    before = model.probabilities(torch.from_numpy(logits)).numpy()
-    model.temperature = fit_temperature(logits, labels)
-    probs = model.probabilities(torch.from_numpy(logits)).numpy()
-    calibration = {"temperature": model.temperature, "method": "temperature scaling on the validation set",
-                   "loss_before": nll(logits, labels), "loss_after": nll(logits, labels, model.temperature),
-                   "ece_before": expected_calibration_error(labels, before),
-                   "ece_after": expected_calibration_error(labels, probs)}
-    if not model.binary:
-        return probs, calibration, None
-    if config.threshold_metric == "none":
-        return probs, calibration, {"metric": "fixed", "threshold": config.threshold}
-    return probs, calibration, choose_threshold(labels, probs[:, 1], config.threshold_metric)
-
-
-def calibrate_labels(model: TransferModel, logits: np.ndarray, labels: np.ndarray,
-                     config: TrainConfig) -> tuple[np.ndarray, dict, dict]:
-    """Multi-label `calibrate`: a temperature per class (sets model.temperature) and a threshold
-    per class, fixed (`threshold`) or chosen on validation (`threshold_metric`)."""
-    model.temperature = 1.0
-    before = model.probabilities(torch.from_numpy(logits)).numpy()
-    temperatures = fit_temperatures(logits, labels)
-    model.temperature = temperatures
-    probs = model.probabilities(torch.from_numpy(logits)).numpy()
-    scaled = logits / np.asarray(temperatures, dtype=np.float32)
-    flat = labels.reshape(-1)
-    calibration = {"temperature": temperatures, "method": "temperature scaling per class on the validation set",
-                   "loss_before": nll(logits.reshape(-1, 1), flat), "loss_after": nll(scaled.reshape(-1, 1), flat),
-                   "ece_before": binary_calibration_error(labels, before),
-                   "ece_after": binary_calibration_error(labels, probs)}
-    if config.threshold_metric == "none":
-        return probs, calibration, {"metric": "fixed", "threshold": [config.threshold] * labels.shape[1]}
-    chosen = [choose_threshold(labels[:, j], probs[:, j], config.threshold_metric) for j in range(labels.shape[1])]
-    return probs, calibration, {"metric": config.threshold_metric, "threshold": [c["threshold"] for c in chosen],
-                                "per_class": chosen}
-
-
 def save_run(out: Path, model: TransferModel, backbone: Backbone, fine_tune_at: int, config: TrainConfig,
              trainer: Trainer, seconds: float, train_set: LabelledImages, val_set: LabelledImages,
              skipped: list[tuple[str, str]], reporter: Reporter, record: dict) -> Classifier:
@@ -561,7 +355,7 @@ def save_run(out: Path, model: TransferModel, backbone: Backbone, fine_tune_at: 
         "weights_sha256": backbone.weights_sha256,
         "timm_kwargs": backbone.timm_kwargs,
         "preprocess": {"image_size": backbone.preprocess.image_size, "mean": list(backbone.preprocess.mean),
-                       "std": list(backbone.preprocess.std)},
+                       "std": list(backbone.preprocess.std), **record["rules"].to_meta()},
         "fine_tune_at": {"index": fine_tune_at, "name": layers[fine_tune_at][0] if fine_tune_at < len(layers) else None,
                          "num_layers": len(layers)},
         "config": config.to_dict(),
@@ -585,8 +379,7 @@ def save_run(out: Path, model: TransferModel, backbone: Backbone, fine_tune_at: 
     run.write_predictions(out / "val_predictions.csv", val_set.paths, val_set.labels, val_probs, val_set.classes,
                           config.label_sep)
     write_report(out, classifier, "validation", val_set.paths, val_set.labels, val_probs, val_set.images)
-    if trainer.experiment:
-        trainer.experiment.finish(metrics)
+    trainer.finish(metrics)
     if not config.keep_cache:
         shutil.rmtree(out / "cache", ignore_errors=True)
     run.mark_complete(classifier, out)

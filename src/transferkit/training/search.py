@@ -5,7 +5,8 @@ images (the split depends on the seed and the labels alone), and the one kept is
 monitored validation number, so `best` never returns a model worse on validation than the
 default's. Ctrl-C ends the search with the best completed candidate.
 
-`train()` is the entry point of every preset: `fast` and `default` are one run of the recipe.
+The search is a loop over the recipe's one entry point for a run (recipe.train_run), which
+recipe.train hands it; `fast` and `default` are one run of the recipe.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..cfg.settings import BEST_BUDGET_MINUTES, TrainConfig, default_of
 from ..predict import run
 from ..predict.classifier import Classifier
-from ..utils.errors import ConfigError, Interrupted, TransferkitError
+from ..utils.errors import Interrupted, TransferkitError
 from ..utils.files import write_text
 from ..utils.progress import Reporter
-from . import recipe
+from .callbacks import is_better
 
 
 @dataclass(frozen=True)
@@ -48,27 +50,10 @@ CANDIDATES = (
 )
 
 
-def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
-          val_data: str | Path | None = None, reporter: Reporter | None = None,
-          resume: bool = False, overwrite: bool = False, **overrides) -> Classifier:
-    """Train a classifier on `data` (class folders or a CSV) into `out` with the preset's recipe:
-    `recipe.train` once for fast and default, the budgeted search for best. Arguments as
-    `recipe.train`'s."""
-    if resume:
-        if overrides.get("preset") == "best" or (config is not None and config.preset == "best"):
-            raise ConfigError("--resume does not apply to --preset best: Ctrl-C already ends the search with the "
-                              "best completed candidate; start it again to search again")
-        return recipe.train(data, out, config, val_data, reporter, True, overwrite, **overrides)
-    config = TrainConfig.from_dict({**(config or TrainConfig()).to_dict(), **overrides})
-    if config.preset != "best":
-        return recipe.train(data, out, config, val_data, reporter, False, overwrite)
-    if "RANK" in os.environ:
-        raise ConfigError("--preset best runs its candidates one after another in one process; leave out --nproc "
-                          "and torchrun")
-    return search(data, Path(out), config, val_data, reporter or Reporter(), overwrite)
-
-
-def search(data, out: Path, config: TrainConfig, val_data, reporter: Reporter, overwrite: bool) -> Classifier:
+def search(train_run: Callable[..., Classifier], data, out: Path, config: TrainConfig, val_data, reporter: Reporter,
+           overwrite: bool) -> Classifier:
+    """The budgeted search: each candidate is one `train_run` (the recipe's, with the candidate's
+    settings) into a side folder; the best on validation becomes `out`."""
     budget = 60 * (config.time_budget or BEST_BUDGET_MINUTES)
     work = run.prepare(out, overwrite=overwrite)  # refuses before any work, as a plain run does
     side = out.with_name(f".{out.name}.best")
@@ -95,7 +80,7 @@ def search(data, out: Path, config: TrainConfig, val_data, reporter: Reporter, o
             settings = {**config.to_dict(), "preset": "default", "time_budget": None, **candidate.settings}
             folder, began = side / str(i) / out.name, time.perf_counter()  # the report is titled by the folder's name
             try:
-                recipe.train(data, folder, TrainConfig.from_dict(settings), val_data, reporter)
+                train_run(data, folder, TrainConfig.from_dict(settings), val_data, reporter)
             except TransferkitError as exc:
                 if kept is None:  # the reference itself: the data or a setting is wrong
                     raise
@@ -106,7 +91,7 @@ def search(data, out: Path, config: TrainConfig, val_data, reporter: Reporter, o
             tried.append({"name": candidate.name, "settings": candidate.settings, "folder": folder,
                           "seconds": round(time.perf_counter() - began, 1),
                           **({"estimated_seconds": round(estimate, 1)} if estimate else {}), **row})
-            if kept is None or recipe.is_better(row, kept, config.monitor):
+            if kept is None or is_better(row, kept, config.monitor):
                 kept = tried[-1]
             reporter.log(f"Best: {candidate.name}: validation {config.monitor} {row[config.monitor]:.4f} "
                          f"(accuracy {row['val_accuracy']:.4f}); keeping {kept['name']}")

@@ -41,6 +41,14 @@ class ExportError(TransferkitError):
     """An export cannot be written as asked."""
 
 
+class ApiError(TransferkitError):
+    """A request to one of the web apps that cannot be answered: an HTTP status and a message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
 class Interrupted(KeyboardInterrupt):
     """A run stopped by SIGINT or SIGTERM at a step boundary; its folder is left `interrupted` and
     resumable. A KeyboardInterrupt, so that Python code sees what Ctrl-C always gives."""

@@ -47,3 +47,18 @@ def write_bytes(target: str | Path, data: bytes) -> Path:
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)
     return Path(target)
+
+
+def head(source, n: int) -> bytes:
+    """The first `n` bytes of a path or a binary file object (whose position is left as it was);
+    b"" when it cannot be read."""
+    try:
+        if hasattr(source, "read"):
+            position = source.tell()
+            data = source.read(n)
+            source.seek(position)
+            return data
+        with open(source, "rb") as fh:
+            return fh.read(n)
+    except OSError:
+        return b""

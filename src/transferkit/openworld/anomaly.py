@@ -1,0 +1,178 @@
+"""Anomaly scores from good images alone: a patch memory bank in the manner of PatchCore (Roth et
+al., CVPR 2022), on a frozen pretrained backbone, with no gradient training at all.
+
+- Patch features: the feature maps of two mid-level layers of the frozen backbone (by default
+  the last layers at strides 8 and 16, from timm's `feature_info`), each averaged over 3x3
+  neighbourhoods (local aggregation), the deeper one upsampled to the first one's grid, and
+  concatenated: one C-dimensional feature per cell of an (H, W) grid.
+- The bank: the good images' patch features, subsampled by a greedy k-centre coreset (on a random
+  projection, from a random candidate pool of ten times its size) down to a cap in MiB.
+- Scores: each patch's Euclidean distance to its nearest bank entry (the patch map); the image
+  score is the largest patch score. The map shown to people is the patch map upsampled to the
+  image and smoothed (Gaussian, sigma 4 pixels at 224 px).
+
+Everything is one `nn.Module` (`AnomalyModel`): uint8 images in, (scores, maps) out, so that the
+PyTorch engine and an ONNX export compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.transfer import to_unit
+from ..utils.errors import ConfigError
+
+AGGREGATION = 3  # the local neighbourhood averaged around each cell (PatchCore's p = 3)
+PROJECTION_DIMS = 16  # the coreset's greedy search runs on a random projection to this many dimensions
+POOL_FACTOR = 10  # the coreset is drawn from a random candidate pool of this many times its size
+BLUR_SIGMA = 4.0  # the shown map's smoothing, in pixels of a 224 px image (PatchCore's sigma = 4)
+
+
+def default_layers(backbone: nn.Module) -> list[str]:
+    """The backbone's last layers at strides 8 and 16 (timm's `feature_info`); for
+    EfficientNet-Lite0 blocks.2 (40 channels, 28x28 at 224 px) and blocks.4 (112, 14x14)."""
+    info = getattr(backbone, "feature_info", None)
+    found = {}
+    for entry in (info.get_dicts() if hasattr(info, "get_dicts") else info or []):
+        found[int(entry["reduction"])] = entry["module"]
+    if 8 not in found or 16 not in found:
+        raise ConfigError(f"{type(backbone).__name__}: no layers at strides 8 and 16 in its feature_info; "
+                          "anomaly detection needs a convolutional backbone with mid-level feature maps")
+    return [found[8], found[16]]
+
+
+class PatchFeatures(nn.Module):
+    """uint8 (or [0, 1] float) RGB images, NCHW -> patch features (N, C, H, W)."""
+
+    def __init__(self, backbone: nn.Module, layers: list[str], mean, std):
+        super().__init__()
+        from timm.models._features_fx import create_feature_extractor  # fx: only the layers needed run
+
+        self.layers = list(layers)
+        try:
+            self.extractor = create_feature_extractor(backbone, {name: str(i) for i, name in enumerate(layers)})
+        except Exception as exc:  # noqa: BLE001 - fx cannot trace every architecture
+            raise ConfigError(f"{type(backbone).__name__}: cannot take the feature maps of {layers} "
+                              f"({type(exc).__name__}: {exc})") from None
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (to_unit(images) - self.mean) / self.std
+        found = self.extractor(x)
+        maps = [F.avg_pool2d(found[str(i)].float(), AGGREGATION, 1, AGGREGATION // 2) for i in range(len(self.layers))]
+        size = maps[0].shape[-2:]
+        maps = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+                for m in maps]
+        return torch.cat(maps, 1)
+
+
+def bank_rows(cap_mib: float, dims: int) -> int:
+    """How many float32 features of `dims` values fit `cap_mib` MiB (at least one)."""
+    return max(1, int(cap_mib * 2**20) // (4 * dims))
+
+
+def coreset(features: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """Indices of `n` rows of `features` (M, C) by greedy k-centre selection (each next row the one
+    farthest from those chosen; Sener and Savarese 2018, PatchCore's coreset), on a Gaussian random
+    projection to PROJECTION_DIMS dimensions, among a random pool of POOL_FACTOR * n rows."""
+    total = len(features)
+    if n >= total:
+        return torch.arange(total)
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randperm(total, generator=g)[:min(total, POOL_FACTOR * n)].to(features.device)
+    x = features[pool].float()
+    if x.shape[1] > PROJECTION_DIMS:
+        proj = torch.randn(x.shape[1], PROJECTION_DIMS, generator=g).to(x.device) / math.sqrt(PROJECTION_DIMS)
+        x = x @ proj
+    chosen = torch.empty(n, dtype=torch.long, device=x.device)
+    chosen[0] = 0
+    nearest = ((x - x[0]) ** 2).sum(1)
+    for i in range(1, n):
+        far = torch.argmax(nearest)
+        chosen[i] = far
+        nearest = torch.minimum(nearest, ((x - x[far]) ** 2).sum(1))
+    return pool[chosen].cpu()
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, int(round(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(t ** 2) / (2 * sigma ** 2))
+    return k / k.sum()
+
+
+class AnomalyModel(nn.Module):
+    """uint8 RGB images (N, 3, S, S) -> image scores (N,) and maps (N, S, S): the patch scores
+    (distances to the nearest bank feature) upsampled to the image and smoothed."""
+
+    def __init__(self, features: PatchFeatures, bank: torch.Tensor, image_size: int):
+        super().__init__()
+        self.features = features
+        self.register_buffer("bank", bank.float().contiguous())
+        self.register_buffer("bank_sq", (bank.float() ** 2).sum(1), persistent=False)
+        self.register_buffer("blur", gaussian_kernel(BLUR_SIGMA * image_size / 224), persistent=False)
+        self.image_size = image_size
+
+    def patch_scores(self, feats: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) features -> (N, H, W) nearest-neighbour distances."""
+        n, c, h, w = feats.shape
+        q = feats.permute(0, 2, 3, 1).reshape(-1, c)
+        d = (q * q).sum(1, keepdim=True) - 2 * q @ self.bank.T + self.bank_sq
+        return d.min(1).values.clamp_min(0).sqrt().view(n, h, w)
+
+    def smooth(self, patch: torch.Tensor) -> torch.Tensor:
+        """(N, H, W) patch scores -> (N, S, S) map: bilinear upsampling, then a separable Gaussian."""
+        up = F.interpolate(patch[:, None], size=(self.image_size, self.image_size), mode="bilinear",
+                           align_corners=False)
+        k, r = self.blur, self.blur.numel() // 2
+        up = F.conv2d(F.pad(up, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+        up = F.conv2d(F.pad(up, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+        return up[:, 0]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        patch = self.patch_scores(self.features(images))
+        return patch.flatten(1).max(1).values, self.smooth(patch)
+
+
+def score_batches(model: AnomalyModel, images: np.ndarray, device, batch_size: int = 16,
+                  maps: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scores (N,) and maps (N, S, S) of uint8 NHWC images, in batches sized so that one batch's
+    distance matrix stays under 256 MiB."""
+    model.eval()
+    cells = None
+    scores, shown = [], []
+    with torch.inference_mode():
+        start = 0
+        while start < len(images):
+            x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).permute(0, 3, 1, 2).to(device)
+            if cells is None:
+                f = model.features(x[:1])
+                cells = f.shape[-1] * f.shape[-2]
+                batch_size = max(1, min(batch_size, (256 << 20) // max(1, 4 * cells * len(model.bank))))
+                x = x[:batch_size]
+            patch = model.patch_scores(model.features(x))
+            scores.append(patch.flatten(1).max(1).values.float().cpu().numpy())
+            if maps:
+                shown.append(model.smooth(patch).float().cpu().numpy())
+            start += len(x)
+    if not scores:
+        return np.zeros(0, np.float32), None
+    return np.concatenate(scores), (np.concatenate(shown) if maps else None)
+
+
+def conformal_threshold(scores: np.ndarray, keep: float) -> tuple[float, bool]:
+    """The threshold that lets a fraction `keep` of good images pass: the ceil((n + 1) * keep)-th
+    smallest held-out good score (split-conformal: a new good image exceeds it with probability at
+    most 1 - keep when it is exchangeable with the held-out ones). (threshold, reached): with too
+    few held-out images the largest score, and `reached` False."""
+    ordered = np.sort(np.asarray(scores, dtype=np.float64))
+    k = math.ceil((len(ordered) + 1) * keep)
+    if k > len(ordered):
+        return float(ordered[-1]), False
+    return float(ordered[k - 1]), True

@@ -1,0 +1,229 @@
+"""`train --task anomaly`: a patch memory bank from good images alone, on real images (scikit-image's
+LFW faces and texture photographs), with synthetic defects pasted into real good images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import lfw_arrays, texture_crops, write_folders
+from transferkit.cli import app
+
+SIZE = 96  # 12 x 12 patch cells at stride 8: fine enough to find a pasted defect
+runner = CliRunner()
+
+
+def brick_crops(n: int, seed: int) -> list[np.ndarray]:
+    """Real good parts: 96 x 96 crops of scikit-image's brick-wall photograph at random places."""
+    from skimage import data
+
+    brick = data.brick()
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        y, x = rng.integers(0, brick.shape[0] - SIZE, 2)
+        out.append(np.ascontiguousarray(brick[y:y + SIZE, x:x + SIZE]))
+    return out
+
+
+def train(data: Path, out: Path, *options: str):
+    result = runner.invoke(app, ["train", str(data), "--out", str(out), "--task", "anomaly", "--image-size", str(SIZE),
+                                 "--seed", "0", *options])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def faces_run(tmp_path_factory):
+    """Trained on 70 real LFW faces (class folders: the backgrounds are left out and counted)."""
+    images, labels = lfw_arrays()
+    faces, backgrounds = images[labels == 1], images[labels == 0]
+    root = tmp_path_factory.mktemp("faces")
+    write_folders(root / "train", {"face": list(faces[:70]), "background": list(backgrounds[:70])})
+    write_folders(root / "test", {"face": list(faces[70:]), "background": list(backgrounds[70:]),
+                                  "texture": texture_crops(30, seed=5)})
+    result = train(root / "train", root / "run", "--normal-class", "face")
+    return root, result
+
+
+@pytest.fixture(scope="module")
+def brick_run(tmp_path_factory):
+    """Trained on 60 real brick crops, the threshold fitted on 99 more at keep 0.9 (--val-dir)."""
+    root = tmp_path_factory.mktemp("brick")
+    write_folders(root, {"good": brick_crops(60, seed=1), "threshold": brick_crops(99, seed=2)})
+    train(root / "good", root / "run", "--val-dir", str(root / "threshold"), "--anomaly-keep", "0.9")
+    from transferkit.predict.anomaly_engine import load_detector
+
+    return root, load_detector(root / "run")
+
+
+def test_other_real_classes_score_higher_than_held_out_images_of_the_normal_class(faces_run):
+    root, result = faces_run
+    assert "Normal class 'face': 70 image(s) train the model; left out of training: background 70" in result.output
+    out = runner.invoke(app, ["evaluate", str(root / "run"), str(root / "test"), "--normal-class", "face",
+                              "--output", str(root / "metrics.json")])
+    assert out.exit_code == 0, out.output
+    metrics = json.loads((root / "metrics.json").read_text())
+    assert (metrics["n_normal"], metrics["n_anomalous"]) == (30, 60)
+    # a random score's AUROC on 30 vs 60 images lies within 0.5 +- 0.13 (95 %); this margin it fails
+    assert metrics["auroc"] > 0.9 and metrics["auroc_ci95"][0] > 0.75, metrics
+    assert 0 <= metrics["false_alarm_rate"] <= 1 and 0 <= metrics["miss_rate"] <= 1
+    assert metrics["auroc_ci95"][0] <= metrics["auroc"] <= metrics["auroc_ci95"][1]
+    meta = json.loads((root / "run" / "model.json").read_text())
+    assert meta["task"] == "anomaly" and meta["normal_class"] == "face" and meta["left_out"] == {"background": 70}
+    assert meta["anomaly"]["keep"] == 0.99 and meta["threshold"] == meta["anomaly"]["threshold"]
+
+
+def paste(image: np.ndarray, kind: str, rng) -> tuple[np.ndarray, np.ndarray]:
+    """A real good image with a synthetic defect pasted in, and the defect's mask."""
+    out, mask = image.copy(), np.zeros(image.shape[:2], bool)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    cy, cx = rng.integers(24, SIZE - 24, 2)
+    if kind == "scratch":  # a dark line 3 px wide, 36 px long, at a random angle
+        angle = rng.uniform(0, np.pi)
+        along = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
+        across = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
+        mask = (np.abs(along) <= 18) & (np.abs(across) <= 1.5)
+        out[mask] = 10
+    else:  # a bright round blob of radius 7 px
+        mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= 49
+        out[mask] = 250
+    return out, mask
+
+
+@pytest.mark.parametrize("kind", ["scratch", "blob"])
+def test_a_pasted_defect_scores_higher_than_the_clean_image_and_the_map_peaks_on_it(brick_run, kind):
+    from scipy.ndimage import binary_dilation
+
+    _, detector = brick_run
+    rng = np.random.default_rng({"scratch": 7, "blob": 8}[kind])
+    clean = np.stack([np.repeat(c[..., None], 3, 2) for c in brick_crops(12, seed=3)])
+    pasted = [paste(c[..., 0], kind, rng) for c in clean]
+    defective = np.stack([np.repeat(p[..., None], 3, 2) for p, _ in pasted])
+    clean_scores, _ = detector.score(clean)
+    scores, maps = detector.score(defective, maps=True)
+    assert (scores > clean_scores).all(), (scores, clean_scores)
+    peaks = [np.unravel_index(np.argmax(m), m.shape) for m in maps]
+    # within the defect, or at most one patch cell (8 px) from it
+    inside = [binary_dilation(mask, iterations=8)[peak] for (_, mask), peak in zip(pasted, peaks)]
+    assert sum(inside) >= 11, inside
+
+
+def test_the_threshold_holds_its_false_alarm_rate_on_new_good_images(brick_run):
+    from transferkit.predict.metrics import wilson_interval
+
+    root, detector = brick_run
+    meta = detector.meta
+    assert meta["anomaly"]["holdout_images"] >= 95 and meta["anomaly"]["threshold_reached"]  # duplicates merged
+    fresh = np.stack([np.repeat(c[..., None], 3, 2) for c in brick_crops(300, seed=4)])
+    scores, _ = detector.score(fresh)
+    alarms = int((scores > detector.threshold).sum())
+    low, high = wilson_interval(alarms, len(fresh))
+    assert low <= 1 - 0.9 <= high, (alarms, low, high)
+    held = json.loads((root / "run" / "metrics.json").read_text())
+    assert held["false_alarm_rate"] <= 0.1
+
+
+def test_predict_and_explain_on_an_anomaly_run(brick_run, tmp_path):
+    root, detector = brick_run
+    rng = np.random.default_rng(9)
+    good = brick_crops(1, seed=5)[0]
+    bad, _ = paste(good, "blob", rng)
+    Image.fromarray(good).save(tmp_path / "good.png")
+    Image.fromarray(bad).save(tmp_path / "bad.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    out = runner.invoke(app, ["predict", str(root / "run"), str(tmp_path / "good.png"), str(tmp_path / "bad.png"),
+                              str(tmp_path / "broken.png"), "--format", "json"])
+    assert out.exit_code == 0, out.output
+    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r.get("label") for r in records] == ["normal", "anomaly", None]
+    assert records[0]["anomaly_score"] < records[0]["threshold"] < records[1]["anomaly_score"]
+    assert "error" in records[2]
+    out = runner.invoke(app, ["explain", str(root / "run"), str(tmp_path / "bad.png"), "--out", str(tmp_path / "maps")])
+    assert out.exit_code == 0, out.output
+    picture = np.asarray(Image.open(tmp_path / "maps" / "bad.png"))
+    assert picture.shape[2] == 3 and picture.shape[0] >= 224
+
+
+def test_a_second_run_reuses_the_stored_patch_features_and_builds_the_same_bank(brick_run, tmp_path):
+    root, detector = brick_run
+    result = train(root / "good", tmp_path / "again", "--val-dir", str(root / "threshold"), "--anomaly-keep", "0.9",
+                   "--anomaly-bank-mib", "0.5")
+    assert "60 reused from the view store" in result.output
+    meta = json.loads((tmp_path / "again" / "model.json").read_text())
+    assert meta["anomaly"]["bank_rows"] == 0.5 * 2**20 // (4 * meta["anomaly"]["dims"])  # the cap, by a coreset
+    assert "coreset" in meta["anomaly"]["coreset"]
+    assert meta["anomaly"]["bank_rows"] < detector.meta["anomaly"]["bank_rows"]
+
+
+def one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and result.output.startswith("error: "), result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
+def test_bad_input_is_one_clear_line(brick_run, tmp_path):
+    root, _ = brick_run
+    write_folders(tmp_path / "one", {"good": brick_crops(1, seed=6)})
+    one_line_error(runner.invoke(app, ["train", str(tmp_path / "one" / "good"), "--out", str(tmp_path / "r1"),
+                                       "--task", "anomaly"]), "1 good image(s)", "at least 2")
+    assert not (tmp_path / "r1").exists()
+    write_folders(tmp_path / "classes", {"good": brick_crops(3, seed=6), "bad": brick_crops(2, seed=7)})
+    one_line_error(runner.invoke(app, ["train", str(tmp_path / "classes"), "--out", str(tmp_path / "r2"),
+                                       "--task", "anomaly", "--normal-class", "fine"]),
+                   "--normal-class 'fine' names no class", "bad, good")
+    one_line_error(runner.invoke(app, ["train", str(tmp_path / "classes"), "--out", str(tmp_path / "r2"),
+                                       "--task", "anomaly"]), "name the normal one with --normal-class")
+    one_line_error(runner.invoke(app, ["train", str(tmp_path / "classes"), "--out", str(tmp_path / "r2"),
+                                       "--normal-class", "good"]), "normal_class is for --task anomaly")
+    # a test folder without the normal class: the run's own ("normal": it trained on a folder of good images)
+    one_line_error(runner.invoke(app, ["evaluate", str(root / "run"), str(tmp_path / "classes")]),
+                   "no class 'normal'", "name another with --normal-class")
+    one_line_error(runner.invoke(app, ["evaluate", str(root / "run"), str(tmp_path / "classes"), "--normal-class",
+                                       "nothing"]), "no class 'nothing'")
+    # an anomaly run where a classifier is needed
+    for command in (["report", str(root / "run")], ["serve", str(root / "run")]):
+        one_line_error(runner.invoke(app, command), "an anomaly run (--task anomaly), not a classifier")
+    # a damaged bank
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(root / "run", damaged)
+    bank = damaged / "bank.safetensors"
+    data = bytearray(bank.read_bytes())
+    data[-100:] = bytes(100)
+    bank.write_bytes(bytes(data))
+    one_line_error(runner.invoke(app, ["predict", str(damaged), str(tmp_path / "classes" / "good" / "000.png")]),
+                   "bank.safetensors: does not match the SHA-256")
+
+
+def test_a_classifier_run_given_to_anomaly_evaluation_is_one_clear_line(binary_run, lfw_split):
+    one_line_error(runner.invoke(app, ["evaluate", str(binary_run[1]), str(lfw_split[1]), "--normal-class", "face"]),
+                   "a classifier run, not an anomaly run")
+
+
+def test_onnx_export_carries_the_bank_and_gives_the_scores_and_maps_of_pytorch(brick_run, tmp_path):
+    import onnxruntime as ort
+
+    root, detector = brick_run
+    out = runner.invoke(app, ["export", str(root / "run"), "--out", str(tmp_path / "a.onnx")])
+    assert out.exit_code == 0, out.output
+    assert not list(tmp_path.glob("*.data"))  # the bank is inside the file, not beside it
+    rng = np.random.default_rng(10)
+    clean = brick_crops(3, seed=11)
+    images = np.stack([np.repeat(c[..., None], 3, 2) for c in [*clean, paste(clean[0], "scratch", rng)[0]]])
+    session = ort.InferenceSession(str(tmp_path / "a.onnx"), providers=["CPUExecutionProvider"])
+    scores, maps = session.run(None, {"images": images})
+    want_scores, want_maps = detector.score(images, maps=True)
+    assert np.abs(scores - want_scores).max() < 1e-4 * max(1.0, float(np.abs(want_scores).max()))
+    assert np.abs(maps - want_maps).max() < 1e-3 * max(1.0, float(np.abs(want_maps).max()))
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "a.onnx")).metadata_props}
+    assert props["task"] == "anomaly" and json.loads(props["threshold"]) == detector.threshold
