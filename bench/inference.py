@@ -1,7 +1,8 @@
 """The inference path (feature extraction and prediction), one choice at a time: each row adds one
 choice to the row above and is timed interleaved with the others in this one process, so the ratios
 compare like with like. Also decoding: a thread pool against one thread, and Pillow's JPEG draft
-mode on large camera-sized JPEGs. Prints Markdown tables.
+mode on large camera-sized JPEGs. Prints Markdown tables and writes them to
+bench/results/inference.json (tools/docs_tables.py renders them).
 
     python bench/inference.py [--backbone tf_efficientnet_lite0] [--rounds 5]
 """
@@ -22,6 +23,10 @@ from PIL import Image
 from transferkit.data.decode import iter_decoded, load_image
 from transferkit.models.backbones import create_backbone
 from transferkit.models.fold import fold_batchnorm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results import Quiet, write  # noqa: E402
 
 BATCH = 32
 
@@ -107,6 +112,7 @@ def main() -> None:
     parser.add_argument("--pngs", type=Path, default=Path("data/elpv-split/train"),
                         help="a folder of images for the decoding rows (default: ELPV)")
     args = parser.parse_args()
+    quiet = Quiet()
     backbone = create_backbone(args.backbone)
     size = backbone.preprocess.image_size
     model = backbone.model.eval()
@@ -118,6 +124,8 @@ def main() -> None:
     for name, speed in rows:
         print(f"| {name} | {speed:.1f} | {speed / rows[0][1]:.2f}x |")
 
+    forward = [{"choice": name, "images_per_s": speed, "ratio": speed / rows[0][1]} for name, speed in rows]
+    decoding = []
     print("\n| decoding | images/s | ratio |\n|---|---|---|")
     files = sorted(str(p) for p in args.pngs.rglob("*.png"))[:400]
     if files:
@@ -128,6 +136,8 @@ def main() -> None:
         one, pool = statistics.median(one), statistics.median(pool)
         print(f"| {len(files)} PNGs from {args.pngs}, 1 thread | {one:.0f} | 1x |")
         print(f"| same, pool of 2 threads | {pool:.0f} | {pool / one:.2f}x |")
+        decoding += [{"choice": f"{len(files)} PNGs from `{args.pngs}`, 1 thread", "images_per_s": one, "ratio": 1.0},
+                     {"choice": "same, pool of 2 threads", "images_per_s": pool, "ratio": pool / one}]
     with tempfile.TemporaryDirectory() as tmp:
         paths = large_jpegs(Path(tmp), 16)
         full, draft = [], []
@@ -137,6 +147,23 @@ def main() -> None:
         full, draft = statistics.median(full), statistics.median(draft)
         print(f"| 4032 x 3024 JPEGs, full decode, 1 thread | {full:.1f} | 1x |")
         print(f"| same, Pillow draft mode (decode at 1/8..1/2 scale) | {draft:.1f} | {draft / full:.2f}x |")
+        decoding += [{"choice": "4032 x 3024 JPEGs, full decode, 1 thread", "images_per_s": full, "ratio": 1.0},
+                     {"choice": "same, Pillow draft mode (decode at 1/8..1/2 scale)", "images_per_s": draft,
+                      "ratio": draft / full}]
+    speed = {"title": "images/s", "key": "images_per_s", "format": "{:.1f}", "align": "right"}
+    path = write("inference", {
+        "settings": {"backbone": args.backbone, "image_size": size, "batch": BATCH, "rounds": args.rounds,
+                     "threads": torch.get_num_threads()},
+        "tables": {
+            "forward": {"columns": [{"title": "choice", "key": "choice"}, speed,
+                                    {"title": "vs naive", "key": "ratio", "format": "{:.2f}x", "align": "right"}],
+                        "rows": forward,
+                        "note": f"{args.backbone} at {size} px, batch {BATCH}, median of {args.rounds} interleaved "
+                                f"rounds, {torch.get_num_threads()} threads by default."},
+            "decoding": {"columns": [{"title": "decoding", "key": "choice"}, speed,
+                                     {"title": "ratio", "key": "ratio", "format": "{:.2f}x", "align": "right"}],
+                         "rows": decoding}}}, quiet=quiet)
+    print(f"\nwrote {path}")
     sys.stdout.flush()
 
 

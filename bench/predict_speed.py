@@ -1,10 +1,13 @@
 """Prediction speed and accuracy: PyTorch vs ONNX Runtime float32 vs int8 (static and dynamic),
-same run, same images, same number of threads. Prints a README-ready table.
+same run, same images, same number of threads. Prints the table and writes it to
+bench/results/predict_speed.json (tools/docs_tables.py renders it into docs/benchmarks.md).
 
     python bench/predict_speed.py --run runs/demo --data data/elpv/test --train data/elpv/train
 
 The int8 models are calibrated and checked on the run's own validation split (rebuilt from
 --train with the run's val_split and seed), as `transferkit export --quantize` does with --val-dir.
+The validation drop is in percentage points (float accuracy minus quantized, x 100), the unit of
+`export --tolerance`: a drop above the tolerance (1 point by default) is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results import Quiet, write  # noqa: E402
 
 from transferkit.data.decode import decode
 from transferkit.data.listing import from_folder, load_labelled
@@ -63,6 +69,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
 
+    quiet = Quiet()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
@@ -90,10 +97,38 @@ def main() -> None:
           f"batch {args.batch_size}, torch {torch.__version__}\n")
     print("| engine | test accuracy | validation drop (points) | images/s | speed-up vs torch | file size |")
     print("|---|---:|---:|---:|---:|---:|")
+    records = []
     for name, acc, speed, drop, size in rows:
-        drop_text = "" if drop is None else f"{drop:+.2f}"
-        print(f"| {name} | {acc:.2f} % | {drop_text} | {speed:.1f} | {speed / base:.2f}x | {size / 2**20:.1f} MiB |")
-
+        points = None if drop is None else drop * 100  # the report's drop is a fraction of the images
+        print(f"| {name} | {acc:.2f} % | {'' if points is None else f'{points:+.2f}'} | {speed:.1f} | "
+              f"{speed / base:.2f}x | {size / 2**20:.1f} MiB |")
+        records.append({"engine": name, "test_accuracy": acc, "validation_drop_points": points,
+                        "within_default_tolerance": None if points is None else points <= 1.0,
+                        "images_per_s": speed, "speedup": speed / base, "file_mib": size / 2**20})
+    by_engine = {r["engine"]: r for r in records}
+    path = write("predict_speed", {
+        "settings": {"run": str(args.run), "test_images": len(test), "image_size": torch_model.image_size,
+                     "threads": args.threads, "batch_size": args.batch_size, "torch": torch.__version__},
+        "tables": {"predict_speed": {
+            "columns": [{"title": "engine", "key": "engine"},
+                        {"title": "test accuracy", "key": "test_accuracy", "format": "{:.2f} %", "align": "right"},
+                        {"title": "validation drop (points)", "key": "validation_drop_points", "format": "{:+.2f}",
+                         "align": "right"},
+                        {"title": "within the default tolerance (1 point)", "key": "within_default_tolerance",
+                         "format": "{}", "align": "right"},
+                        {"title": "images/s", "key": "images_per_s", "format": "{:.1f}", "align": "right"},
+                        {"title": "speed-up vs torch", "key": "speedup", "format": "{:.2f}x", "align": "right"},
+                        {"title": "file size", "key": "file_mib", "format": "{:.1f} MiB", "align": "right"}],
+            "rows": records,
+            "note": f"{len(test)} test images of `{args.data}`, {torch_model.image_size} px, {args.threads} "
+                    f"threads, batch {args.batch_size}, torch {torch.__version__}; the run: `{args.run}`."}},
+        "figures": {
+            "onnx_speedup": {"value": by_engine["onnxruntime fp32"]["speedup"], "format": "{:.1f}x"},
+            "int8_speedup": {"value": by_engine["onnxruntime int8"]["speedup"], "format": "{:.1f}x"},
+            "int8_drop_points": {"value": by_engine["onnxruntime int8"]["validation_drop_points"],
+                                 "format": "{:.2f} points"},
+        }}, quiet=quiet)
+    print(f"\nwrote {path}")
 
 if __name__ == "__main__":
     main()

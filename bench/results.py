@@ -65,8 +65,9 @@ def _git(*args: str) -> str:
         return ""
 
 
-def provenance(quiet: Quiet | None = None, command: list[str] | None = None) -> dict:
-    """What a results file records about how and where it was made."""
+def provenance(quiet: Quiet | dict | None = None, command: list[str] | None = None) -> dict:
+    """What a results file records about how and where it was made. `quiet` may also be the
+    measurement itself (a dict as `Quiet.measure` gives), for a file gathered from several runs."""
     return {
         "commit": _git("rev-parse", "--short", "HEAD") or "unknown",
         "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
@@ -75,11 +76,11 @@ def provenance(quiet: Quiet | None = None, command: list[str] | None = None) -> 
         "machine": platform.machine(),
         "python": platform.python_version(),
         "command": " ".join(command if command is not None else sys.argv),
-        **(quiet.measure() if quiet is not None else {"quiet": None}),
+        **(quiet if isinstance(quiet, dict) else quiet.measure() if quiet is not None else {"quiet": None}),
     }
 
 
-def write(name: str, data: dict, quiet: Quiet | None = None, command: list[str] | None = None) -> Path:
+def write(name: str, data: dict, quiet: Quiet | dict | None = None, command: list[str] | None = None) -> Path:
     """bench/results/NAME.json: `data` with its provenance; written to a temporary name, then renamed."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -4,7 +4,7 @@ in the order it imports them, and the interpreter's exit with and without `gc.fr
 
     python bench/startup.py [--repeats 5]
 
-Time it on a quiet machine.
+Time it on a quiet machine. Writes bench/results/startup.json (tools/docs_tables.py renders it).
 """
 
 from __future__ import annotations
@@ -15,6 +15,11 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results import Quiet, write  # noqa: E402
 
 IMPORTS = ("torch", "timm", "sklearn.metrics", "matplotlib.figure", "transferkit.training.recipe")
 ALL = ", ".join(IMPORTS)
@@ -43,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    quiet = Quiet()
     imports = import_seconds(args.repeats)
     print("| import (in this order) | seconds |\n|---|---|")
     for name, seconds in imports.items():
@@ -53,7 +59,23 @@ def main() -> None:
                                for _ in range(args.repeats))
     print(f"\nexit after these imports: {plain:.2f} s; with gc.freeze() first: {frozen:.2f} s "
           f"({plain / frozen:.1f}x less)")
-
+    seconds = {"title": "seconds", "key": "seconds", "format": "{:.2f}", "align": "right"}
+    path = write("startup", {
+        "repeats": args.repeats,
+        "tables": {
+            "imports": {"columns": [{"title": "import, in the order a run does", "key": "name", "format": "`{}`"},
+                                    seconds],
+                        "rows": [*({"name": n, "seconds": t} for n, t in imports.items()),
+                                 {"name": "all", "seconds": sum(imports.values())}],
+                        "note": f"Fresh processes, median of {args.repeats}."},
+            "exit": {"columns": [{"title": "exit after those imports", "key": "name"}, seconds],
+                     "rows": [{"name": "Python's default: the last garbage collection walks every object",
+                               "seconds": plain},
+                              {"name": "`gc.freeze()` first (what the `transferkit` command does)", "seconds": frozen}],
+                     "note": f"Fresh processes, median of {args.repeats}."}},
+        "figures": {"exit_ratio": {"value": plain / frozen, "format": "{:.1f}x"},
+                    "exit_saved": {"value": plain - frozen, "format": "{:.1f} s"}}}, quiet=quiet)
+    print(f"wrote {path}")
 
 if __name__ == "__main__":
     main()

@@ -11,6 +11,10 @@ accuracy per minute and peak memory; then each way's mean and worst set.
     python bench/suite.py --list                   # the sets, their sources and licences
     python bench/suite.py --prepare-only           # write the sets' folders and splits
     python bench/suite.py --table                  # the table of runs/suite/results.jsonl so far
+Every invocation ends by writing that table to bench/results/suite.json (tools/docs_tables.py
+renders it into the docs): per set and way, the mean of the seeds with their range, never one
+seed alone; each run records whether the machine was quiet while it ran, and its training time
+(model.json's training_seconds), from which the table gives each way's cost against the defaults.
 
 Keras: `--keras-python ~/venv-keras/bin/python` (the peer's README says how to make that venv);
 without it the Keras rows are left out. Time only on a quiet machine: each run is a separate
@@ -36,6 +40,10 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results import Quiet, write  # noqa: E402
+
 PEER = ROOT.parent / "shared" / "peer" / "keras_peer.py"
 
 WAYS = {
@@ -182,6 +190,7 @@ def run_transferkit(data: Path, out: Path, way: str, seed: int) -> dict:
             "--test-dir", str(data / "test"), *WAYS[way], "--seed", str(seed)]
     with tempfile.TemporaryDirectory() as cold:  # a new user's first run: no views stored by an earlier run
         log = Path(cold) / "log"
+        quiet = Quiet()
         with open(log, "w") as fh:
             started = time.perf_counter()
             child = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT,
@@ -192,8 +201,12 @@ def run_transferkit(data: Path, out: Path, way: str, seed: int) -> dict:
         if child.returncode != 0:
             raise SystemExit(f"{way} on {data} failed:\n{log.read_text()[-2000:]}")
     m = json.loads((out / "test_metrics.json").read_text())
+    meta = json.loads((out / "model.json").read_text())
+    machine = quiet.measure()
     return {**{k: m[k] for k in ("accuracy", "accuracy_ci95", "balanced_accuracy", "n")},
-            "peak_mib": round(usage.ru_maxrss / 1024), "seconds": round(seconds, 1)}
+            "peak_mib": round(usage.ru_maxrss / 1024), "seconds": round(seconds, 1),
+            "training_seconds": meta.get("training_seconds"), "quiet": machine["quiet"],
+            "others_cpu_share": machine["others_cpu_share"]}
 
 
 def run_keras(python: str, data: Path, seed: int, out: Path) -> dict:
@@ -250,6 +263,86 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[dict]) -> list[dict]:
+    """One record per set and way: the seeds' mean and range, never one seed alone; the training
+    time against the defaults' on the same set (both means); whether every run was quiet."""
+    rows = latest(rows)
+    out = []
+    for name in SETS:
+        base = [r["training_seconds"] for r in rows if r["set"] == name and r["way"] == "defaults"
+                and r.get("training_seconds")]
+        for way in WAYS:
+            found = [r for r in rows if r["set"] == name and r["way"] == way]
+            if not found:
+                continue
+            acc = np.array([r["accuracy"] for r in found])
+            training = [r["training_seconds"] for r in found if r.get("training_seconds")]
+            quiet = [r.get("quiet") for r in found]
+            out.append({
+                "set": name, "way": way, "runs": len(found), "seeds": sorted(r["seed"] for r in found),
+                "accuracy_mean": float(acc.mean()), "accuracy_min": float(acc.min()), "accuracy_max": float(acc.max()),
+                "accuracy": f"{acc.mean():.1%} ({acc.min():.1%}–{acc.max():.1%})" if len(found) > 1
+                            else f"{acc.mean():.1%} (one seed)",
+                "balanced_accuracy": float(np.mean([r.get("balanced_accuracy", np.nan) for r in found])),
+                "best_epoch_accuracy": float(np.mean([r["best_epoch_accuracy"] for r in found]))
+                                       if all("best_epoch_accuracy" in r for r in found) else None,
+                "seconds": float(np.mean([r["seconds"] for r in found])),
+                "training_seconds": float(np.mean(training)) if training else None,
+                "cost_vs_defaults": float(np.mean(training) / np.mean(base)) if training and base else None,
+                "peak_mib": max((r.get("peak_mib") or 0) for r in found),
+                "quiet": "yes" if all(quiet) else "no" if None not in quiet else "not measured",
+                "commits": sorted({r.get("commit", "?") for r in found})})
+    return out
+
+
+def short_rows(records: list[dict]) -> list[dict]:
+    """One row per set: each way's mean accuracy (range) and time, over 2 seeds or more."""
+    out = {}
+    for r in records:
+        if r["way"] in ("defaults", "fast", "keras") and r["runs"] > 1:
+            row = out.setdefault(r["set"], {"set": r["set"], "quiet": []})
+            row[r["way"]] = f"{r['accuracy']}, {r['seconds']:.0f} s"
+            row["quiet"].append(r["quiet"])
+    for row in out.values():
+        row["quiet"] = "yes" if all(q == "yes" for q in row["quiet"]) else "no"
+    return list(out.values())
+
+
+def write_results(rows: list[dict]) -> Path:
+    """bench/results/suite.json: the summary as a table, and every run."""
+    right = {"align": "right"}
+    records = summary(rows)
+    runs = latest(rows)
+    shares = [r["others_cpu_share"] for r in runs if r.get("others_cpu_share") is not None]
+    machine = {"quiet": all(r.get("quiet") for r in runs) if all("quiet" in r for r in runs) else None,
+               "others_cpu_share": max(shares) if shares else None}  # the busiest run's
+    command = ["bench/suite.py", "--sets", *dict.fromkeys(r["set"] for r in runs),
+               "--ways", *dict.fromkeys(r["way"] for r in runs),
+               "--seeds", *map(str, sorted({r["seed"] for r in runs}))]
+    return write("suite", {
+        "runs": latest(rows),
+        "tables": {"short": {  # the README's: one row per set, the ways a user picks between
+            "columns": [{"title": "set", "key": "set"},
+                        *({"title": title, "key": way} for way, title in (
+                            ("defaults", "defaults"), ("fast", "`--preset fast`"), ("keras", "the seed's Keras code"))),
+                        {"title": "quiet", "key": "quiet"}],
+            "rows": short_rows(records)},
+                   "suite": {
+            "columns": [{"title": "set", "key": "set"}, {"title": "way", "key": "way"},
+                        {"title": "runs", "key": "runs", **right},
+                        {"title": "test accuracy, mean (range)", "key": "accuracy"},
+                        {"title": "balanced accuracy", "key": "balanced_accuracy", "format": "{:.1%}", **right},
+                        {"title": "time (s)", "key": "seconds", "format": "{:.0f}", **right},
+                        {"title": "training time vs defaults", "key": "cost_vs_defaults", "format": "{:.2f}x", **right},
+                        {"title": "peak memory (MiB)", "key": "peak_mib", **right},
+                        {"title": "quiet", "key": "quiet"}],
+            "rows": records,
+            "note": "Time: `transferkit train --test-dir` from start to exit, a fresh process, an empty view "
+                    "store; comparable only between quiet runs. Training time vs defaults: model.json's "
+                    "training_seconds, the mean over the seeds, over the defaults' on the same set."}}},
+        quiet=machine, command=command)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
@@ -273,6 +366,7 @@ def main() -> None:
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     if args.table:
         print(table(rows))
+        print(f"wrote {write_results(rows)}")
         return
     for name in args.sets:
         data = args.data / name
@@ -296,6 +390,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     if not args.prepare_only:
         print(table(rows))
+        print(f"wrote {write_results(rows)}")
 
 
 if __name__ == "__main__":

@@ -164,9 +164,43 @@ def test_a_csv_header_with_spaces_is_read(folder, tmp_path):
     (["--device", "banana"], r"device must be auto, cpu, cuda or cuda:N, got 'banana'"),
     (["--device", "cuda:0"], r"device 'cuda:0' is not available on this machine \(available: cpu"),
     (["--backbone", "nonsense_net"], r"unknown backbone 'nonsense_net'"),
+    # a seed is what numpy and torch accept: [0, 2**32 - 1]
+    (["--seed", "-1"], r"^error: seed must be an integer in \[0, 4294967295\], got '-1'$"),
+    (["--seed", str(2**32)], r"^error: seed must be an integer in \[0, 4294967295\], got '4294967296'$"),
+    # a split leaves every class on both sides (14 + 14 images here)
+    (["--val-split", "0.99"], r"^error: .*data: val_split 0\.99 leaves 0 training image\(s\) of 28 for 2 classes; "
+                              r"every class needs one on both sides: lower --val-split"),
+    (["--val-split", "0.97"], r"val_split 0\.97 leaves 1 training image\(s\) of 28 for 2 classes"),
 ])
 def test_absurd_settings_are_one_line_errors(folder, tmp_path, args, pattern):
     one_line_error(run_cli("train", folder, "--out", tmp_path / "run", *TINY, *args), pattern)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_ends_of_the_seed_and_split_ranges_train(folder, tmp_path):
+    """The largest seed numpy accepts, and a split that leaves 3 training images of 28 (one class
+    or more on each side), are accepted and train."""
+    succeeded(run_cli("train", folder, "--out", tmp_path / "run", *TINY, "--seed", str(2**32 - 1),
+                      "--val-split", "0.9"))
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["config"]["seed"] == 2**32 - 1 and meta["status"] == "complete"
+
+
+def test_a_split_that_leaves_a_class_without_validation_images_is_refused_before_decoding(tmp_path, crops,
+                                                                                         monkeypatch):
+    """2 faces and 14 backgrounds: a 20 % split draws 3 validation images, all backgrounds (the
+    stratified shares are 0.4 and 2.6). Refused on the listing, before any image is decoded; at
+    val_split 0.5 each class is on both sides and the run trains."""
+    import transferkit.training.recipe as recipe
+
+    data = write_folders(tmp_path / "data", {"face": crops["face"][:2], "background": crops["background"]})
+    decode = recipe._decode
+    monkeypatch.setattr(recipe, "_decode", lambda *a, **k: pytest.fail("decoded before refusing"))
+    one_line_error(run_cli("train", data, "--out", tmp_path / "run", *TINY),
+                   r"data: val_split 0\.2 leaves no validation image of class\(es\) \['face'\] \(the smallest "
+                   r"class has 2 images\); raise --val-split, or give a validation set \(--val-dir\)$")
+    monkeypatch.setattr(recipe, "_decode", decode)
+    succeeded(run_cli("train", data, "--out", tmp_path / "run", *TINY, "--val-split", "0.5"))
 
 
 def test_a_backbone_without_offline_weights_fails_fast_when_offline(folder, tmp_path, monkeypatch):
@@ -182,15 +216,20 @@ def test_a_backbone_without_offline_weights_fails_fast_when_offline(folder, tmp_
 
 
 def test_a_diverging_learning_rate_is_a_warning_in_the_log_and_the_run(folder, tmp_path):
-    result = run_cli("train", folder, "--out", tmp_path / "run", *TINY[:-1], "--lr", "1e9", "--epochs", "4")
-    if result.exit_code == 2:  # the loss became NaN: a one-line error is the other honest answer
-        one_line_error(result, r"training diverged in epoch \d+ .*lower lr")
-        return
-    succeeded(result)
-    assert re.search(r"warning: the training loss grew from .* the learning rate \(0\.001\) is probably too high|"
-                     r"warning: the training loss grew from .* the learning rate \(1e\+09\) is probably too high",
-                     result.output), result.output
-    assert json.loads((tmp_path / "run" / "model.json").read_text())["warnings"]
+    """lr 1e9: the first step throws the head's weights to ~1e9, so epoch 2's training loss is many
+    orders of magnitude above epoch 1's (still finite: the loss is computed stably): the run ends with
+    one warning that names the learning rate it was given. The default lr on the same data: none."""
+    args = [*TINY[:-1], "--epochs", "4", "--threads", "1"]
+    result = succeeded(run_cli("train", folder, "--out", tmp_path / "run", *args, "--lr", "1e9"))
+    warning = re.findall(r"^warning: .*$", result.output, re.M)
+    assert len(warning) == 1 and re.fullmatch(
+        r"warning: the training loss grew from [\d.]+ \(epoch 1\) to [\d.e+]+ \(epoch 2\): "
+        r"the learning rate \(1e\+09\) is probably too high", warning[0]), result.output
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["warnings"] == [warning[0].removeprefix("warning: ")]
+    quiet = succeeded(run_cli("train", folder, "--out", tmp_path / "default", *args))
+    assert "warning" not in quiet.output
+    assert not json.loads((tmp_path / "default" / "model.json").read_text())["warnings"]
 
 
 def test_a_vision_transformer_trains_at_another_size(folder, tmp_path):

@@ -1,7 +1,8 @@
 """The web page in a real headless chromium, driven over the DevTools protocol (a websocket): pick
 an image through the page's file input and see the predicted label and the probability bars.
 
-Skipped when chromium is missing, unless TRANSFERKIT_REQUIRE_BROWSER=1 (CI), then it fails.
+Skipped when chromium or the websockets package is missing, unless TRANSFERKIT_REQUIRE_BROWSER=1
+(CI): then the module fails on import, before anything can be skipped.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -18,12 +20,61 @@ from pathlib import Path
 import httpx
 import pytest
 
-websockets = pytest.importorskip("websockets.sync.client")
+
+def browser_missing(required: bool, chromium: str | None, import_error: ImportError | None) -> str | None:
+    """Why the browser tests cannot run here (None: they can). `required` (CI): a missing browser
+    or library is an error, raised here, before any test can be skipped."""
+    missing = [what for what, gone in (("chromium", chromium is None),
+                                       ("the websockets package", import_error is not None)) if gone]
+    if not missing:
+        return None
+    if required:
+        raise RuntimeError(f"{' and '.join(missing)} not found but TRANSFERKIT_REQUIRE_BROWSER=1"
+                           + (f" ({import_error})" if import_error else ""))
+    return f"{' and '.join(missing)} not installed"
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-if CHROMIUM is None:
-    if os.environ.get("TRANSFERKIT_REQUIRE_BROWSER") == "1":
-        raise RuntimeError("chromium not found but TRANSFERKIT_REQUIRE_BROWSER=1")
-    pytest.skip("chromium not installed", allow_module_level=True)
+try:
+    import websockets.sync.client as websockets
+    _import_error = None
+except ImportError as exc:
+    websockets, _import_error = None, exc
+MISSING = browser_missing(os.environ.get("TRANSFERKIT_REQUIRE_BROWSER") == "1", CHROMIUM, _import_error)
+needs_browser = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))  # before any fixture is set up
+
+
+def test_the_guard_fails_when_required_and_skips_only_when_not():
+    with pytest.raises(RuntimeError, match=r"^the websockets package not found but TRANSFERKIT_REQUIRE_BROWSER=1"):
+        browser_missing(True, "/usr/bin/chromium", ImportError("No module named 'websockets'"))
+    with pytest.raises(RuntimeError, match=r"^chromium not found but TRANSFERKIT_REQUIRE_BROWSER=1$"):
+        browser_missing(True, None, None)
+    assert browser_missing(False, None, ImportError("x")) == "chromium and the websockets package not installed"
+    assert browser_missing(True, "/usr/bin/chromium", None) is None
+    assert browser_missing(False, "/usr/bin/chromium", None) is None
+
+
+@pytest.mark.parametrize("required", ["1", ""])
+def test_a_missing_library_fails_collection_in_ci_and_is_a_skip_elsewhere(tmp_path, required):
+    """This very module, collected with the websockets package made unimportable: with
+    TRANSFERKIT_REQUIRE_BROWSER=1 pytest reports an error (exit 2), without it the browser tests skip."""
+    import sys
+
+    shadow = tmp_path / "shadow" / "websockets"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('websockets hidden by the test')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow.parent), *sys.path]),
+           "TRANSFERKIT_REQUIRE_BROWSER": required}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                             "-k", "upload_through_the_page"], env=env, capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path)
+    if required:
+        assert result.returncode == 2, result.stdout
+        assert "the websockets package not found but TRANSFERKIT_REQUIRE_BROWSER=1" in result.stdout
+        assert "skipped" not in result.stdout
+    else:
+        assert result.returncode == 0, result.stdout
+        assert re.search(r"1 skipped", result.stdout), result.stdout
 
 
 class DevTools:
@@ -58,6 +109,8 @@ class DevTools:
 @pytest.fixture()
 def browser():
     """Headless chromium with a fresh profile; yields the DevTools HTTP endpoint."""
+    if MISSING:
+        pytest.skip(MISSING)
     profile = tempfile.mkdtemp(prefix="transferkit-chromium-")
     process = subprocess.Popen(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -76,6 +129,7 @@ def browser():
     shutil.rmtree(profile, ignore_errors=True)
 
 
+@needs_browser
 def test_upload_through_the_page_shows_the_label(browser, server, binary_run, lfw_split):  # noqa: F811
     image = sorted((lfw_split[1] / "face").glob("*.png"))[0]
     want = next(binary_run[0].predict_files([str(image)]))
@@ -110,6 +164,7 @@ def check_page(tools: DevTools, server: str, image: Path, want: dict) -> None:
     assert tools.evaluate("document.getElementById('cam-note').textContent").startswith("Grad-CAM")
 
 
+@needs_browser
 def test_a_multilabel_run_shows_every_predicted_label_at_once(browser, multilabel_export, multilabel_run):
     from conftest import serving
 

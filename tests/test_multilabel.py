@@ -282,9 +282,29 @@ def test_the_report_shows_multilabel_metrics_and_missed_and_extra_labels(multila
     for text in ("mean average precision", "micro-F1", "Hamming loss", "Per-class metrics and precision-recall",
                  "thresholds"):
         assert text in page, text
-    if "No mistakes on this set" not in page:
-        assert "<b>missed</b>" in page and "<b>extra</b>" in page and "evidence for <b>" in page
     assert "confusion matrix" not in page
+
+    # a page that must show mistakes: the test images the model gets exactly right, two of them
+    # relabelled here with a class they do not show (and the model does not predict); the page shows
+    # those two, and only those, with what each missed and added and the Grad-CAM of its prediction
+    import transferkit
+
+    rows = list(csv.DictReader(open(test_csv, newline="")))
+    records = transferkit.load(out).predict_files([str(test_csv.parent / r["path"]) for r in rows])
+    right = [r for r, rec in zip(rows, records) if sorted(rec["labels"]) == sorted(filter(None, r["labels"].split("|")))]
+    single = [r for r in right if len(r["labels"].split("|")) == 1 and r["labels"]]
+    assert len(right) >= 10 and len(single) >= 2, "the shared run gets too few test images right"
+    wrong = {r["path"]: next(c for c in CLASSES if c != r["labels"]) for r in single[:2]}
+    mislabelled = write_csv(tmp_path / "mislabelled.csv", [
+        (str(test_csv.parent / r["path"]), wrong.get(r["path"], r["labels"])) for r in right])
+    result = runner.invoke(app, ["report", str(out), str(mislabelled), "--output", str(tmp_path / "m.html")])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "m.html").read_text()
+    assert "No mistakes on this set" not in page and page.count("<b>missed</b>") == 2
+    for row in single[:2]:
+        assert (f"evidence for <b>{row['labels']}</b><br>true {wrong[row['path']]}; predicted {row['labels']}<br>"
+                f"<b>missed</b> {wrong[row['path']]}, <b>extra</b> {row['labels']} (") in page, row["path"]
+        assert str(test_csv.parent / row["path"]) in page
 
 
 def test_bad_multilabel_input_through_the_cli_is_one_line(tmp_path):
@@ -315,16 +335,63 @@ def test_monitor_val_map_keeps_the_epoch_with_the_best_mean_average_precision():
 
 
 @pytest.mark.slow
-def test_quantized_export_is_guarded_by_the_subset_accuracy(multilabel_export, multilabel_run, tmp_path):
-    from transferkit.deploy.export import export
+def test_quantized_export_is_guarded_by_the_subset_accuracy(multilabel_export, multilabel_run, tmp_path, monkeypatch):
+    """The guard compares subset accuracies (every label of an image right) on the validation
+    data: a quantized model that drops more than the tolerance is refused and nothing is written;
+    one within it is written. The accuracies are checked against a count made here."""
+    import onnx
 
-    report = export(multilabel_export, out=tmp_path / "q.onnx", quantize_mode="int8-dynamic",
-                    val_data=multilabel_run[2], tolerance=100)
-    assert 0 <= report["quantized_accuracy"] <= 1 and 0 <= report["float_accuracy"] <= 1
-    assert report["drop"] == pytest.approx(report["float_accuracy"] - report["quantized_accuracy"])
+    import transferkit
+    import transferkit.deploy.export as exporting
     from transferkit.predict.onnx_engine import OnnxClassifier
+    from transferkit.utils.errors import ExportError
 
-    assert OnnxClassifier(tmp_path / "q.onnx").multilabel
+    val = multilabel_run[2]
+    data = transferkit.load(multilabel_export).read_labelled(val)
+    assert data.multilabel
+
+    def subset_accuracy(path) -> float:
+        engine = OnnxClassifier(path)
+        assert engine.multilabel
+        predicted = engine.predict_proba(data.images) >= np.asarray(engine.threshold)
+        return float((predicted == data.labels.astype(bool)).all(1).mean())
+
+    float_accuracy = subset_accuracy(multilabel_export / "model.onnx")
+    # the real int8-dynamic model, written at a tolerance just above its measured drop
+    forced = exporting.export(multilabel_export, out=tmp_path / "forced.onnx", quantize_mode="int8-dynamic",
+                              val_data=val, force=True)
+    assert forced["float_accuracy"] == pytest.approx(float_accuracy)
+    assert forced["quantized_accuracy"] == pytest.approx(subset_accuracy(tmp_path / "forced.onnx"))
+    drop = forced["drop"] * 100
+    kept = exporting.export(multilabel_export, out=tmp_path / "q.onnx", quantize_mode="int8-dynamic",
+                            val_data=val, tolerance=max(drop, 0) + 0.5)
+    assert kept == {**forced, "path": str(tmp_path / "q.onnx")} and (tmp_path / "q.onnx").is_file()
+
+    # a quantized model that predicts every label on every image (threshold 0): no image here has all
+    # three, so its subset accuracy is 0; refused at a tolerance under that drop, kept above it
+    real = exporting.quantize
+
+    def every_label(float_path, out, mode, images):
+        path = real(float_path, out, mode, images)
+        proto = onnx.load(str(path))
+        props = {p.key: p.value for p in proto.metadata_props}
+        exporting.set_metadata(proto, {**props, "threshold": json.dumps([0.0] * len(CLASSES))})
+        onnx.save(proto, str(path))
+        return path
+
+    monkeypatch.setattr(exporting, "quantize", every_label)
+    assert data.labels.sum(1).max() < len(CLASSES)
+    bad_drop = float_accuracy * 100
+    assert bad_drop > 10, float_accuracy
+    for tolerance in (1.0, bad_drop - 0.5):
+        with pytest.raises(ExportError, match=rf"quantized model refused: validation accuracy .* \(drop "
+                                              rf"{bad_drop:.2f} points > tolerance {tolerance:g}\); nothing written"):
+            exporting.export(multilabel_export, out=tmp_path / "bad.onnx", quantize_mode="int8-dynamic",
+                             val_data=val, tolerance=tolerance)
+        assert not (tmp_path / "bad.onnx").exists()
+    report = exporting.export(multilabel_export, out=tmp_path / "bad.onnx", quantize_mode="int8-dynamic",
+                              val_data=val, tolerance=bad_drop + 0.5)
+    assert report["drop"] * 100 == pytest.approx(bad_drop) and (tmp_path / "bad.onnx").is_file()
 
 
 def test_the_same_picture_in_two_class_folders_carries_both_classes(tmp_path):

@@ -144,25 +144,45 @@ def test_resume_keeps_the_runs_own_settings(data, tmp_path):
 
 
 def test_early_stopping_stops_where_the_history_says(data, tmp_path):
+    """lr 0.05 overfits the head within a few epochs and makes phase 2 diverge: with patience 2 both
+    phases must stop early, each at the first epoch that is 2 epochs past the phase's best val_loss;
+    without patience the same run trains every epoch, through the same phase-1 history."""
     import transferkit
 
-    out = tmp_path / "run"
-    transferkit.train(data, out, image_size=32, epochs=12, fine_tune_epochs=8, patience=1, lr=0.05, batch_size=8,
-                      cache_dir="", threads=1, monitor="val_loss")
-    with open(out / "history.csv") as fh:
-        rows = list(csv.DictReader(fh))
-    meta = json.loads((out / "model.json").read_text())
-    for phase in ("1", "2"):
-        losses = [float(r["val_loss"]) for r in rows if r["phase"] == phase]
-        expected = next((i + 1 for i in range(1, len(losses)) if losses[i] >= min(losses[:i])), None)
-        if expected is None:  # improved every epoch: ran to the end
-            assert phase not in meta["early_stopping"]
-            continue
-        assert len(losses) == expected, (phase, losses)
-        assert meta["early_stopping"][phase]["reason"].startswith("no better val_loss than epoch")
-    assert any(r["phase"] == "2" for r in rows)  # phase 1 stopping early moves on to phase 2
-    if meta["early_stopping"]:
-        assert "stopped early" in (out / "report.html").read_text()
+    settings = dict(image_size=32, epochs=12, fine_tune_epochs=8, lr=0.05, batch_size=8, cache_dir="", threads=1,
+                    monitor="val_loss")
+    transferkit.train(data, tmp_path / "stopped", patience=2, **settings)
+    transferkit.train(data, tmp_path / "full", **settings)
+
+    def history(run):
+        with open(run / "history.csv") as fh:
+            return list(csv.DictReader(fh)), json.loads((run / "model.json").read_text())
+
+    rows, meta = history(tmp_path / "stopped")
+    assert set(meta["early_stopping"]) == {"1", "2"}, meta["early_stopping"]
+    for phase, planned in (("1", 12), ("2", 8)):
+        mine = [r for r in rows if r["phase"] == phase]
+        losses = [float(r["val_loss"]) for r in mine]
+        best, stop = 0, None
+        for i in range(1, planned):  # the rule, from the history: stop 2 epochs after the best
+            if i >= len(losses):
+                break
+            best = i if losses[i] < losses[best] else best
+            if i - best >= 2:
+                stop = i
+                break
+        assert stop is not None and stop + 1 < planned, (phase, losses)
+        assert len(mine) == stop + 1, (phase, losses)
+        assert meta["early_stopping"][phase] == {
+            "epoch": int(mine[stop]["epoch"]),
+            "reason": f"no better val_loss than epoch {mine[best]['epoch']} for 2 epoch(s)"}
+    assert "stopped early" in (tmp_path / "stopped" / "report.html").read_text()
+
+    full, full_meta = history(tmp_path / "full")
+    assert not full_meta.get("early_stopping")
+    assert [r["phase"] for r in full] == ["1"] * 12 + ["2"] * 8
+    phase1 = [r for r in rows if r["phase"] == "1"]
+    assert [r["val_loss"] for r in full[:len(phase1)]] == [r["val_loss"] for r in phase1]
 
 
 def test_free_cores_leave_out_this_process_and_measure_afresh_when_the_last_look_is_old(monkeypatch):

@@ -42,7 +42,8 @@ def test_run_directory_contents(binary_run):
     assert meta["backbone"] == "tf_efficientnet_lite0"
     assert meta["threshold_selection"] == {"metric": "fixed", "threshold": 0.5} and meta["threshold"] == 0.5
     assert meta["config"]["class_weight"] == "balanced" and meta["config"]["sampler"] == "none"
-    assert meta["preprocess"] == {"image_size": SIZE, "mean": [0.5] * 3, "std": [0.5] * 3}
+    assert meta["preprocess"] == {"image_size": SIZE, "mean": [0.5] * 3, "std": [0.5] * 3,
+                                  "window": "data", "intensity_window": None, "pages": "first"}  # 8-bit: no window
     assert meta["fine_tune_at"]["num_layers"] == 98 and meta["versions"]["torch"]
     rows = list(csv.DictReader(open(out / "history.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5]

@@ -64,10 +64,11 @@ class Rule:
         else:
             what = {bool: "true or false", int: "an integer", float: "a finite number",
                     str: "a string"}[self.kind]
-            if self.low is not None and self.high is not None:
-                what += f" in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-            elif self.low is not None:
-                what += f" {'>' if self.low_open else '>='} {self.low:g}"
+            low, high = (None if v is None else f"{int(v)}" if self.kind is int else f"{v:g}" for v in (self.low, self.high))
+            if low is not None and high is not None:
+                what += f" in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+            elif low is not None:
+                what += f" {'>' if self.low_open else '>='} {low}"
         unset = "decided by the preset and the data" if self.unset == "auto" else "the default behaviour"
         return what + (f" (or null: {unset})" if self.optional else "")
 
@@ -190,9 +191,11 @@ class TrainConfig:
     fine_tune_lr_factor: float = setting(0.1, "Phase 2's learning rate as a multiple of lr (the seed: 0.1).",
                                          "recipe", float, low=0, low_open=True)
     batch_size: int = setting(32, "Images per training step.", "recipe", int, low=1)
-    val_split: float = setting(0.2, "Validation fraction, stratified, when there is no separate validation set.",
+    val_split: float = setting(0.2, "Validation fraction, stratified, when there is no separate validation set "
+                               "(refused if it leaves a class without a training or a validation image).",
                                "recipe", float, low=0, high=1, low_open=True, high_open=True)
-    seed: int = setting(42, "Seed of the split, the initialisation, the order and the augmentation.", "recipe", int)
+    seed: int = setting(42, "Seed of the split, the initialisation, the order and the augmentation.", "recipe", int,
+                        low=0, high=2**32 - 1)  # what numpy's and torch's seeding accept
     dropout: float = setting(0.2, "Dropout before the new layer.", "recipe", float, low=0, high=1, high_open=True)
     monitor: str = setting("val_loss", "Which validation number picks the kept epoch (val_map: mean average "
                            "precision over the classes).", "recipe", str,

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..utils.errors import DataError
+from .split import split_problem
 from .window import HighBit
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".dcm", ".dicom"}
@@ -290,11 +291,13 @@ def image_key(image: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()[:32]
 
 
-def check_labels(data: LabelledImages, origin: str, split: bool, every_class: bool = True) -> None:
+def check_labels(data: LabelledImages, origin: str, split: bool, every_class: bool = True,
+                 val_split: float | None = None, seed: int = 0) -> None:
     """Refuse data that cannot train (or validate) a classifier. Run on the listing, before any
     file is decoded, and again on the usable images after decoding: files to read; for training
     data two classes or more, each with an image (two for a validation split); for validation
-    data every class present."""
+    data every class present. With `split` and `val_split`: the split that `seed` draws leaves
+    every class on both sides."""
     usable = "usable " if data.images is not None else ""
     if len(data) == 0:
         raise DataError(f"{origin}: no {usable}image files")
@@ -314,4 +317,8 @@ def check_labels(data: LabelledImages, origin: str, split: bool, every_class: bo
     if split and small:
         raise DataError(f"{origin}: class(es) {small} have a single {usable}image; a validation split needs "
                         "at least 2 per class (add images, or give a separate validation set)")
+    if split and val_split is not None:
+        problem = split_problem(data.labels, val_split, seed, data.classes)
+        if problem:
+            raise DataError(f"{origin}: {problem}")
 

@@ -215,7 +215,7 @@ def list_data(data: str | Path, val_data: str | Path | None, config: TrainConfig
     split; a separate validation set with the same classes (and the same task: multi-label data
     is validated on multi-label data)."""
     listing = Listing(load_labelled(data, task=config.task, sep=config.label_sep), None)
-    check_labels(listing.train, str(data), split=val_data is None)
+    check_labels(listing.train, str(data), split=val_data is None, val_split=config.val_split, seed=config.seed)
     check_sampler(listing.train.labels, config.sampler)
     if val_data is not None:
         task = "multilabel" if listing.train.multilabel else "multiclass"
@@ -241,7 +241,7 @@ def prepare_data(listing: Listing, data, val_data, size: int, config: TrainConfi
     rules = Rules.from_config(config)
     everything = merge_duplicates(_decode(listing.train, "data", size, config, spill_dir, reporter, rules, True, ctx),
                                   str(data))
-    check_labels(everything, str(data), split=listing.val is None)
+    check_labels(everything, str(data), split=listing.val is None, val_split=config.val_split, seed=config.seed)
     if listing.val is None:
         # high-bit-depth images wait for the window (measured on the training side of this split): their
         # pixels are not there yet for the perceptual hashes, so only named groups keep them together
