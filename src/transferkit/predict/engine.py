@@ -282,3 +282,47 @@ class Engine(ABC):
             found.update({k: v for k, v in detection_metrics(in_scores, out_scores).items() if k in ("auroc", "fpr_at_95_tpr")})
         return found
 
+
+class GraphEngine(Engine):
+    """An engine over an exported graph (ONNX Runtime, OpenVINO): the preprocessing, the window and
+    the OOD score are inside it; `_run` runs one prepared batch. Written once here: the batch's
+    input (windowed images back to the intensities the graph's window maps exactly, the layout),
+    and the export's OOD metadata read into `open_world`."""
+
+    path: Path
+    layout: str = "nhwc"
+    window = None  # data.window's graph window, or None: uint8 in
+    scores: bool = False  # the graph has an ood_score output and the metadata to read it
+
+    @abstractmethod
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, OOD scores when `scores`) of one batch as the graph takes it."""
+
+    def _proba(self, images: np.ndarray, batch_size: int) -> np.ndarray:
+        return self._outputs(images, batch_size)[0]
+
+    def _outputs(self, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+        probs, scores = [], []
+        for start in range(0, len(images), batch_size):
+            batch = np.asarray(images[start:start + batch_size], dtype=np.uint8)
+            if self.window is not None:  # windowed uint8 images as intensities the graph's window gives back exactly
+                batch = self.window.invert(batch)
+            if self.layout == "nchw":
+                batch = batch.transpose(0, 3, 1, 2)
+            p, score = self._run(np.ascontiguousarray(batch))
+            probs.append(p)
+            if self.scores:
+                scores.append(score)
+        return np.concatenate(probs), np.concatenate(scores) if self.scores else None
+
+    def read_open_world(self, ood, sets, has_output: bool) -> None:
+        """`open_world` from the export's OOD and conformal metadata (`has_output`: the graph
+        computes ood_score); damaged metadata is a one-line error."""
+        self.scores = has_output and isinstance(ood, dict)
+        try:
+            self.open_world = OpenWorld(
+                ood_scores=np.asarray(ood["val_scores"], np.float64) if self.scores else None,
+                keep=float(ood["keep"]) if self.scores else DEFAULT_KEEP,
+                conformal_scores=np.asarray(sets["scores"], np.float64) if self.scores and isinstance(sets, dict) else None)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RunError(f"{self.path}: damaged OOD metadata ({type(exc).__name__}: {exc}); export it again") from None

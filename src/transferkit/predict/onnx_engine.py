@@ -11,7 +11,7 @@ import numpy as np
 
 from ..data.window import graph_window
 from ..utils.errors import RunError
-from .engine import Engine, OpenWorld, check_meta
+from .engine import GraphEngine, check_meta
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -33,7 +33,7 @@ def read_metadata(path: str | Path) -> dict:
     return meta
 
 
-class OnnxClassifier(Engine):
+class OnnxClassifier(GraphEngine):
     """A classifier from one exported ONNX file, run by ONNX Runtime on the CPU."""
 
     name = "onnx"
@@ -64,29 +64,8 @@ class OnnxClassifier(Engine):
                            "float32 at that magnitude (8-bit levels would not survive it); use the torch engine")
         self.origin = str(self.path)
         outputs = [o.name for o in self.session.get_outputs()]
-        ood, sets = self.meta.get("ood"), self.meta.get("conformal")
-        self.scores = "ood_score" in outputs and isinstance(ood, dict)
-        try:
-            self.open_world = OpenWorld(
-                ood_scores=np.asarray(ood["val_scores"], np.float64) if self.scores else None,
-                keep=float(ood["keep"]) if self.scores else 0.95,
-                conformal_scores=np.asarray(sets["scores"], np.float64) if self.scores and isinstance(sets, dict) else None)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RunError(f"{self.path}: damaged OOD metadata ({type(exc).__name__}: {exc}); export it again") from None
+        self.read_open_world(self.meta.get("ood"), self.meta.get("conformal"), "ood_score" in outputs)
 
-    def _proba(self, images: np.ndarray, batch_size: int) -> np.ndarray:
-        return self._outputs(images, batch_size)[0]
-
-    def _outputs(self, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
-        probs, scores = [], []
-        for start in range(0, len(images), batch_size):
-            batch = np.asarray(images[start:start + batch_size], dtype=np.uint8)
-            if self.window is not None:  # windowed uint8 images as intensities the graph's window gives back exactly
-                batch = self.window.invert(batch)
-            if self.layout == "nchw":
-                batch = batch.transpose(0, 3, 1, 2)
-            out = self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})
-            probs.append(out[0])
-            if self.scores:
-                scores.append(out[1])
-        return np.concatenate(probs), np.concatenate(scores) if self.scores else None
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        out = self.session.run(None, {self.input_name: batch})
+        return out[0], out[1] if self.scores else None

@@ -13,7 +13,7 @@ import numpy as np
 from ..data.window import graph_window
 from ..utils.errors import RunError
 from ..utils.files import sha256_of
-from .engine import Engine, OpenWorld, check_meta
+from .engine import GraphEngine, check_meta
 
 SECTION = "transferkit"  # the rt_info section that holds the metadata
 WEIGHTS_KEY = "weights_sha256"  # of the .bin, written by the export
@@ -68,7 +68,7 @@ def first_line(exc: Exception) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-class OpenVinoClassifier(Engine):
+class OpenVinoClassifier(GraphEngine):
     """A classifier from one exported OpenVINO IR, run by OpenVINO on the CPU in float32 (no bf16
     or fp16 shortcut, so that a float model gives ONNX's and PyTorch's probabilities)."""
 
@@ -97,29 +97,12 @@ class OpenVinoClassifier(Engine):
         try:  # the ONNX export's OOD metadata, carried as runtime info (JSON text)
             ood, sets = (json.loads(self.meta[k]) if isinstance(self.meta.get(k), str) else self.meta.get(k)
                          for k in ("ood", "conformal"))
-            self.scores = len(self.compiled.outputs) > 1 and isinstance(ood, dict)
-            if self.scores:
-                self.meta.update(ood=ood, conformal=sets)
-            self.open_world = OpenWorld(
-                ood_scores=np.asarray(ood["val_scores"], np.float64) if self.scores else None,
-                keep=float(ood["keep"]) if self.scores else 0.95,
-                conformal_scores=np.asarray(sets["scores"], np.float64) if self.scores and isinstance(sets, dict) else None)
-        except (KeyError, TypeError, ValueError) as exc:
+        except ValueError as exc:
             raise RunError(f"{self.path}: damaged OOD metadata ({type(exc).__name__}: {exc}); export it again") from None
+        self.read_open_world(ood, sets, len(self.compiled.outputs) > 1)
+        if self.scores:
+            self.meta.update(ood=ood, conformal=sets)
 
-    def _proba(self, images: np.ndarray, batch_size: int) -> np.ndarray:
-        return self._outputs(images, batch_size)[0]
-
-    def _outputs(self, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
-        probs, scores = [], []
-        for start in range(0, len(images), batch_size):
-            batch = np.asarray(images[start:start + batch_size], dtype=np.uint8)
-            if self.window is not None:
-                batch = self.window.invert(batch)
-            if self.layout == "nchw":
-                batch = batch.transpose(0, 3, 1, 2)
-            result = self.request.infer({0: np.ascontiguousarray(batch)})
-            probs.append(np.array(result[0], dtype=np.float32))
-            if self.scores:
-                scores.append(np.array(result[1], dtype=np.float32))
-        return np.concatenate(probs), np.concatenate(scores) if self.scores else None
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        result = self.request.infer({0: batch})
+        return np.array(result[0], dtype=np.float32), np.array(result[1], dtype=np.float32) if self.scores else None
