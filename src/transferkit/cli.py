@@ -587,7 +587,8 @@ def serve(
                                              "coverage to every answer, as predict --coverage."),
 ):
     """HTTP service: POST /predict, GET /health, and a web page at /. Answers carry "ood_score"
-    and "unknown" where the run has an OOD score."""
+    and "unknown" where the run has an OOD score. An anomaly run answers anomaly_score, label
+    (anomaly or normal) and threshold, with its map over the image as a PNG."""
     import uvicorn
 
     from .apps.serve import create_app, header_timeout_protocol

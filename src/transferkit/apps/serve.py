@@ -2,6 +2,11 @@
 (the same upload; a PNG with the Grad-CAM heatmap of the predicted class), `GET /health`, and
 `GET /`, a self-contained web page to drop or pick an image.
 
+An anomaly run (`train --task anomaly`) is served too: `/predict` answers the record `predict`
+prints (anomaly_score, label "anomaly" | "normal", threshold) and the patch-score map over the
+image (`explain`'s overlay) as a PNG data URL in the same answer, `/explain` that PNG alone.
+`Classifying` and `Detecting` are what the service asks of each kind of run.
+
 Every limit (upload size, image format, pixel count, request time) is enforced before or while
 the work happens; a violation is a 4xx JSON `{"error": "..."}`. Concurrent requests are classified
 together: one batch at a time goes through the model (micro-batching).
@@ -10,6 +15,7 @@ together: one batch at a time goes through the model (micro-batching).
 from __future__ import annotations
 
 import asyncio
+import base64
 from contextlib import asynccontextmanager
 from io import BytesIO
 from pathlib import Path
@@ -25,7 +31,7 @@ from ..data.decode import read_image
 from ..data.window import Rules
 from ..predict.engine import Engine
 from ..predict.run import load_engine
-from ..utils.errors import ApiError, ImageError
+from ..utils.errors import ApiError, ImageError, RunError
 from .web import error, page, read_body, web_app
 
 # Pillow format names accepted by /predict, and DICOM (pydicom).
@@ -33,10 +39,11 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF", "DICOM")
 
 
 class Batcher:
-    """Queues images from concurrent requests; one worker runs them through the model in batches."""
+    """Queues images from concurrent requests; one worker runs them through the model in batches.
+    `infer`: a batch of uint8 images to a dict of arrays, one row per image."""
 
-    def __init__(self, classifier, max_batch: int):
-        self.classifier, self.max_batch = classifier, max_batch
+    def __init__(self, infer: Callable[[np.ndarray], dict[str, np.ndarray]], max_batch: int):
+        self.infer, self.max_batch = infer, max_batch
         self.queue: asyncio.Queue | None = None
 
     async def run(self) -> None:
@@ -50,7 +57,7 @@ class Batcher:
                 continue
             batch = padded(np.stack([image for image, _ in items]))
             try:
-                answer = await asyncio.to_thread(self.classifier.predict_open, batch, len(batch))
+                answer = await asyncio.to_thread(self.infer, batch)
             except Exception as exc:  # noqa: BLE001 - handed to the waiting requests
                 answer = exc
             for i, (_, future) in enumerate(items):
@@ -61,8 +68,7 @@ class Batcher:
                         future.set_result({key: value[i] for key, value in answer.items()})
 
     async def predict(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        """This image's row of `predict_open`: probabilities, and the OOD score, unknown and set
-        where the engine has them."""
+        """This image's row of `infer`'s answer."""
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((image, future))
         return await future
@@ -167,15 +173,99 @@ def header_timeout_protocol(seconds: float) -> type:
     return HeaderTimeout
 
 
+class Classifying:
+    """What the service asks of a classifier run (or exported file): probabilities, the OOD score,
+    unknown and set where the engine has them; Grad-CAM from the PyTorch weights."""
+
+    def __init__(self, run: str | Path, engine: str, log, ood_keep: float | None, coverage: float | None):
+        self.model = load_engine(run, engine, log).configure(ood_keep, coverage)
+        self.size, self.rules, self.version = self.model.image_size, self.model.rules, self.model.version
+        self.cam_model = explainer(run, self.model)
+
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return self.model.predict_open(batch, len(batch))
+
+    def health(self) -> dict:
+        model = self.model
+        return {"task": model.task, "classes": model.classes, "threshold": model.threshold,
+                "explain": self.cam_model is not None,
+                "ood": {"threshold": model.open_world.threshold, "keep": model.open_world.keep}
+                if model.has_ood else None, "coverage": model.open_world.coverage}
+
+    def answer(self, _image: np.ndarray, row: dict[str, np.ndarray]) -> dict:
+        model, probs = self.model, row["probabilities"]
+        return {"labels" if model.multilabel else "label": model.labels(probs[None])[0],
+                "probabilities": {c: float(p) for c, p in zip(model.classes, probs)},
+                **model.extras({k: v[None] for k, v in row.items()}, 0),
+                "threshold": model.threshold, "model_version": self.version}
+
+    def check_label(self, label: str | None) -> None:
+        if label is not None and label not in self.model.classes:
+            raise ApiError(422, f"label {label!r} is not one of the model's classes {self.model.classes}")
+        if self.cam_model is None:
+            raise ApiError(404, "Grad-CAM needs the run's PyTorch weights (model.safetensors); "
+                                "this service runs from an .onnx file alone")
+
+    def explain(self, image: np.ndarray, label: str | None) -> bytes:
+        return explain_png(self.cam_model, image, label)
+
+
+class Detecting:
+    """What the service asks of an anomaly run: each image's anomaly score and patch-score map; the
+    answer is `predict`'s record (AnomalyDetector.record) with the map over the image as a PNG, in
+    the colours of `explain` (reports.anomaly.heat: blue a typical good patch, red the threshold)."""
+
+    def __init__(self, run: str | Path, engine: str, ood_keep: float | None, coverage: float | None):
+        from ..predict.anomaly_engine import load_detector
+
+        if engine not in ("auto", "torch"):
+            raise RunError(f"{run}: an anomaly run is served by PyTorch (its weights and bank); --engine {engine} "
+                           "is for classifiers (use auto or torch)")
+        for option, value in (("--ood-keep", ood_keep), ("--coverage", coverage)):
+            if value is not None:
+                raise RunError(f"{run}: {option} is for classifiers; an anomaly run answers its anomaly score "
+                               "against its own threshold")
+        self.detector = load_detector(run)
+        self.size, self.rules, self.version = self.detector.image_size, None, self.detector.version
+
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        scores, maps = self.detector.score(batch, len(batch), maps=True)
+        return {"anomaly_score": scores, "map": maps}
+
+    def health(self) -> dict:
+        meta = self.detector.meta
+        return {"task": "anomaly", "threshold": self.detector.threshold, "normal_class": meta.get("normal_class"),
+                "explain": True, "map": "the patch-score map: blue a typical good patch, red the threshold or more"}
+
+    def png(self, image: np.ndarray, row: dict[str, np.ndarray]) -> bytes:
+        from ..reports.anomaly import heat
+        from ..reports.explain import overlay_png
+
+        return overlay_png(image, heat(self.detector, row["map"][None])[0])
+
+    def answer(self, image: np.ndarray, row: dict[str, np.ndarray]) -> dict:
+        record = self.detector.record("", float(row["anomaly_score"]))
+        del record["path"]  # an upload has none
+        return {**record, "model_version": self.version,
+                "map": "data:image/png;base64," + base64.b64encode(self.png(image, row)).decode("ascii")}
+
+    def check_label(self, label: str | None) -> None:
+        if label is not None:
+            raise ApiError(422, "label is for classifiers; an anomaly run's map shows where the image is unusual")
+
+
 def create_app(run: str | Path, engine: str = "auto", limits: Limits = Limits(),
                log: Callable[[str], None] | None = None, ood_keep: float | None = None,
                coverage: float | None = None) -> FastAPI:
     """The service for one run directory (or exported .onnx file); `ood_keep` and `coverage` as
-    for predict."""
-    classifier = load_engine(run, engine, log).configure(ood_keep, coverage)
-    kind, version, rules = classifier.name, classifier.version, classifier.rules
-    batcher = Batcher(classifier, limits.max_batch)
-    cam_model, cam_lock = explainer(run, classifier), asyncio.Lock()
+    for predict. An anomaly run folder is served by its detector."""
+    from ..predict.run import is_anomaly_run
+
+    anomaly = is_anomaly_run(run)
+    served = Detecting(run, engine, ood_keep, coverage) if anomaly else Classifying(run, engine, log, ood_keep, coverage)
+    kind = "torch" if anomaly else served.model.name
+    batcher = Batcher(served.infer, limits.max_batch)
+    cam_lock = asyncio.Lock()
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -189,40 +279,31 @@ def create_app(run: str | Path, engine: str = "auto", limits: Limits = Limits(),
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model_version": version, "engine": kind, "task": classifier.task,
-                "classes": classifier.classes,
-                "threshold": classifier.threshold, "image_size": classifier.image_size,
-                "explain": cam_model is not None,
-                "ood": {"threshold": classifier.open_world.threshold, "keep": classifier.open_world.keep}
-                if classifier.has_ood else None, "coverage": classifier.open_world.coverage}
+        return {"status": "ok", "model_version": served.version, "engine": kind, **served.health(),
+                "image_size": served.size}
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
-        return page("page.html", "blob:")
+        return page("page.html", "blob: data:")  # data: the anomaly map comes inside the answer
 
     async def upload(request: Request) -> np.ndarray:
         data = await upload_bytes(request, await read_body(request, limits.max_bytes))
-        return await asyncio.to_thread(decode_upload, data, classifier.image_size, limits, rules)
+        return await asyncio.to_thread(decode_upload, data, served.size, limits, served.rules)
 
-    async def classify(request: Request) -> dict:
+    async def predicted(request: Request) -> dict:
         image = await upload(request)
-        answer = await batcher.predict(image)
-        probs = answer["probabilities"]
-        return {"labels" if classifier.multilabel else "label": classifier.labels(probs[None])[0],
-                "probabilities": {c: float(p) for c, p in zip(classifier.classes, probs)},
-                **classifier.extras({k: v[None] for k, v in answer.items()}, 0),
-                "threshold": classifier.threshold, "model_version": version}
+        row = await batcher.predict(image)
+        return await asyncio.to_thread(served.answer, image, row)
 
     async def heatmap(request: Request) -> Response:
         label = request.query_params.get("label")
-        if label is not None and label not in classifier.classes:
-            raise ApiError(422, f"label {label!r} is not one of the model's classes {classifier.classes}")
-        if cam_model is None:
-            raise ApiError(404, "Grad-CAM needs the run's PyTorch weights (model.safetensors); "
-                                "this service runs from an .onnx file alone")
+        served.check_label(label)
         image = await upload(request)
-        async with cam_lock:  # one at a time: each uses every core
-            png = await asyncio.to_thread(explain_png, cam_model, image, label)
+        if anomaly:  # the map comes with the score: one batched pass
+            png = await asyncio.to_thread(served.png, image, await batcher.predict(image))
+        else:
+            async with cam_lock:  # one at a time: each uses every core
+                png = await asyncio.to_thread(served.explain, image, label)
         return Response(png, media_type="image/png")
 
     async def within_limit(work):
@@ -233,7 +314,7 @@ def create_app(run: str | Path, engine: str = "auto", limits: Limits = Limits(),
 
     @app.post("/predict")
     async def predict(request: Request):
-        return await within_limit(classify(request))
+        return await within_limit(predicted(request))
 
     @app.post("/explain")
     async def explain(request: Request):
