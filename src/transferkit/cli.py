@@ -607,9 +607,14 @@ def label(
     labels: Path = typer.Option(..., "--labels", help="CSV to write (path,label; paths relative to it): what "
                                                       "`train` reads. An existing one is resumed."),
     run: Optional[Path] = typer.Option(None, help="A trained run: its backbone gives the features, its model "
-                                                  "the first predictions and classes."),
+                                                  "the first predictions and classes, its OOD score the 'ood' order. "
+                                                  "An anomaly run (--task anomaly): its anomaly score orders the "
+                                                  "pool, the classes are its normal class and anomaly."),
     classes: Optional[str] = typer.Option(None, help="Class names, comma-separated (more can be added on the page)."),
-    strategy: str = typer.Option("uncertainty", help="Which image next: uncertainty, diversity or random."),
+    strategy: Optional[str] = typer.Option(None, help="Which image next: uncertainty, diversity, random, ood (the "
+                                                      "run's OOD score, most unusual first) or anomaly (an anomaly "
+                                                      "run's score, most anomalous first). Default: anomaly with an "
+                                                      "anomaly run, else uncertainty."),
     retrain_every: int = typer.Option(10, min=1, help="Retrain the head after this many new labels."),
     backbone: str = typer.Option(DEFAULT_BACKBONE, help="Backbone for the features (without --run)."),
     image_size: Optional[int] = typer.Option(None, min=8, help="Input size; default: the weights' own."),
@@ -619,7 +624,9 @@ def label(
     port: int = typer.Option(8000, min=1, max=65535),
 ):
     """Label a folder of images in the browser: the model picks the next image, retrains in
-    seconds on cached features, and points at labels that look wrong."""
+    seconds on cached features, and points at labels that look wrong. With --run, the pool can
+    be ordered by the run's OOD score (--strategy ood), or by an anomaly run's score (good or
+    defective: the most anomalous first)."""
     import uvicorn
 
     from .apps.label import Featurizer, LabelFile, Session, create_app

@@ -8,7 +8,9 @@ wrong.
   the change being written; another `transferkit label` on the same CSV is refused.
 - `list_pool`, `Featurizer`, `extract_pool`: the pool's images (recursive; unreadable, non-image,
   duplicate files and links out of the pool skipped with their reason) as pooled backbone
-  features, computed once and kept by content in the cross-run view store (`--cache-dir`).
+  features, computed once and kept by content in the cross-run view store (`--cache-dir`); with a
+  run, each image's `PoolScore` too (a classifier's OOD score, or an anomaly run's score), which
+  the strategies "ood" and "anomaly" order the pool by.
 - `Session`: the labels, the head retrained on the cached features of the labelled images
   (`active.head`, in seconds), the ranked queue (`active.suggest`), the cross-validated accuracy
   and the review of suspicious labels (`active.find_label_issues`). Thread-safe.
@@ -35,7 +37,8 @@ from fastapi.responses import HTMLResponse, Response
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ..cfg.settings import DEFAULT_BACKBONE
-from ..curate.active import STRATEGIES, UNLABELLED, check_strategy, cross_val_accuracy, find_label_issues, head, suggest
+from ..curate.active import (SCORED, STRATEGIES, UNLABELLED, check_strategy, cross_val_accuracy, find_label_issues,
+                             head, suggest)
 from ..data.decode import display_image, iter_decoded, iter_pixels
 from ..data.listing import image_key, walk_files
 from ..data.window import Rules, measure, sample, with_window
@@ -160,11 +163,31 @@ def list_pool(root: Path, exclude: set[str]) -> tuple[list[Path], list[tuple[str
 
 
 @dataclass
+class PoolScore:
+    """A score of each pool image, higher more unusual, that the strategy of the same `name`
+    orders the pool by: "ood", a classifier run's OOD score (how unlike its training images), or
+    "anomaly", an anomaly run's score. `of(images, features)`: the (n,) scores of a batch of
+    decoded images (uint8, the model's size) and their pooled features."""
+
+    name: str
+    title: str  # how the page names it
+    threshold: float
+    above: str  # what a score above the threshold means, for the page
+    of: Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+    def describe(self) -> dict:
+        return {"name": self.name, "title": self.title, "threshold": self.threshold, "above": self.above}
+
+
+@dataclass
 class Featurizer:
     """Pool images to pooled features: the model (a run's, or a pretrained backbone), its input
-    size, the view store (None: off) and, with a run, its calibrated head and classes. `rules`:
-    how high-bit-depth images are read: a run's intensity window, or without a run one measured
-    on the pool itself (the data set here) by `extract_pool`."""
+    size, the view store (None: off) and, with a classifier run, its calibrated head and classes.
+    `rules`: how high-bit-depth images are read: a run's intensity window, or without a run one
+    measured on the pool itself (the data set here) by `extract_pool`. `score`: the run's score of
+    each image (None: no run, or a classifier run without an OOD score); `first_classes`: the
+    classes a session starts with besides the run's (an anomaly run: its normal class and
+    "anomaly"); `run`, `task`: the run given, and "anomaly" or "classifier"."""
 
     model: object  # TransferModel
     size: int
@@ -173,6 +196,10 @@ class Featurizer:
     origin: str
     rules: Rules = field(default_factory=Rules)
     from_run: bool = False
+    score: PoolScore | None = None
+    first_classes: list[str] = field(default_factory=list)
+    run: str | None = None
+    task: str | None = None
 
     @classmethod
     def build(cls, run: str | Path | None = None, backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
@@ -180,15 +207,19 @@ class Featurizer:
         from ..cfg.settings import TrainConfig
         from ..models.backbones import create_backbone
         from ..models.transfer import TransferModel
-        from ..predict.run import load
+        from ..predict.run import is_anomaly_run, load
         from ..training.cache import feature_store
 
-        rules = Rules()
-        if run is not None:
+        rules, score, first, task = Rules(), None, [], None
+        if run is not None and is_anomaly_run(run):
+            model, size, sha, name, score, first = anomaly_features(run)
+            classes, origin, task = [], f"anomaly run {run} ({name})", "anomaly"
+        elif run is not None:
             classifier = load(run)
             model, meta, rules = classifier.model, classifier.meta, classifier.rules
             size, sha, name = int(meta["preprocess"]["image_size"]), meta["model_sha256"], meta["backbone"]
-            classes, origin = list(classifier.classes), f"run {run} ({name})"
+            classes, origin, task = list(classifier.classes), f"run {run} ({name})", "classifier"
+            score = ood_score(classifier)
         else:
             made = create_backbone(backbone, weights, image_size)
             defaults = TrainConfig()
@@ -197,7 +228,38 @@ class Featurizer:
             classes, origin = [], f"{name}, weights {made.weights}"
         config = TrainConfig(backbone=name, cache_dir=cache_dir)
         store = feature_store(config, model.eval(), sha, None, size, False, ((model.head.in_features,), None))
-        return cls(model, size, store, classes, origin, rules, run is not None)
+        return cls(model, size, store, classes, origin, rules, run is not None, score, first,
+                   None if run is None else str(run), task)
+
+    @property
+    def default_strategy(self) -> str:
+        """An anomaly run's pool is ordered by its score; any other by uncertainty."""
+        return "anomaly" if self.task == "anomaly" else "uncertainty"
+
+    def strategies(self) -> list[str]:
+        """The strategies this featurizer can order a pool by: a scored one only with its score."""
+        return [s for s in STRATEGIES if s not in SCORED or (self.score is not None and self.score.name == s)]
+
+    def check_strategy(self, strategy) -> str:
+        """`strategy` when this featurizer can order by it; a one-line error saying why not."""
+        check_strategy(strategy)
+        if strategy in self.strategies():
+            return strategy
+        if strategy == "ood" and self.task is None:
+            raise DataError("strategy 'ood' orders the pool by a run's OOD score: give --run RUN, a classifier "
+                            "trained with one")
+        if strategy == "ood" and self.task == "anomaly":
+            raise DataError(f"{self.run}: an anomaly run orders the pool by its anomaly score (strategy "
+                            "'anomaly'), not by an OOD score")
+        if strategy == "ood":
+            raise DataError(f"{self.run}: no OOD score (its model.json has no 'ood' entry: the run predates them), "
+                            "so no OOD order; train it again, or use another strategy")
+        if self.task is None:
+            raise DataError("strategy 'anomaly' orders the pool by an anomaly run's score: give --run RUN, a run "
+                            "trained with --task anomaly")
+        hint = " (this run's OOD score orders the pool: strategy 'ood')" if self.score is not None else ""
+        raise DataError(f"{self.run}: a classifier run, not an anomaly run; strategy 'anomaly' needs a run "
+                        f"trained with --task anomaly{hint}")
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         """The run's calibrated probabilities (N, C) of pooled features."""
@@ -208,25 +270,77 @@ class Featurizer:
             return self.model.probabilities(logits).numpy().astype(np.float64)
 
 
+def ood_score(classifier) -> PoolScore | None:
+    """A classifier run's OOD score of pool images, from their pooled features and the run's logits
+    of them (what `predict` computes: the same features), or None for a run without one."""
+    scorer = classifier.scorer
+    if scorer is None:
+        return None
+    import torch
+
+    def of(_images: np.ndarray, features: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            logits = classifier.model.head(torch.from_numpy(np.ascontiguousarray(features, np.float32))).numpy()
+        return scorer.score(features, logits)
+
+    return PoolScore("ood", "OOD score", float(classifier.open_world.threshold), "unlike the run's training images", of)
+
+
+def anomaly_features(run: str | Path):
+    """What labelling with an anomaly run uses: its own backbone (model.safetensors) for the pooled
+    features at its input size, its anomaly score of each image, and the classes good/defective
+    (its normal class and "anomaly", the labels `evaluate --normal-class` reads back).
+    Returns (model, size, weights sha256, backbone name, PoolScore, classes)."""
+    from ..cfg.settings import TrainConfig
+    from ..models.backbones import Preprocess, create_backbone
+    from ..models.transfer import TransferModel
+    from ..predict.anomaly_engine import WEIGHTS, load_detector
+
+    detector = load_detector(run)
+    meta, size = detector.meta, detector.image_size
+    made = create_backbone(meta["backbone"], Path(run) / WEIGHTS, size, meta.get("timm_kwargs"))
+    preprocess = Preprocess(size, tuple(meta["preprocess"]["mean"]), tuple(meta["preprocess"]["std"]))
+    defaults = TrainConfig()
+    model = TransferModel(made.model, 2, preprocess, flip=defaults.flip, rotation=defaults.rotation)
+
+    def of(images: np.ndarray, _features: np.ndarray) -> np.ndarray:
+        return detector.score(images, len(images))[0]
+
+    score = PoolScore("anomaly", "anomaly score", detector.threshold, "anomaly", of)
+    normal = str(meta.get("normal_class") or "normal")
+    return model, size, made.weights_sha256, made.name, score, [normal, "anomaly"]
+
+
 def extract_pool(featurizer: Featurizer, files: list[Path], progress: Callable[[int], None] | None = None,
                  batch_size: int = 32) -> tuple[list[int], np.ndarray, list[tuple[str, str]]]:
-    """(indices of the usable files, their pooled features (n, F), skipped files with the reason).
-    Files are decoded as `train` decodes them; a second copy of the same pixels is skipped (one
-    image, one label); features already in the view store are read, not computed."""
+    """(indices of the usable files, their pooled features (n, F), skipped files with the reason):
+    `extract_scored_pool` without the scores."""
+    return extract_scored_pool(featurizer, files, progress, batch_size)[:3]
+
+
+def extract_scored_pool(featurizer: Featurizer, files: list[Path], progress: Callable[[int], None] | None = None,
+                        batch_size: int = 32):
+    """(indices of the usable files, their pooled features (n, F), skipped files with the reason,
+    their scores (n,) by `featurizer.score`, or None without one). Files are decoded as `train`
+    decodes them; a second copy of the same pixels is skipped (one image, one label); features
+    already in the view store are read, not computed (scores always are)."""
     import torch
 
     from ..models.fold import fold_batchnorm
     from ..training.cache import extract
 
-    kept, rows, skipped, first, pending = [], [], [], {}, []
+    kept, rows, scores, skipped, first, pending = [], [], [], [], {}, []
     done, backbone = 0, fold_batchnorm(featurizer.model.backbone)  # as `train` extracts
 
     def flush() -> None:
         nonlocal done
-        pooled, _ = extract(featurizer.model, np.stack([p[1] for p in pending]), 1, None, None, batch_size,
+        images = np.stack([p[1] for p in pending])
+        pooled, _ = extract(featurizer.model, images, 1, None, None, batch_size,
                             torch.device("cpu"), dtype=np.float32, store=featurizer.store,
                             keys=[p[2] for p in pending], backbone=backbone)
         rows.append(np.asarray(pooled[0], dtype=np.float32))
+        if featurizer.score is not None:
+            scores.append(np.asarray(featurizer.score.of(images, rows[-1]), dtype=np.float64))
         kept.extend(p[0] for p in pending)
         done += len(pending)
         pending.clear()
@@ -279,7 +393,10 @@ def extract_pool(featurizer: Featurizer, files: list[Path], progress: Callable[[
     if featurizer.store is not None:
         featurizer.store.trim()
     dim = featurizer.model.head.in_features
-    return kept, (np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)), skipped
+    features = np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
+    if featurizer.score is None:
+        return kept, features, skipped, None
+    return kept, features, skipped, np.concatenate(scores) if scores else np.zeros(0)
 
 
 def fold_count(labels: np.ndarray) -> tuple[np.ndarray, int | None]:
@@ -298,8 +415,8 @@ class Session:
     on a fit while holding the lock: retraining works on a snapshot and installs its result."""
 
     def __init__(self, root: str | Path, labels: LabelFile, featurizer: Featurizer, classes: list[str] | None = None,
-                 strategy: str = "uncertainty", retrain_every: int = 10):
-        check_strategy(strategy)
+                 strategy: str | None = None, retrain_every: int = 10):
+        strategy = featurizer.check_strategy(featurizer.default_strategy if strategy is None else strategy)
         if isinstance(retrain_every, bool) or not isinstance(retrain_every, int) or retrain_every < 1:
             raise DataError(f"retrain_every must be a positive integer, got {retrain_every!r}")
         self.root, self.labels_file, self.featurizer = Path(root), labels, featurizer
@@ -308,8 +425,8 @@ class Session:
         self.top = os.path.realpath(self.root)
         self.strategy, self.retrain_every = strategy, retrain_every
         # the run's classes first: its probabilities' columns
-        self.classes = list(dict.fromkeys([*featurizer.classes, *map(check_class_name, classes or []),
-                                           *labels.rows.values()]))
+        self.classes = list(dict.fromkeys([*featurizer.classes, *featurizer.first_classes,
+                                           *map(check_class_name, classes or []), *labels.rows.values()]))
         self.lock = threading.RLock()
         self.status, self.error, self.done = "listing", None, 0
         self.files, self.bad = list_pool(self.root, {str(labels.path)})
@@ -320,6 +437,7 @@ class Session:
         self.index: dict[str, int] = {}
         self.features = np.zeros((0, 0), np.float32)
         self.labels = np.zeros(0, np.int64)
+        self.scores: np.ndarray | None = None  # (N,) the featurizer's score of each image, if it has one
         self.user_skipped: set[int] = set()
         self.probabilities: np.ndarray | None = None  # (N, C) columns in class order at fit time
         self.accuracy: float | None = None
@@ -336,7 +454,7 @@ class Session:
         try:
             with self.lock:
                 self.status = "extracting"
-            kept, features, skipped = extract_pool(self.featurizer, self.files, self._progress)
+            kept, features, skipped, scores = extract_scored_pool(self.featurizer, self.files, self._progress)
             labels = np.full(len(kept), UNLABELLED, dtype=np.int64)
             paths = [self.files[i].relative_to(self.root).as_posix() for i in kept]
             for j, i in enumerate(kept):
@@ -344,7 +462,7 @@ class Session:
                 if label is not None:
                     labels[j] = self.classes.index(label)
             with self.lock:
-                self.paths, self.features, self.labels = paths, features, labels
+                self.paths, self.features, self.labels, self.scores = paths, features, labels, scores
                 self.index = {p: j for j, p in enumerate(paths)}
                 self.bad = self.bad + skipped
                 self.status = "ready"
@@ -407,7 +525,8 @@ class Session:
     def rank(self) -> None:
         """The next batch by the strategy, among the unlabelled images not skipped: as many as
         the labels between two retrains (`retrain_every`), the batch the head learns from next.
-        Labelled past it before the retrain is done, the queue is ranked again (`state`)."""
+        Labelled past it before the retrain is done, the queue is ranked again (`state`). A
+        scored strategy orders the whole pool (its order does not change with the labels)."""
         with self.lock:
             keep = np.array([i for i in range(len(self.labels)) if i not in self.user_skipped], dtype=np.int64)
             n = int((self.labels[keep] == UNLABELLED).sum()) if len(keep) else 0
@@ -417,8 +536,10 @@ class Session:
             probabilities = None
             if self.probabilities is not None and self.strategy == "uncertainty":
                 probabilities = self.probabilities[keep]
-            picks = suggest(self.features[keep], self.labels[keep], min(self.retrain_every, n), self.strategy,
-                            seed=self.retrains, probabilities=probabilities)
+            scored = self.strategy in SCORED
+            picks = suggest(self.features[keep], self.labels[keep], n if scored else min(self.retrain_every, n),
+                            self.strategy, seed=self.retrains, probabilities=probabilities,
+                            scores=self.scores[keep] if scored else None)
             self.queue = keep[picks].tolist()
 
     # --- what the page does ---
@@ -469,14 +590,15 @@ class Session:
             self.classes.append(name)
 
     def set_strategy(self, strategy: str) -> None:
-        check_strategy(strategy)
+        self.featurizer.check_strategy(strategy)
         with self.lock:
             self.strategy = strategy
             if self.status == "ready":
                 self.rank()
 
     def item(self, i: int) -> dict:
-        """An image for the page: its path, its label and the head's top predictions."""
+        """An image for the page: its path, its label, the head's top predictions and, with a
+        run's score, its score."""
         predictions = []
         if self.probabilities is not None:
             row = self.probabilities[i]
@@ -484,7 +606,7 @@ class Session:
             predictions = [{"label": self.classes[c], "p": float(row[c])} for c in order]
         label = int(self.labels[i])
         return {"path": self.paths[i], "label": None if label == UNLABELLED else self.classes[label],
-                "predictions": predictions}
+                "predictions": predictions, "score": None if self.scores is None else float(self.scores[i])}
 
     def info(self, path: str) -> dict:
         with self.lock:
@@ -503,7 +625,8 @@ class Session:
                 "counts": {c: int((labelled == k).sum()) for k, c in enumerate(self.classes)},
                 "accuracy": self.accuracy, "folds": self.folds, "retrains": self.retrains,
                 "retraining": self.retraining, "since_retrain": self.since_retrain,
-                "retrain_every": self.retrain_every, "strategy": self.strategy, "strategies": list(STRATEGIES),
+                "retrain_every": self.retrain_every, "strategy": self.strategy, "strategies": self.featurizer.strategies(),
+                "score": None if self.featurizer.score is None else self.featurizer.score.describe(),
                 "queue": [self.item(i) for i in self.visible()[:SHOWN]],
                 "bad_files": len(self.bad),
                 "skipped_files": [{"path": str(p), "reason": r} for p, r in self.bad[:SHOWN_BAD]],

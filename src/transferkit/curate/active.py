@@ -5,7 +5,8 @@ gives), so that a labelling session never runs the backbone twice. `labels` hold
 image, -1 for an image nobody has labelled yet. The head is transferkit's: a multinomial logistic
 regression on the features (scikit-learn), refitted in a fraction of a second at these sizes.
 
-- `suggest`: the k unlabelled images whose labels would teach the head most (active learning).
+- `suggest`: the k unlabelled images whose labels would teach the head most (active learning), or
+  the most unusual ones by a score of each image (a run's OOD or anomaly score).
 - `find_label_issues`: labelled images whose out-of-fold prediction disagrees confidently with
   their label (confident learning, Northcutt et al. 2021), most suspicious first.
 - `cross_val_accuracy`: how good a head on the labels so far is, without a held-out set.
@@ -22,7 +23,8 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict, cross_va
 from ..utils.errors import DataError
 
 UNLABELLED = -1
-STRATEGIES = ("uncertainty", "diversity", "random")
+STRATEGIES = ("uncertainty", "diversity", "random", "ood", "anomaly")
+SCORED = ("ood", "anomaly")  # the strategies that order by each image's score (`suggest`'s `scores`)
 POOL_PER_PICK = 3  # batch uncertainty: k-center greedy among the 3k most uncertain images
 
 
@@ -50,7 +52,7 @@ def check_strategy(strategy) -> str:
 
 
 def suggest(features, labels, k: int, strategy: str = "uncertainty", seed: int = 0,
-            probabilities=None) -> np.ndarray:
+            probabilities=None, scores=None) -> np.ndarray:
     """Indices of the k unlabelled images (labels == -1) to label next, in the order picked.
 
     - "uncertainty": smallest margin between the two largest class probabilities. The
@@ -69,6 +71,9 @@ def suggest(features, labels, k: int, strategy: str = "uncertainty", seed: int =
       in tests/test_active.py), so it suits a cold start, and uncertainty uses it only among
       uncertain images.
     - "random": uniformly at random, reproducible with `seed`.
+    - "ood" and "anomaly" (SCORED): the highest `scores` ((N,), one per image: a run's OOD score,
+      how unlike its training images an image is, or an anomaly run's score) first; ties by
+      position. The order is the score's alone: the labels only remove images from it.
     """
     features, labels = check_data(features, labels)
     unlabelled = np.flatnonzero(labels == UNLABELLED)
@@ -76,6 +81,11 @@ def suggest(features, labels, k: int, strategy: str = "uncertainty", seed: int =
     check_strategy(strategy)
     if probabilities is not None:
         probabilities = check_probabilities(probabilities, len(labels))
+    if strategy in SCORED:
+        if scores is None:
+            raise DataError(f"strategy {strategy!r} orders the images by their scores; none were given")
+        scores = check_scores(scores, len(labels))
+        return unlabelled[np.argsort(-scores[unlabelled], kind="stable")[:k]]
     if strategy == "random":
         return np.random.default_rng(seed).choice(unlabelled, size=k, replace=False)
     labelled = np.flatnonzero(labels != UNLABELLED)
@@ -209,3 +219,13 @@ def check_probabilities(probabilities, n: int) -> np.ndarray:
     if not np.isfinite(probabilities).all():
         raise DataError("probabilities hold NaN or infinite values")
     return probabilities
+
+
+def check_scores(scores, n: int) -> np.ndarray:
+    """(N,) finite scores, one per image."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != (n,):
+        raise DataError(f"scores must have shape ({n},), one per image, got {scores.shape}")
+    if not np.isfinite(scores).all():
+        raise DataError("scores hold NaN or infinite values")
+    return scores
