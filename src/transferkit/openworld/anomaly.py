@@ -30,6 +30,7 @@ from ..utils.errors import ConfigError
 AGGREGATION = 3  # the local neighbourhood averaged around each cell (PatchCore's p = 3)
 PROJECTION_DIMS = 16  # the coreset's greedy search runs on a random projection to this many dimensions
 POOL_FACTOR = 10  # the coreset is drawn from a random candidate pool of this many times its size
+DISTANCE_MIB = 64  # the most memory one batch's (patches x bank) distance matrix may take
 BLUR_SIGMA = 4.0  # the shown map's smoothing, in pixels of a 224 px image (PatchCore's sigma = 4)
 
 
@@ -93,10 +94,14 @@ def coreset(features: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
     chosen = torch.empty(n, dtype=torch.long, device=x.device)
     chosen[0] = 0
     nearest = ((x - x[0]) ** 2).sum(1)
-    for i in range(1, n):
+    squares = (x * x).sum(1)
+    distance = torch.empty_like(nearest)
+    for i in range(1, n):  # each step one matrix-vector product into preallocated buffers, no temporaries
         far = torch.argmax(nearest)
         chosen[i] = far
-        nearest = torch.minimum(nearest, ((x - x[far]) ** 2).sum(1))
+        torch.addmv(squares, x, x[far], alpha=-2, out=distance)  # |x - c|^2 = |x|^2 - 2 x.c + |c|^2
+        distance += squares[far]
+        torch.minimum(nearest, distance, out=nearest)
     return pool[chosen].cpu()
 
 
@@ -123,8 +128,10 @@ class AnomalyModel(nn.Module):
         """(N, C, H, W) features -> (N, H, W) nearest-neighbour distances."""
         n, c, h, w = feats.shape
         q = feats.permute(0, 2, 3, 1).reshape(-1, c)
-        d = (q * q).sum(1, keepdim=True) - 2 * q @ self.bank.T + self.bank_sq
-        return d.min(1).values.clamp_min(0).sqrt().view(n, h, w)
+        # |q - b|^2 = |b|^2 - 2 q.b + |q|^2: one fused addmm, the row's minimum, then |q|^2 (a
+        # constant of the row) added to the minimum alone: half the passes over the distance matrix
+        d = torch.addmm(self.bank_sq, q, self.bank.T, alpha=-2).min(1).values + (q * q).sum(1)
+        return d.clamp_min(0).sqrt().view(n, h, w)
 
     def smooth(self, patch: torch.Tensor) -> torch.Tensor:
         """(N, H, W) patch scores -> (N, S, S) map: bilinear upsampling, then a separable Gaussian."""
@@ -143,7 +150,7 @@ class AnomalyModel(nn.Module):
 def score_batches(model: AnomalyModel, images: np.ndarray, device, batch_size: int = 16,
                   maps: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Scores (N,) and maps (N, S, S) of uint8 NHWC images, in batches sized so that one batch's
-    distance matrix stays under 256 MiB."""
+    distance matrix stays under DISTANCE_MIB (a smaller matrix stays nearer the CPU's caches)."""
     model.eval()
     cells = None
     scores, shown = [], []
@@ -154,7 +161,7 @@ def score_batches(model: AnomalyModel, images: np.ndarray, device, batch_size: i
             if cells is None:
                 f = model.features(x[:1])
                 cells = f.shape[-1] * f.shape[-2]
-                batch_size = max(1, min(batch_size, (256 << 20) // max(1, 4 * cells * len(model.bank))))
+                batch_size = max(1, min(batch_size, (DISTANCE_MIB << 20) // max(1, 4 * cells * len(model.bank))))
                 x = x[:batch_size]
             patch = model.patch_scores(model.features(x))
             scores.append(patch.flatten(1).max(1).values.float().cpu().numpy())
