@@ -187,9 +187,10 @@ def test_bad_input_is_one_clear_line(brick_run, tmp_path):
                    "no class 'normal'", "name another with --normal-class")
     one_line_error(runner.invoke(app, ["evaluate", str(root / "run"), str(tmp_path / "classes"), "--normal-class",
                                        "nothing"]), "no class 'nothing'")
-    # an anomaly run where a classifier is needed
-    for command in (["report", str(root / "run")], ["serve", str(root / "run")]):
-        one_line_error(runner.invoke(app, command), "an anomaly run (--task anomaly), not a classifier")
+    # an anomaly run where a classifier's option is needed (serve's and label's: tests/test_serve_anomaly.py,
+    # tests/test_label_scores.py)
+    one_line_error(runner.invoke(app, ["export", str(root / "run"), "--format", "openvino"]),
+                   "an anomaly run exports to onnx only")
     # a damaged bank
     import shutil
 
