@@ -228,3 +228,49 @@ def test_onnx_export_carries_the_bank_and_gives_the_scores_and_maps_of_pytorch(b
 
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "a.onnx")).metadata_props}
     assert props["task"] == "anomaly" and json.loads(props["threshold"]) == detector.threshold
+
+
+def test_f1_threshold_is_the_best_cut_between_distinct_scores():
+    from transferkit.openworld.anomaly import f1_threshold
+
+    # flagging {6}: F1 2/3; {6, 5}: 1/2; {6, 5, 4}: 4/5 (the best); {6, 5, 4, 3}: 2/3
+    assert f1_threshold(np.array([1, 2, 3, 5.0]), np.array([4, 6.0])) == 3.5
+    # a perfect separation: halfway between the highest good score and the lowest anomalous one
+    assert f1_threshold(np.array([1, 2, 3, 4.0]), np.array([5, 6.0])) == 4.5
+    # flag {9}: 2/3, {9, 8}: 1/2, {9, 8, 7}: 4/5 (the best), {9, 8, 7, 1}: 2/3
+    assert f1_threshold(np.array([8.0, 1.0]), np.array([9.0, 7.0])) == 4.0
+    # equal F1 at two cuts (flag {9}: 2/3, flag all four: 2/3): the higher threshold, fewer false alarms
+    assert f1_threshold(np.array([8.0, 7.5]), np.array([9.0, 7.0])) == 8.5
+    # ties are never split: every score equal, so every image is flagged (F1 2/3 beats flagging none)
+    t = f1_threshold(np.array([1.0, 1.0]), np.array([1.0]))
+    assert t < 1.0 and t > 0.999
+
+
+def test_a_few_labelled_defects_fit_the_threshold_at_the_best_f1(tmp_path):
+    """--anomaly-threshold f1: the labelled anomalies (a class folder beside the normal one) are scored
+    and never enter the bank; the threshold separates them from the held-out good images as well as
+    any threshold can, and model.json says how it was fitted."""
+    from transferkit.openworld.anomaly import f1_threshold
+
+    good = brick_crops(40, seed=3)
+    rng = np.random.default_rng(4)
+    defects = [paste(image, "blob", rng)[0] for image in brick_crops(6, seed=4)]
+    write_folders(tmp_path / "train", {"good": good, "defect": defects})
+    result = train(tmp_path / "train", tmp_path / "run", "--normal-class", "good", "--anomaly-threshold", "f1")
+    assert "the best F1 on 8 held-out good images and 6 labelled anomalies" in result.output
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["anomaly"]["threshold_rule"] == "f1" and meta["anomaly"]["threshold_anomalies"] == 6
+    assert meta["anomaly"]["bank_images"] == 32 and meta["left_out"] == {"defect": 6}
+    held = [float(row.split(",")[1]) for row in (tmp_path / "run" / "val_scores.csv").read_text().splitlines()[1:]]
+    from transferkit.predict.anomaly_engine import load_detector
+
+    detector = load_detector(tmp_path / "run")
+    scores = [r["anomaly_score"] for r in detector.predict_files(sorted((tmp_path / "train" / "defect").iterdir()))]
+    assert meta["threshold"] == pytest.approx(f1_threshold(np.array(held), np.array(scores)), rel=1e-5)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["labelled_anomalies"]["flagged"] == sum(s > meta["threshold"] for s in scores)
+    # without labelled anomalies the rule cannot be fitted: one line
+    write_folders(tmp_path / "only", {"good": good})
+    one_line_error(runner.invoke(app, ["train", str(tmp_path / "only"), "--out", str(tmp_path / "r2"), "--task",
+                                       "anomaly", "--normal-class", "good", "--anomaly-threshold", "f1"]),
+                   "--anomaly-threshold f1 fits the threshold on labelled anomalies")

@@ -26,6 +26,7 @@ CACHE_DTYPES = ("float16", "float32")
 LOGGERS = ("none", "tensorboard", "mlflow")
 WINDOWS = ("data", "dicom")  # the intensity window of high-bit-depth images (data/window.py)
 PAGE_RULES = ("first", "refuse")  # multi-page TIFF and multi-frame DICOM
+ANOMALY_THRESHOLDS = ("keep", "f1")
 OPTIMIZERS = ("adam", "adamw", "sgd")  # timm's names (training/optim.py)
 SCHEDULERS = ("none", "cosine")
 GROUPS = ("data", "preset", "backbone", "recipe", "augmentation", "decisions", "cache", "runtime")
@@ -150,6 +151,10 @@ class TrainConfig:
     anomaly_keep: float = setting(0.99, "--task anomaly: the fraction of good images that must pass; the threshold is "
                                   "fitted on held-out good images (val_split of them, or --val-dir).", "decisions", float,
                                   low=0, high=1, low_open=True, high_open=True)
+    anomaly_threshold: str = setting(
+        "keep", "--task anomaly: keep = the threshold lets --anomaly-keep of the held-out good images pass; f1 = the "
+        "threshold with the best F1 on the held-out good images and the labelled anomalies (the images of the classes "
+        "other than --normal-class, which never enter the bank).", "decisions", str, choices=ANOMALY_THRESHOLDS)
     anomaly_bank_mib: float = setting(8.0, "--task anomaly: memory cap of the patch bank (float32) in MiB; past it a "
                                       "greedy coreset keeps as many patches as fit.", "cache", float, low=0, low_open=True)
     group_by: str | None = setting(

@@ -183,3 +183,20 @@ def conformal_threshold(scores: np.ndarray, keep: float) -> tuple[float, bool]:
     if k > len(ordered):
         return float(ordered[-1]), False
     return float(ordered[k - 1]), True
+
+
+def f1_threshold(good: np.ndarray, anomalous: np.ndarray) -> float:
+    """The threshold (an image is flagged when its score is above it) with the best F1 on good and
+    labelled anomalous scores; ties go to the higher threshold (fewer false alarms). It lies
+    halfway between the two scores that the cut separates, so that a score equal to a fitted
+    one is classified as it was."""
+    scores = np.concatenate([np.asarray(good, np.float64), np.asarray(anomalous, np.float64)])
+    y = np.concatenate([np.zeros(len(good)), np.ones(len(anomalous))])
+    order = np.argsort(-scores, kind="stable")
+    s, yy = scores[order], y[order]
+    tp = np.cumsum(yy)  # flagging the first i + 1 scores (the highest)
+    fp = np.cumsum(1 - yy)
+    f1 = 2 * tp / (tp + fp + len(anomalous))
+    cut = np.flatnonzero(np.r_[s[:-1] > s[1:], True])  # only between distinct scores
+    best = cut[int(np.argmax(f1[cut]))]  # the first maximum: the fewest images flagged
+    return float((s[best] + s[best + 1]) / 2) if best + 1 < len(s) else float(np.nextafter(s[best], -np.inf))

@@ -35,6 +35,7 @@ from ..openworld.anomaly import (
     conformal_threshold,
     coreset,
     default_layers,
+    f1_threshold,
     score_batches,
 )
 from ..predict import run
@@ -46,6 +47,7 @@ from ..utils.runtime import resolve_device, seed_everything, set_threads
 from .cache import FeatureStore, default_cache_dir
 
 NORMAL = "normal"  # the class name of a folder of good images without class folders
+ANOMALY = "anomaly"  # the class of the labelled anomalies (--anomaly-threshold f1)
 
 
 def train(data: str | Path, out: str | Path, config: TrainConfig, val_data: str | Path | None = None,
@@ -53,8 +55,18 @@ def train(data: str | Path, out: str | Path, config: TrainConfig, val_data: str 
     """Fit an anomaly detector on the good images in `data` and write the run folder `out`."""
     out, reporter = Path(out), reporter or Reporter()
     started = time.perf_counter()
-    good, left_out = list_good(data, config.normal_class, "data")
-    val = None if val_data is None else list_good(val_data, config.normal_class, "--val-dir")[0]
+    good, left_out, anomalies = list_good(data, config.normal_class, "data")
+    val, val_anomalies = (None, None) if val_data is None else list_good(val_data, config.normal_class, "--val-dir")[::2]
+    if config.anomaly_threshold == "f1":
+        anomalies = [a for a in (anomalies, val_anomalies) if a is not None]
+        if not anomalies:
+            raise DataError(f"{data}: --anomaly-threshold f1 fits the threshold on labelled anomalies: class folders "
+                            "(or CSV labels) other than --normal-class, and it has none; add a few defects as their "
+                            "own class, or use --anomaly-threshold keep")
+        anomalies = LabelledImages([p for a in anomalies for p in a.paths], np.zeros(sum(len(a) for a in anomalies),
+                                   np.int64), [ANOMALY])
+    else:
+        anomalies = None
     if val is None and len(good) < 2:
         raise DataError(f"{data}: {len(good)} good image(s); anomaly detection needs at least 2 (one for the "
                         "patch bank, one to fit the threshold), and tens for a threshold worth its name")
@@ -63,7 +75,7 @@ def train(data: str | Path, out: str | Path, config: TrainConfig, val_data: str 
               "task": "anomaly", "world_size": 1}
     run.start(work, record)
     try:
-        detector = fit(good, left_out, val, work, record, config, reporter, started)
+        detector = fit(good, left_out, val, work, record, config, reporter, started, anomalies)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -71,10 +83,12 @@ def train(data: str | Path, out: str | Path, config: TrainConfig, val_data: str 
     return detector
 
 
-def list_good(source: str | Path, normal_class: str | None, what: str) -> tuple[LabelledImages, dict[str, int]]:
-    """The good images of `source` and the images of other classes left out (class -> count). A
-    folder without class folders is all good; class folders (or a CSV of path,label) need
-    `normal_class`, unless a CSV has one label only."""
+def list_good(source: str | Path, normal_class: str | None, what: str
+              ) -> tuple[LabelledImages, dict[str, int], LabelledImages | None]:
+    """The good images of `source`, the images of other classes left out (class -> count), and
+    those images (one class, `anomaly`; None when there are none): `--anomaly-threshold f1`'s
+    labelled anomalies. A folder without class folders is all good; class folders (or a CSV of
+    path,label) need `normal_class`, unless a CSV has one label only."""
     source = Path(source)
     option = f"--normal-class {normal_class!r}"
     if source.is_file() and source.suffix.lower() == ".csv":
@@ -89,7 +103,7 @@ def list_good(source: str | Path, normal_class: str | None, what: str) -> tuple[
             paths = [str(p) for p in walk_files(source, skipped)]
             if not paths:
                 raise DataError(f"{source}: no image files ({what})")
-            return LabelledImages(paths, np.zeros(len(paths), np.int64), [NORMAL], skipped), {}
+            return LabelledImages(paths, np.zeros(len(paths), np.int64), [NORMAL], skipped), {}, None
         loose = [p.name for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
         if normal_class is None:
             raise DataError(f"{source}: class folders {folders}{' and loose images' if loose else ''}; name the "
@@ -112,8 +126,11 @@ def list_good(source: str | Path, normal_class: str | None, what: str) -> tuple[
     left_out = {c: int((listed.labels == i).sum()) for i, c in enumerate(classes) if i != index}
     if len(keep) == 0:
         raise DataError(f"{source}: no images of the normal class {normal_class!r}")
-    return LabelledImages([listed.paths[i] for i in keep], np.zeros(len(keep), np.int64), [normal_class],
-                          listed.skipped, notes=listed.notes), left_out
+    others = np.flatnonzero(listed.labels != index)
+    return (LabelledImages([listed.paths[i] for i in keep], np.zeros(len(keep), np.int64), [normal_class],
+                           listed.skipped, notes=listed.notes), left_out,
+            LabelledImages([listed.paths[i] for i in others], np.zeros(len(others), np.int64), [ANOMALY])
+            if len(others) else None)
 
 
 def decoded(listing: LabelledImages, origin: str, size: int, config: TrainConfig, reporter: Reporter) -> LabelledImages:
@@ -131,7 +148,8 @@ def decoded(listing: LabelledImages, origin: str, size: int, config: TrainConfig
 
 
 def fit(good: LabelledImages, left_out: dict[str, int], val: LabelledImages | None, work: Path, record: dict,
-        config: TrainConfig, reporter: Reporter, started: float) -> AnomalyDetector:
+        config: TrainConfig, reporter: Reporter, started: float, anomalies: LabelledImages | None = None
+        ) -> AnomalyDetector:
     seed_everything(config.seed)
     set_threads(config.threads)
     device = resolve_device(config.device)
@@ -163,7 +181,8 @@ def fit(good: LabelledImages, left_out: dict[str, int], val: LabelledImages | No
     if skipped:
         reporter.log(f"Skipped {len(skipped)} file(s); listed in skipped.csv")
     reporter.log(f"Patch bank from {len(bank_set)} good image(s); threshold fitted on {len(hold_set)} held-out "
-                 f"good image(s) at keep {config.anomaly_keep:g}")
+                 "good image(s) " + (f"at keep {config.anomaly_keep:g}" if anomalies is None else
+                                     f"and {len(anomalies)} labelled anomalies (best F1)"))
 
     folded = fold_batchnorm(backbone.model.eval())
     layers = default_layers(backbone.model)
@@ -186,16 +205,27 @@ def fit(good: LabelledImages, left_out: dict[str, int], val: LabelledImages | No
     t0 = time.perf_counter()
     hold_scores, hold_maps = score_batches(model, hold_set.images, device)
     threshold, reached = conformal_threshold(hold_scores, config.anomaly_keep)
-    reporter.log(f"Threshold {threshold:.4f}: {config.anomaly_keep:g} of {len(hold_set)} held-out good images "
-                 f"pass (split-conformal rank)" if reached else
-                 f"Threshold {threshold:.4f}, the largest of {len(hold_set)} held-out good scores: too few held-out "
-                 f"images for keep {config.anomaly_keep:g} (it needs at least "
-                 f"{int(np.ceil(config.anomaly_keep / (1 - config.anomaly_keep)))}); its false-alarm rate is only "
-                 f"known to be at most 1/{len(hold_set) + 1}")
+    labelled = None
+    if anomalies is not None:
+        seen = decoded(anomalies, "the labelled anomalies", size, config, reporter)
+        labelled = score_batches(model, seen.images, device, maps=False)[0]
+        threshold = f1_threshold(hold_scores, labelled)
+        flagged = float((hold_scores > threshold).mean())
+        reporter.log(f"Threshold {threshold:.4f}: the best F1 on {len(hold_set)} held-out good images and "
+                     f"{len(labelled)} labelled anomalies ({(labelled > threshold).mean():.1%} of them flagged, "
+                     f"{flagged:.1%} of the good ones)" + (f"; with {len(labelled)} anomalies the F1 it fits is a "
+                     "rough guide" if len(labelled) < 30 else ""))
+    else:
+        reporter.log(f"Threshold {threshold:.4f}: {config.anomaly_keep:g} of {len(hold_set)} held-out good images "
+                     f"pass (split-conformal rank)" if reached else
+                     f"Threshold {threshold:.4f}, the largest of {len(hold_set)} held-out good scores: too few "
+                     f"held-out images for keep {config.anomaly_keep:g} (it needs at least "
+                     f"{int(np.ceil(config.anomaly_keep / (1 - config.anomaly_keep)))}); its false-alarm rate is "
+                     f"only known to be at most 1/{len(hold_set) + 1}")
     threshold_seconds = time.perf_counter() - t0
     return save(work, model, backbone, layers, config, record, bank_set, hold_set, hold_scores, hold_maps, threshold,
                 reached, coreset_note, patches_shape=(n, cells, dims), left_out=left_out, normal=normal,
-                skipped=skipped, timings={"extract_seconds": extract_seconds, "bank_seconds": bank_seconds,
+                skipped=skipped, labelled=labelled, timings={"extract_seconds": extract_seconds, "bank_seconds": bank_seconds,
                                           "threshold_seconds": threshold_seconds,
                                           "total_seconds": time.perf_counter() - started})
 
@@ -269,7 +299,7 @@ def build_bank(patches: np.ndarray, cap_mib: float, seed: int, device) -> tuple[
 def save(work: Path, model: AnomalyModel, backbone: Backbone, layers: list[str], config: TrainConfig, record: dict,
          bank_set: LabelledImages, hold_set: LabelledImages, hold_scores: np.ndarray, hold_maps: np.ndarray,
          threshold: float, reached: bool, coreset_note: str, patches_shape, left_out: dict, normal: str,
-         skipped: list, timings: dict) -> AnomalyDetector:
+         skipped: list, timings: dict, labelled: np.ndarray | None = None) -> AnomalyDetector:
     """model.safetensors (the backbone), bank.safetensors, val_scores.csv, metrics.json, skipped.csv,
     and last model.json ("complete")."""
     from safetensors.torch import save_file
@@ -287,6 +317,9 @@ def save(work: Path, model: AnomalyModel, backbone: Backbone, layers: list[str],
             writer.writerow([path, f"{score:.6g}", "anomaly" if score > threshold else "normal"])
     run.write_skipped(work / "skipped.csv", skipped)
     metrics = holdout_metrics(hold_scores, threshold, config.anomaly_keep)
+    if labelled is not None:  # --anomaly-threshold f1: how the threshold does on the anomalies it was fitted on
+        metrics["labelled_anomalies"] = {"n": len(labelled), "flagged": int((labelled > threshold).sum()),
+                                         "note": "fitted on these images: an optimistic estimate"}
     write_text(work / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     n, cells, dims = patches_shape
     meta = {
@@ -309,7 +342,11 @@ def save(work: Path, model: AnomalyModel, backbone: Backbone, layers: list[str],
             "bank_mib": round(model.bank.numel() * 4 / 2**20, 3), "cap_mib": config.anomaly_bank_mib,
             "patches": n * cells, "bank_images": n, "coreset": coreset_note,
             "keep": config.anomaly_keep, "threshold": threshold, "threshold_reached": reached,
-            "threshold_method": "split-conformal: the ceil((n + 1) * keep)-th smallest held-out good score",
+            "threshold_method": "split-conformal: the ceil((n + 1) * keep)-th smallest held-out good score"
+            if labelled is None else f"the best F1 on the {len(hold_set)} held-out good images and {len(labelled)} "
+            "labelled anomalies (the other classes' images, never in the bank)",
+            "threshold_rule": config.anomaly_threshold,
+            "threshold_anomalies": 0 if labelled is None else len(labelled),
             "holdout_images": len(hold_set),
             "map_reference": float(np.median(hold_maps)),  # a typical good patch: the overlay's zero
         },
