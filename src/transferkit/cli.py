@@ -532,11 +532,18 @@ def report(
     data: Optional[Path] = typer.Argument(None, help="Labelled test folder/CSV (default: the run's validation set)."),
     output: Optional[Path] = typer.Option(None, "--output", help="Where to write (default RUN/report.html)."),
     tta: bool = typer.Option(False, help="Test-time augmentation: average each image with its mirror."),
+    ood_dir: Optional[Path] = typer.Option(None, "--ood-dir", help="Classifier runs: images unlike the training ones "
+                                           "(any folder): their OOD scores beside the others, AUROC and FPR at 95 % "
+                                           "TPR against DATA (as evaluate --ood-dir), the most unusual of them."),
+    normal_class: Optional[str] = typer.Option(None, "--normal-class", help="Anomaly runs: the class folder of normal "
+                                               "images in DATA (default: the run's); every other class is anomalous."),
 ):
-    """A self-contained HTML report of a run (opens from disk, loads nothing from the network)."""
+    """A self-contained HTML report of a run (opens from disk, loads nothing from the network). A
+    classifier's: metrics, curves, mistakes and its OOD scores; an anomaly run's (DATA needed): the
+    metrics evaluate gives, score histograms and the most anomalous images with their maps."""
     from .reports.report import report as write
 
-    typer.echo(f"Wrote {write(run, data, tta=tta, output=output)}")
+    typer.echo(f"Wrote {write(run, data, tta=tta, output=output, ood_dir=ood_dir, normal_class=normal_class)}")
 
 
 @app.command()

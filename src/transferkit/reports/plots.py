@@ -1,6 +1,6 @@
 """Figures: the learning curves users of the seed know (accuracy and loss, both phases), the
-confusion matrix, ROC / precision-recall curves (per class for multi-label models) and the
-reliability diagram."""
+confusion matrix, ROC / precision-recall curves (per class for multi-label models), the
+reliability diagram, and histograms of scores (OOD, anomaly) against their threshold."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import BinaryIO
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 # Figures are made with matplotlib's object API (Figure, not pyplot), which needs no backend: the
 # caller's backend and pyplot state stay untouched. Files are PNG whatever their name.
@@ -118,4 +118,24 @@ def label_pr_curves(y_true: np.ndarray, probs: np.ndarray, classes: list[str], t
     ax.set(xlabel="recall", ylabel="precision", title="Precision-recall per class (dots: thresholds)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=9)
+    save(fig, path)
+
+
+def score_histograms(groups: list[tuple[str, np.ndarray]], threshold: float, score_name: str,
+                     path: Path | BinaryIO) -> None:
+    """One histogram per (legend, scores) group on shared bins, each as the share of its own images
+    (sets of different sizes compare), and a vertical line at the threshold."""
+    fig, ax = figure((9, 4.8))
+    present = [(name, np.asarray(s, dtype=np.float64)) for name, s in groups if len(s)]
+    values = np.concatenate([s for _, s in present] + [np.array([threshold], dtype=np.float64)])
+    bins = np.histogram_bin_edges(values, bins=int(np.clip(len(values) // 4, 10, 50)))
+    for (name, scores), colour in zip(present, ("tab:blue", "tab:orange", "tab:green", "tab:purple")):
+        weights = np.full(len(scores), 1 / len(scores))
+        ax.hist(scores, bins=bins, weights=weights, histtype="stepfilled", alpha=0.3, color=colour)
+        ax.hist(scores, bins=bins, weights=weights, histtype="step", lw=1.8, color=colour, label=name)
+    ax.axvline(threshold, color="crimson", linestyle="--", lw=1.8, label=f"threshold {threshold:.4f}")
+    ax.set(xlabel=f"{score_name} (higher: more unusual)", ylabel="share of the set's images")
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=9, frameon=False)  # below: no data hidden
     save(fig, path)

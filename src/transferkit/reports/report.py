@@ -1,67 +1,30 @@
 """One self-contained HTML page per run: data, settings, learning curves, metrics with their
-interval, confusion matrix, ROC / precision-recall, and the most confident mistakes with Grad-CAM.
+interval, confusion matrix, ROC / precision-recall, the OOD scores (ood_section.py) and the most
+confident mistakes with Grad-CAM; an anomaly run's page is anomaly_report.py's, in the same shell.
 Every figure is a PNG embedded as base64: the page opens from disk and loads nothing."""
 
 from __future__ import annotations
 
-import base64
 import csv
 import html
-import io
 import json
 from pathlib import Path
 from string import Template
 
 import numpy as np
 
-from ..cfg.settings import grouped, shown
 from ..data.decode import load_image
 from ..predict.classifier import Classifier
 from ..predict.metrics import evaluation_metrics, predict_labels, predict_sets
-from ..predict.run import load, read_predictions, read_skipped
-from ..utils.errors import ImageError, RunError, TransferkitError
+from ..predict.run import is_anomaly_run, load, read_predictions
+from ..utils.errors import ConfigError, ImageError, RunError, TransferkitError
 from ..utils.files import write_text
+from .ood_section import Scored, ood_section, score_folder
+from .page import card, data_uri, figure_uri, gallery, page, settings_html, skipped_html, table
 
 MISTAKES = 8  # most confident mistakes shown
 
-PAGE = Template("""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>transferkit report: $title</title>
-<style>
-:root { --ink: #1f2933; --muted: #616e7c; --line: #e4e7eb; --accent: #2f6fde; --bad: #c2362b; }
-* { box-sizing: border-box; }
-body { margin: 0; font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--ink); background: #f5f7fa; }
-main { max-width: 1120px; margin: 0 auto; padding: 28px 24px 48px; }
-header h1 { margin: 0 0 4px; font-size: 26px; }
-header p { margin: 0; color: var(--muted); }
-section { background: #fff; border: 1px solid var(--line); border-radius: 10px; padding: 18px 22px; margin-top: 20px; }
-h2 { margin: 0 0 12px; font-size: 19px; }
-h3 { margin: 16px 0 8px; font-size: 15px; color: var(--muted); font-weight: 600; }
-.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(150px, 1fr)); gap: 12px; }
-.card { border: 1px solid var(--line); border-radius: 8px; padding: 10px 14px; }
-.card .label { color: var(--muted); font-size: 13px; }
-.card .value { font-size: 24px; font-weight: 650; }
-.card .sub { color: var(--muted); font-size: 12.5px; }
-.note { color: var(--muted); font-size: 13.5px; margin: 10px 0 0; }
-.warn { color: var(--bad); }
-table { border-collapse: collapse; width: 100%; font-size: 14px; }
-th, td { text-align: left; padding: 5px 10px; border-bottom: 1px solid var(--line); }
-th { color: var(--muted); font-weight: 600; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
-.two { display: grid; grid-template-columns: 1fr 1fr; gap: 24px; }
-@media (max-width: 800px) { .two { grid-template-columns: 1fr; } }
-figure { margin: 0; }
-figure img { max-width: 100%; height: auto; display: block; margin: 0 auto; }
-.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(240px, 1fr)); gap: 14px; }
-.gallery figure { border: 1px solid var(--line); border-radius: 8px; overflow: hidden; }
-.gallery figcaption { padding: 8px 10px; font-size: 13px; }
-.gallery .file { color: var(--muted); word-break: break-all; }
-code { font-size: 13px; }
-</style></head>
-<body><main>
-<header><h1>$title</h1><p>$subtitle</p></header>
-<section><h2>$eval_heading</h2>$cards<p class="note">$eval_note</p></section>
+PAGE = Template("""<section><h2>$eval_heading</h2>$cards<p class="note">$eval_note</p></section>
 <section><h2>Data</h2><div class="two"><div>$counts</div><div>$skipped</div></div></section>
 <section><h2>Training</h2><div class="two"><div>$settings</div><div>$model_facts</div></div></section>
 <section><h2>Learning curves</h2><figure><img alt="learning curves" src="$learning_curves"></figure>
@@ -69,36 +32,9 @@ code { font-size: 13px; }
 <section><h2>$class_heading</h2><div class="two"><div>$per_class</div>
 <figure><img alt="$class_figure_name" src="$class_figure"></figure></div></section>
 $curves
+$open_world
 <section><h2>Most confident mistakes</h2>$mistakes</section>
-<p class="note">Written by transferkit $version. Everything on this page is embedded; it loads nothing from the network.</p>
-</main></body></html>
 """)
-
-
-def data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def figure_uri(draw) -> str:
-    """A figure drawn by `draw(file)` into memory, as a data URI."""
-    buffer = io.BytesIO()
-    draw(buffer)
-    return data_uri(buffer.getvalue())
-
-
-def table(header: list[str], rows: list[list], numeric_from: int = 1, escape: bool = True) -> str:
-    """An HTML table; columns from `numeric_from` on are right-aligned; cells escaped unless they
-    are HTML already (`escape=False`)."""
-    def cells(values, tag):
-        return "".join(f'<{tag}{" class=num" if i >= numeric_from else ""}>'
-                       f'{html.escape(str(v)) if escape or tag == "th" else v}</{tag}>' for i, v in enumerate(values))
-    body = "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rows)
-    return f"<table><thead><tr>{cells(header, 'th')}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def card(label: str, value: str, sub: str = "") -> str:
-    return (f'<div class="card"><div class="label">{html.escape(label)}</div>'
-            f'<div class="value">{html.escape(value)}</div><div class="sub">{html.escape(sub)}</div></div>')
 
 
 def read_history(run_dir: Path) -> list[dict]:
@@ -142,11 +78,6 @@ def readable(classifier: Classifier, paths: list[str], chosen: np.ndarray,
         except ImageError:
             continue  # the file moved since training: counted below the gallery
     return found, arrays
-
-
-def gallery(figures: list[str], note: str, missing: int) -> str:
-    extra = f'<p class="note warn">{missing} of these files can no longer be read.</p>' if missing else ""
-    return f'<p class="note">{note}</p><div class="gallery">{"".join(figures)}</div>{extra}'
 
 
 def label_mistakes_html(classifier: Classifier, paths: list[str], labels: np.ndarray, probs: np.ndarray,
@@ -227,35 +158,6 @@ def counts_html(metrics: dict, eval_counts: dict[str, int], eval_name: str, clas
     return table(["class", *[s[0] for s in splits]], rows)
 
 
-def skipped_html(run_dir: Path, eval_skipped: list[tuple[str, str]]) -> str:
-    lines = read_skipped(run_dir / "skipped.csv") if (run_dir / "skipped.csv").is_file() else []
-    lines += list(eval_skipped)
-    if not lines:
-        return "<h3>Skipped files</h3><p>None: every file was a usable image.</p>"
-    shown = "".join(f"<tr><td><code>{html.escape(p)}</code></td><td>{html.escape(r)}</td></tr>" for p, r in lines[:20])
-    more = f'<p class="note">and {len(lines) - 20} more (skipped.csv)</p>' if len(lines) > 20 else ""
-    return (f"<h3>Skipped files ({len(lines)})</h3><table><thead><tr><th>file</th><th>reason</th></tr></thead>"
-            f"<tbody>{shown}</tbody></table>{more}")
-
-
-def settings_html(meta: dict) -> str:
-    """Every setting of the run, by group, from the settings' declarations; the ones changed from
-    the defaults are marked."""
-    config, auto = meta.get("config", {}), set(meta.get("auto_settings", []))
-    rows = []
-    for group, members in grouped():
-        for name, _, default in members:
-            if name in config:
-                changed = config[name] != default and name not in auto
-                note = "auto" if name in auto else f"default {shown(default)}" if changed else ""
-                rows.append([group, f"<b>{name}</b>" if changed else name, html.escape(shown(config[name]))
-                             + (f" <span class=\"note\">({html.escape(note)})</span>" if note else "")])
-    decisions = "".join(f"<li>{html.escape(d)}</li>" for d in meta.get("decisions", []))
-    return ("<h3>Settings</h3>" + table(["group", "setting", "value"], rows, numeric_from=3, escape=False)
-            + '<p class="note">Bold: changed from the default. Auto: decided by the preset and the data'
-            + (f':</p><ul class="note">{decisions}</ul>' if decisions else ".</p>"))
-
-
 def facts_html(meta: dict, classes: list[str]) -> str:
     fine = meta.get("fine_tune_at", {})
     selection = meta.get("threshold_selection") or {}
@@ -313,8 +215,10 @@ def single_label_cards(metrics: dict, classes: list[str]) -> list[str]:
 def write_report(run_dir: str | Path, classifier: Classifier, eval_name: str, paths: list[str],
                  labels: np.ndarray, probs: np.ndarray, images: np.ndarray | None = None,
                  eval_skipped: list[tuple[str, str]] = (), tta: bool = False,
-                 output: str | Path | None = None) -> Path:
-    """Write the page for these predictions (`eval_name`: "validation" or the test set's name)."""
+                 output: str | Path | None = None, scored: list | None = None) -> Path:
+    """Write the page for these predictions (`eval_name`: "validation" or the test set's name);
+    `scored`: the sets whose OOD scores the page shows beside the validation images' (ood_section.Scored:
+    the test set, an --ood-dir folder)."""
     from .plots import binary_curves, confusion_figure, label_pr_curves, learning_curves
 
     run_dir = Path(run_dir)
@@ -358,9 +262,7 @@ def write_report(run_dir: str | Path, classifier: Classifier, eval_name: str, pa
         curves = (f'<section><h2>ROC, precision-recall and calibration</h2><figure><img alt="ROC and '
                   f'precision-recall curves" src="{uri}"></figure><p class="note">The red dot is the operating '
                   f'threshold {classifier.threshold:.3f} on p({html.escape(classes[1])}).</p></section>')
-    page = PAGE.substitute(
-        title=html.escape(run_dir.resolve().name),
-        subtitle=html.escape(f"{meta['backbone']} · {len(classes)} classes: {', '.join(classes)}"),
+    body = PAGE.substitute(
         eval_heading=html.escape(f"Results on {eval_name}"), cards=f'<div class="cards">{"".join(cards)}</div>',
         eval_note=eval_note,
         counts="<h3>Images per class and split</h3>" + counts_html(train_metrics, eval_counts, eval_name, classes)
@@ -375,27 +277,51 @@ def write_report(run_dir: str | Path, classifier: Classifier, eval_name: str, pa
         "Per-class metrics and confusion matrix",
         per_class=per_class, class_figure=class_figure,
         class_figure_name="precision-recall per class" if multilabel else "confusion matrix",
-        curves=curves,
-        mistakes=mistakes_html(classifier, list(paths), np.asarray(labels), np.asarray(probs), predicted, images),
-        version=html.escape(str(meta.get("versions", {}).get("transferkit", ""))))
+        curves=curves, open_world=ood_section(classifier, scored or []),
+        mistakes=mistakes_html(classifier, list(paths), np.asarray(labels), np.asarray(probs), predicted, images))
     target = Path(output) if output else run_dir / "report.html"
-    write_text(target, page)
+    write_text(target, page(run_dir.resolve().name, f"{meta['backbone']} · {len(classes)} classes: {', '.join(classes)}",
+                            body, meta))
     return target
 
 
 def report(run_dir: str | Path, data: str | Path | None = None, tta: bool = False, batch_size: int = 64,
-           output: str | Path | None = None) -> Path:
+           output: str | Path | None = None, ood_dir: str | Path | None = None,
+           normal_class: str | None = None) -> Path:
     """The page for a run: on a labelled folder/CSV when given, else on the run's validation
-    predictions (val_predictions.csv)."""
+    predictions (val_predictions.csv); with `ood_dir` (a classifier with an OOD score), that
+    folder's scores beside the others. An anomaly run's page needs `data` (anomaly_report.py)."""
     run_dir = Path(run_dir)
+    if is_anomaly_run(run_dir):
+        if ood_dir is not None:
+            raise ConfigError(f"{run_dir}: --ood-dir is for classifier runs; an anomaly run's report shows its "
+                              "anomaly scores on the test folder (its normal class against the others)")
+        from .anomaly_report import anomaly_report
+
+        return anomaly_report(run_dir, data, normal_class, tta=tta, output=output)
+    if normal_class is not None:
+        raise ConfigError(f"{run_dir}: a classifier run, not an anomaly run; --normal-class is for runs trained "
+                          "with --task anomaly")
     classifier = load(run_dir)
+    if ood_dir is not None:  # before any image is decoded, as evaluate --ood-dir
+        if not classifier.has_ood:
+            raise RunError(classifier.before_open_world("--ood-dir"))
+        if not Path(ood_dir).is_dir():
+            raise ConfigError(f"{ood_dir}: no such folder (--ood-dir)")
+    saved = run_dir / "val_predictions.csv"
+    if data is None and not saved.is_file():
+        raise RunError(f"{saved}: not found; give a labelled folder: transferkit report {run_dir} DATA_DIR")
+    scored = []
     if data is not None:
         decoded = classifier.read_labelled(data)
-        probs = classifier.predict_proba(decoded.images, batch_size, tta)
+        answer = classifier.predict_open(decoded.images, batch_size, tta)
+        probs = answer["probabilities"]
+        if "ood_score" in answer:
+            scored.append(Scored.of_labelled(classifier, f"test set {data}", decoded, answer))
+    if ood_dir is not None:
+        scored.append(score_folder(classifier, ood_dir, batch_size, tta))
+    if data is not None:
         return write_report(run_dir, classifier, f"test set {data}", decoded.paths, decoded.labels, probs,
-                            decoded.images, decoded.skipped, tta, output)
-    saved = run_dir / "val_predictions.csv"
-    if not saved.is_file():
-        raise RunError(f"{saved}: not found; give a labelled folder: transferkit report {run_dir} DATA_DIR")
+                            decoded.images, decoded.skipped, tta, output, scored)
     paths, labels, probs = read_predictions(saved, classifier.classes, classifier.label_sep)
-    return write_report(run_dir, classifier, "validation", paths, labels, probs, output=output)
+    return write_report(run_dir, classifier, "validation", paths, labels, probs, output=output, scored=scored)
