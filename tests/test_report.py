@@ -33,10 +33,11 @@ def chromium() -> str:
     pytest.skip("chromium not installed")
 
 
-def open_in_browser(page: Path, tmp: Path) -> tuple[list[int], list[str]]:
+def open_in_browser(page: Path, tmp: Path) -> tuple[list[int], list[str], list[str]]:
     """Load `page` in headless chromium driven over the DevTools protocol; returns the
-    naturalWidth of every <img> once the load event has fired, and the URL of every request the
-    page made (Network.requestWillBeSent), its own file and data: URIs excepted."""
+    naturalWidth of every <img> once the load event has fired, the URL of every request the
+    page made (Network.requestWillBeSent), its own file and data: URIs excepted, and every
+    JavaScript error (Runtime.exceptionThrown) and error-level console or log entry."""
     from websockets.sync.client import connect
 
     profile = tmp / f"profile-{page.stem}"
@@ -52,6 +53,7 @@ def open_in_browser(page: Path, tmp: Path) -> tuple[list[int], list[str]]:
         targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=30).read())
         url = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
         requests: list[str] = []
+        errors: list[str] = []
         with connect(url, max_size=None, open_timeout=30) as ws:
             counter = iter(range(1, 100))
 
@@ -62,12 +64,22 @@ def open_in_browser(page: Path, tmp: Path) -> tuple[list[int], list[str]]:
                 ws.send(json.dumps({"id": ident, "method": method, "params": params}))
                 while True:
                     message = json.loads(ws.recv(timeout=60))
-                    if message.get("method") == "Network.requestWillBeSent":
-                        requests.append(message["params"]["request"]["url"])
+                    event, params = message.get("method"), message.get("params", {})
+                    if event == "Network.requestWillBeSent":
+                        requests.append(params["request"]["url"])
+                    elif event == "Runtime.exceptionThrown":
+                        details = params["exceptionDetails"]
+                        errors.append(details.get("exception", {}).get("description") or details.get("text", ""))
+                    elif event == "Runtime.consoleAPICalled" and params.get("type") == "error":
+                        errors.append(" ".join(str(a.get("value", a.get("description", ""))) for a in params["args"]))
+                    elif event == "Log.entryAdded" and params["entry"].get("level") == "error":
+                        errors.append(params["entry"].get("text", ""))
                     if (until and message.get("method") == until) or (not until and message.get("id") == ident):
                         return message
 
             call("Network.enable")
+            call("Runtime.enable")
+            call("Log.enable")
             call("Page.enable")
             call("Page.navigate", until="Page.loadEventFired", url=page.as_uri())
             reply = call("Runtime.evaluate", returnByValue=True,
@@ -76,7 +88,7 @@ def open_in_browser(page: Path, tmp: Path) -> tuple[list[int], list[str]]:
     finally:
         browser.terminate()
         browser.wait(30)
-    return widths, [r for r in requests if r != page.as_uri() and not r.startswith("data:")]
+    return widths, [r for r in requests if r != page.as_uri() and not r.startswith("data:")], errors
 
 
 def test_train_writes_a_self_contained_report(binary_run):
@@ -139,9 +151,9 @@ def test_report_in_a_real_browser(binary_run, tmp_path):
                                               "face": list(images[labels == 1][80:95])})
     page = report(out, data, output=tmp_path / "report.html")
     assert page.read_text(encoding="utf-8").count("Grad-CAM of") >= 3
-    widths, requests = open_in_browser(page, tmp_path)
+    widths, requests, errors = open_in_browser(page, tmp_path)
     assert len(widths) >= 4 and all(w > 0 for w in widths), widths
-    assert requests == []
+    assert requests == [] and errors == [], (requests, errors)
     shot = tmp_path / "shot.png"
     subprocess.run([chromium(), *FLAGS, f"--user-data-dir={tmp_path / 'profile-shot'}", f"--screenshot={shot}",
                     "--window-size=1200,2400", page.as_uri()], capture_output=True, timeout=120, cwd=tmp_path)
@@ -149,10 +161,13 @@ def test_report_in_a_real_browser(binary_run, tmp_path):
     assert pixels.shape == (2400, 1200) and pixels.std() > 15 and (pixels < 128).mean() > 0.002  # not blank
 
 
-def test_the_browser_check_catches_a_network_image(tmp_path):
-    """The detectors above work: a page with a remote image is caught by both."""
+def test_the_browser_check_catches_a_network_image_and_a_script_error(tmp_path):
+    """The detectors above work: a page with a remote image is caught by both, a script that
+    throws by the third."""
     chromium()
     page = tmp_path / "remote.html"
-    page.write_text('<!DOCTYPE html><html><body><img src="http://example.invalid/x.png"></body></html>')
-    widths, requests = open_in_browser(page, tmp_path)
+    page.write_text('<!DOCTYPE html><html><body><img src="http://example.invalid/x.png">'
+                    '<script>throw new Error("broken section")</script></body></html>')
+    widths, requests, errors = open_in_browser(page, tmp_path)
     assert widths == [0] and requests == ["http://example.invalid/x.png"]
+    assert any("broken section" in e for e in errors), errors
