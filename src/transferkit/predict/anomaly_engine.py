@@ -149,11 +149,11 @@ class AnomalyDetector:
         listed = load_labelled(source)
         if normal not in listed.classes:
             hint = "" if normal_class else " (the run's normal class; name another with --normal-class)"
-            raise DataError(f"{source}: no class {normal!r}{hint} among its classes {listed.classes}; evaluate "
-                            "needs the normal class and at least one other")
+            raise DataError(f"{source}: no class {normal!r}{hint} among its classes {listed.classes}; a test "
+                            "folder needs the normal class and at least one other")
         if len(listed.classes) < 2:
-            raise DataError(f"{source}: only the normal class {normal!r}; evaluate needs anomalous images too "
-                            "(another class folder)")
+            raise DataError(f"{source}: only the normal class {normal!r}; a test folder needs anomalous images "
+                            "too (another class folder)")
         data = decode(listed, self.image_size)
         index = listed.classes.index(normal)
         y = (data.labels != index).astype(np.int64)
