@@ -150,10 +150,11 @@ def train(data: Path, out_dir: Path, config: Optional[Path], val_dir: Optional[P
         evaluate_held_out(out_dir, test_dir, quiet)
         return
     if resume:
-        classifier = train_run(data, out_dir, val_data=val_dir, reporter=Reporter(quiet=quiet), resume=True, **asked)
+        classifier = train_run(data, out_dir, val_data=val_dir, reporter=Reporter(quiet=quiet), resume=True,
+                               test_data=test_dir, **asked)
     else:
         classifier = train_run(data, out_dir, settings_, val_data=val_dir, reporter=Reporter(quiet=quiet),
-                               overwrite=overwrite)
+                               overwrite=overwrite, test_data=test_dir)
     if classifier is None:  # a rank other than 0 of a torchrun job
         return
     if not quiet:
@@ -203,7 +204,8 @@ train.__signature__ = inspect.Signature([
         None, help="Separate validation folder/CSV (else a stratified split).")),
     inspect.Parameter("test_dir", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
         None, help="Held-out labelled folder/CSV: after training, its metrics (as `evaluate` gives them) are "
-                   "printed and written to the run's test_metrics.json.")),
+                   "printed and written to the run's test_metrics.json; test images that are near-duplicates of "
+                   "training images are named in a warning first (and in the run's check.json).")),
     inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
         False, "--resume", help="Continue the interrupted (or killed) run in --out from its last epoch, with its own "
                                 "settings.")),

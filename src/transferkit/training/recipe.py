@@ -28,6 +28,8 @@ from ..cfg.settings import TrainConfig
 from ..data.balance import check_sampler
 from ..data.decode import decode, fill, settle
 from ..data.dedupe import merge_duplicates, shared_images
+from ..data.leaks import cross_pairs, leak_document, leak_findings
+from ..data.phash import DEFAULT_MAX_DISTANCE
 from ..data.listing import LabelledImages, check_labels, load_labelled
 from ..data.memory import memory_budget
 from ..data.split import group_split, near_shared, split_groups
@@ -49,14 +51,18 @@ from .calibrate import calibrate
 from .presets import filled, resolve, smallest_class
 from .trainer import Trainer
 
+CHECK_FILE = "check.json"  # the run's own leak check (leak_check)
+
 
 def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
           val_data: str | Path | None = None, reporter: Reporter | None = None,
-          resume: bool = False, overwrite: bool = False, **overrides) -> Classifier:
+          resume: bool = False, overwrite: bool = False, test_data: str | Path | None = None,
+          **overrides) -> Classifier:
     """Train a classifier on `data` (class folders or a CSV) and write the run to `out`.
 
     `val_data`: a separate labelled set for validation; otherwise a stratified `val_split` of
-    `data`. Keyword overrides change single settings: `train("data", "runs/x", epochs=3)`.
+    `data`. `test_data`: held-out images checked for near-duplicates of the training images (a
+warning, and the run's check.json). Keyword overrides change single settings: `train("data", "runs/x", epochs=3)`.
     `out` holding a complete run is refused unless `overwrite` (the old run stays until the new
     one completes); `resume` continues an interrupted run with its own settings. `--preset best`
     trains its candidates one after another and keeps the best on validation. Under torchrun
@@ -70,7 +76,8 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
         if overrides.get("preset") == "best" or (config is not None and config.preset == "best"):
             raise ConfigError("--resume does not apply to --preset best: Ctrl-C already ends the search with the "
                               "best completed candidate; start it again to search again")
-        return train_run(data, out, config, val_data, reporter, resume=True, overwrite=overwrite, overrides=overrides)
+        return train_run(data, out, config, val_data, reporter, resume=True, overwrite=overwrite, overrides=overrides,
+                         test_data=test_data)
     if config is None or overrides:  # the settings, settled once
         config = TrainConfig.from_dict({**(config or TrainConfig()).to_dict(), **overrides})
     if config.task == "anomaly":  # a patch memory bank from good images, no epochs (training/anomaly.py)
@@ -82,12 +89,12 @@ def train(data: str | Path, out: str | Path, config: TrainConfig | None = None,
             raise ConfigError("--preset best runs its candidates one after another in one process; leave out --nproc "
                               "and torchrun")
         return search.search(train_run, data, Path(out), config, val_data, reporter or Reporter(), overwrite)
-    return train_run(data, out, config, val_data, reporter, overwrite=overwrite)
+    return train_run(data, out, config, val_data, reporter, overwrite=overwrite, test_data=test_data)
 
 
 def train_run(data: str | Path, out: str | Path, config: TrainConfig | None, val_data: str | Path | None = None,
               reporter: Reporter | None = None, resume: bool = False, overwrite: bool = False,
-              overrides: dict | None = None) -> Classifier:
+              overrides: dict | None = None, test_data: str | Path | None = None) -> Classifier:
     """One run of the recipe with settled settings (`resume`: the run folder's own, checked against
     `config` and `overrides`, what was asked for now)."""
     out = Path(out)
@@ -108,7 +115,7 @@ def train_run(data: str | Path, out: str | Path, config: TrainConfig | None, val
         run.start(work, record)
     with stop_on_signals(reporter.interrupt), ctx.failures():
         try:
-            classifier = train_steps(listing, record, work, config, reporter, device, ctx)
+            classifier = train_steps(listing, record, work, config, reporter, device, ctx, test_data)
         except Interrupted as exc:
             if not ctx.main:
                 raise Interrupted(exc.signum) from None
@@ -129,7 +136,7 @@ def train_run(data: str | Path, out: str | Path, config: TrainConfig | None, val
 
 
 def train_steps(listing: "Listing", record: dict, work: Path, config: TrainConfig, reporter: Reporter,
-                device: torch.device, ctx: distributed.Context) -> Classifier:
+                device: torch.device, ctx: distributed.Context, test_data: str | Path | None = None) -> Classifier:
     """The recipe, step by step, writing into the run folder `work` (`record`: its data paths). Under
     torchrun every rank trains; rank 0 alone saves (the others return None)."""
     spill = ctx.scratch(work / "cache")
@@ -144,6 +151,9 @@ def train_steps(listing: "Listing", record: dict, work: Path, config: TrainConfi
     train_set, val_set, skipped, rules = prepare_data(listing, record["data"], record["val_data"],
                                                       backbone.preprocess.image_size, config, spill, reporter, ctx)
     record["rules"] = rules
+    checked = leak_check(work, listing, train_set, val_set, record["val_data"], test_data,
+                         backbone.preprocess.image_size, config, spill, reporter, rules, ctx)
+    record["check"] = {"file": CHECK_FILE, "counts": {k: v for k, v in checked["counts"].items() if v}}
     model = build_model(backbone, len(train_set.classes), config, device, train_set.multilabel)
 
     started = time.perf_counter()
@@ -298,6 +308,38 @@ def prepare_data(listing: Listing, data, val_data, size: int, config: TrainConfi
     return train_set, val_set, skipped, rules
 
 
+def leak_check(work: Path, listing: Listing, train_set: LabelledImages, val_set: LabelledImages, val_data,
+               test_data, size: int, config: TrainConfig, spill_dir: Path, reporter: Reporter, rules: Rules,
+               ctx: distributed.Context) -> dict:
+    """The cheap part of `transferkit check` on the sets this run uses (data.leaks): exact and
+    near-duplicate leaks between training and validation (its own split or --val-dir) and the
+    test set (--test-dir, decoded here as `evaluate` will decode it); test images that are
+    near-duplicates of training images are named in a warning (--val-dir's are, in prepare_data).
+    Written to the run's check.json, in the schema of `check --format json`."""
+    parts = {"train": train_set, "val": val_set}
+    if test_data is not None:
+        task = "multilabel" if listing.train.multilabel else "multiclass"
+        raw = load_labelled(test_data, listing.train.classes, task, config.label_sep)
+        parts["test"] = _decode(raw, "test data", size, config, spill_dir, reporter, rules, ctx=ctx) if len(raw) else raw
+    findings = leak_findings(parts)
+    if test_data is not None:
+        near = cross_pairs(findings, "test")
+        if near:
+            named = "; ".join(f"{t} ~ {tr} ({bits} bits)" for t, tr, bits in near[:5])
+            reporter.log(f"Warning: {len(near)} test image(s) are the same as or near-duplicates of training images "
+                         f"(perceptual hashes within {DEFAULT_MAX_DISTANCE} bits of 64, thumbnails matched): {named}"
+                         + (f"; and {len(near) - 5} more (check.json in the run)" if len(near) > 5 else ""))
+    if val_data is None:
+        split_leaks = cross_pairs(findings, "val")
+        if split_leaks:
+            reporter.log(f"Warning: the validation split shares {len(split_leaks)} near-duplicate pair(s) with the "
+                         f"training split (first: {split_leaks[0][0]} ~ {split_leaks[0][1]}); check.json in the run")
+    document = leak_document(findings, {name: len(data) for name, data in parts.items()})
+    if ctx.main:
+        write_text(work / CHECK_FILE, json.dumps(document, indent=1) + "\n")
+    return document
+
+
 def _decode(raw: LabelledImages, name: str, size: int, config: TrainConfig, spill_dir: Path,
             reporter: Reporter, rules: Rules, defer: bool = False,
             ctx: distributed.Context | None = None) -> LabelledImages:
@@ -372,6 +414,7 @@ def save_run(out: Path, model: TransferModel, backbone: Backbone, fine_tune_at: 
         "data": record["data"],
         "val_data": record["val_data"],
         "world_size": record["world_size"],
+        "check": record.get("check"),
     })
     entries, scorer = open_world(out, model, trainer, train_set, val_set, val_probs, config, reporter,
                                  selection["threshold"] if selection else 0.5)
