@@ -273,6 +273,36 @@ def test_clusters_are_connected_components():
     assert clusters(6, [(0, 1), (1, 2), (4, 5)]).tolist() == [0, 0, 0, 1, 2, 2]
 
 
+def test_look_alike_digits_pair_at_the_default_match_and_not_at_0998_while_a_copy_stays_found(tmp_path):
+    """docs/check.md's sweep in small: distinct 8 px drawings of one digit (scikit-learn's digits,
+    at 32 px as the benchmark suite writes them) are confirmed as near-duplicates at the default
+    --min-match 0.95; at 0.998 none is, and a JPEG-60 copy planted in test/ is still a leak."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i in range(400):
+        picture = Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).resize((32, 32), Image.BILINEAR)
+        (tmp_path / "train" / str(digits.target[i])).mkdir(parents=True, exist_ok=True)
+        picture.save(tmp_path / "train" / str(digits.target[i]) / f"{i:03d}.png")
+    original = tmp_path / "train" / str(digits.target[7]) / "007.png"
+    (tmp_path / "test" / str(digits.target[7])).mkdir(parents=True)
+    copy = tmp_path / "test" / str(digits.target[7]) / "copy.png"
+    copy_of(np.asarray(Image.open(original)), "jpeg60").save(copy)
+    found = {}
+    for match in ("0.95", "0.998"):
+        result = CliRunner().invoke(app, ["check", str(tmp_path / "train"), "--test-dir", str(tmp_path / "test"),
+                                          "--no-features", "--format", "json", "--quiet", "--min-match", match])
+        assert result.exit_code == 1, result.output  # the planted copy leaks at both
+        document = json.loads(result.stdout.strip().splitlines()[-1])
+        assert document["thresholds"]["min_match"] == float(match)
+        leaks = [set(f["paths"]) for f in document["findings"] if f["kind"] == "leak"]
+        assert any({str(copy), str(original)} <= cluster for cluster in leaks), leaks
+        found[match] = [f for f in document["findings"] if f["kind"] == "near_duplicate"
+                        and str(copy) not in f["paths"]]
+    assert len(found["0.95"]) >= 3, found["0.95"]  # look-alikes confirmed at the default
+    assert found["0.998"] == []
+
+
 # -- with the backbone (slow) ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

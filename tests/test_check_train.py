@@ -110,3 +110,4 @@ def test_the_runs_own_split_records_no_leak_when_grouped_and_the_leak_when_not(t
         if not grouped:
             assert "Warning: the validation split shares" in result.output
     assert counts[True] == 0 and counts[False] >= 1, counts
+
