@@ -6,6 +6,7 @@ backgrounds and texture photographs anomalous). Writes bench/results/anomaly.jso
     python bench/anomaly.py --sets elpv --seeds 0            # about 5 min on 2 quiet cores
     python bench/anomaly.py --sets faces --seeds 0 1 2
     python bench/anomaly.py --sets elpv --seeds 0 --caps 2 8 32
+    python bench/anomaly.py --sets elpv faces --methods patches gaussian --seeds 0 1 2
 
 The first seed of a set starts from an empty view store (a fresh cache folder); later seeds reuse
 the patch features stored by the first (their "reused" column), as a user's second run would.
@@ -61,15 +62,17 @@ def faces(root: Path) -> tuple[Path, Path, str]:
 SETS = {"elpv": (elpv, []), "faces": (faces, ["--image-size", "96"])}
 
 
-def one(name: str, seed: int, cap: float, cache: Path, work: Path, threads: int | None) -> dict:
+def one(name: str, seed: int, cap: float | None, cache: Path, work: Path, threads: int | None,
+        method: str = "patches") -> dict:
     maker, options = SETS[name]
     train_dir, test_dir, normal = maker(work / "data" / name)
-    out = work / "runs" / f"{name}-{seed}-{cap:g}"
+    out = work / "runs" / f"{name}-{method}-{seed}-{cap or 'default'}"
+    cap_opt = [] if cap is None else ["--anomaly-bank-mib", str(cap)]
     started = time.perf_counter()
     threads_opt = ["--threads", str(threads)] if threads else []
     proc = subprocess.run([sys.executable, "-m", "transferkit.cli", "train", str(train_dir), "--out", str(out),
                            "--overwrite", "--task", "anomaly", "--normal-class", normal, "--seed", str(seed),
-                           "--anomaly-bank-mib", str(cap), "--cache-dir", str(cache), *threads_opt, *options,
+                           "--anomaly-method", method, *cap_opt, "--cache-dir", str(cache), *threads_opt, *options,
                            "--quiet"], capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(proc.stderr)
@@ -82,7 +85,7 @@ def one(name: str, seed: int, cap: float, cache: Path, work: Path, threads: int 
     total = time.perf_counter() - started
     m = json.loads(metrics_file.read_text())
     meta = json.loads((out / "model.json").read_text())
-    row = {"set": name, "seed": seed, "cap_mib": cap, "auroc": round(m["auroc"], 4), "auroc_ci95": m["auroc_ci95"],
+    row = {"set": name, "method": method, "seed": seed, "cap_mib": meta["anomaly"]["cap_mib"], "auroc": round(m["auroc"], 4), "auroc_ci95": m["auroc_ci95"],
            "average_precision": round(m["average_precision"], 4), "f1": round(m["f1"], 4),
            "f1_best_threshold": round(m["f1_best_threshold"], 4), "false_alarm_rate": round(m["false_alarm_rate"], 4),
            "miss_rate": round(m["miss_rate"], 4), "n_test": m["n"], "bank_rows": meta["anomaly"]["bank_rows"],
@@ -97,7 +100,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", nargs="+", default=["elpv", "faces"], choices=list(SETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--caps", nargs="+", type=float, default=[8.0])
+    parser.add_argument("--caps", nargs="+", type=float, default=[None], help="default: each method's own")
+    parser.add_argument("--methods", nargs="+", default=["patches"], choices=["patches", "gaussian"])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-anomaly")
     args = parser.parse_args()
@@ -108,11 +112,14 @@ def main() -> None:
         rows = []
     with tempfile.TemporaryDirectory() as cache:
         for name in args.sets:
-            for cap in args.caps:
-                for seed in args.seeds:
-                    row = one(name, seed, cap, Path(cache), args.work, args.threads)
-                    rows = [r for r in rows if (r["set"], r["seed"], r["cap_mib"]) != (name, seed, cap)] + [row]
-    write("anomaly", {"rows": rows}, quiet=quiet, command=sys.argv)
+            for method in args.methods:
+                for cap in args.caps:
+                    for seed in args.seeds:
+                        row = one(name, seed, cap, Path(cache), args.work, args.threads, method)
+                        key = (row["set"], row["method"], row["seed"], row["cap_mib"])
+                        rows = [r for r in rows if (r["set"], r.get("method", "patches"), r["seed"], r["cap_mib"])
+                                != key] + [row]
+                        write("anomaly", {"rows": rows}, quiet=quiet, command=sys.argv)  # after each run
 
 
 if __name__ == "__main__":

@@ -62,6 +62,21 @@ def brick_run(tmp_path_factory):
     return root, load_detector(root / "run")
 
 
+@pytest.fixture(scope="module")
+def brick_gaussian(tmp_path_factory):
+    """brick_run's images and settings, with one Gaussian per cell (--anomaly-method gaussian)."""
+    root = tmp_path_factory.mktemp("brick-gaussian")
+    write_folders(root, {"good": brick_crops(60, seed=1), "threshold": brick_crops(99, seed=2)})
+    train(root / "good", root / "run", "--val-dir", str(root / "threshold"), "--anomaly-keep", "0.9",
+          "--anomaly-method", "gaussian")
+    from transferkit.predict.anomaly_engine import load_detector
+
+    return root, load_detector(root / "run")
+
+
+BOTH = pytest.mark.parametrize("method_run", ["brick_run", "brick_gaussian"])
+
+
 def test_other_real_classes_score_higher_than_held_out_images_of_the_normal_class(faces_run):
     root, result = faces_run
     assert "Normal class 'face': 70 image(s) train the model; left out of training: background 70" in result.output
@@ -96,11 +111,12 @@ def paste(image: np.ndarray, kind: str, rng) -> tuple[np.ndarray, np.ndarray]:
     return out, mask
 
 
+@BOTH
 @pytest.mark.parametrize("kind", ["scratch", "blob"])
-def test_a_pasted_defect_scores_higher_than_the_clean_image_and_the_map_peaks_on_it(brick_run, kind):
+def test_a_pasted_defect_scores_higher_than_the_clean_image_and_the_map_peaks_on_it(method_run, kind, request):
     from scipy.ndimage import binary_dilation
 
-    _, detector = brick_run
+    _, detector = request.getfixturevalue(method_run)
     rng = np.random.default_rng({"scratch": 7, "blob": 8}[kind])
     clean = np.stack([np.repeat(c[..., None], 3, 2) for c in brick_crops(12, seed=3)])
     pasted = [paste(c[..., 0], kind, rng) for c in clean]
@@ -114,17 +130,27 @@ def test_a_pasted_defect_scores_higher_than_the_clean_image_and_the_map_peaks_on
     assert sum(inside) >= 11, inside
 
 
-def test_the_threshold_holds_its_false_alarm_rate_on_new_good_images(brick_run):
-    from transferkit.predict.metrics import wilson_interval
+@BOTH
+def test_the_threshold_holds_its_false_alarm_rate_on_new_good_images(method_run, request):
+    """Split-conformal: with n held-out good images and k = ceil((n + 1) keep), a new good image's
+    chance of an alarm is, over the draw of the held-out images, Beta(n + 1 - k, k) (mean 1 - keep);
+    so the alarms among 300 fresh good crops follow a beta-binomial, and lie in its 95 % interval
+    (about 13-53 of 300 here; a threshold at the largest held-out score gives about 3, one at
+    their median about 150)."""
+    import math
 
-    root, detector = brick_run
+    from scipy.stats import betabinom
+
+    root, detector = request.getfixturevalue(method_run)
     meta = detector.meta
-    assert meta["anomaly"]["holdout_images"] >= 95 and meta["anomaly"]["threshold_reached"]  # duplicates merged
+    n = meta["anomaly"]["holdout_images"]
+    assert n >= 95 and meta["anomaly"]["threshold_reached"]  # duplicates merged
     fresh = np.stack([np.repeat(c[..., None], 3, 2) for c in brick_crops(300, seed=4)])
     scores, _ = detector.score(fresh)
     alarms = int((scores > detector.threshold).sum())
-    low, high = wilson_interval(alarms, len(fresh))
-    assert low <= 1 - 0.9 <= high, (alarms, low, high)
+    k = math.ceil((n + 1) * 0.9)
+    low, high = betabinom(len(fresh), n + 1 - k, k).interval(0.95)
+    assert low <= alarms <= high, (alarms, low, high)
     held = json.loads((root / "run" / "metrics.json").read_text())
     assert held["false_alarm_rate"] <= 0.1
 
@@ -209,10 +235,11 @@ def test_a_classifier_run_given_to_anomaly_evaluation_is_one_clear_line(binary_r
                    "a classifier run, not an anomaly run")
 
 
-def test_onnx_export_carries_the_bank_and_gives_the_scores_and_maps_of_pytorch(brick_run, tmp_path):
+@BOTH
+def test_onnx_export_carries_the_bank_and_gives_the_scores_and_maps_of_pytorch(method_run, tmp_path, request):
     import onnxruntime as ort
 
-    root, detector = brick_run
+    root, detector = request.getfixturevalue(method_run)
     out = runner.invoke(app, ["export", str(root / "run"), "--out", str(tmp_path / "a.onnx")])
     assert out.exit_code == 0, out.output
     assert not list(tmp_path.glob("*.data"))  # the bank is inside the file, not beside it
@@ -274,3 +301,33 @@ def test_a_few_labelled_defects_fit_the_threshold_at_the_best_f1(tmp_path):
     one_line_error(runner.invoke(app, ["train", str(tmp_path / "only"), "--out", str(tmp_path / "r2"), "--task",
                                        "anomaly", "--normal-class", "good", "--anomaly-threshold", "f1"]),
                    "--anomaly-threshold f1 fits the threshold on labelled anomalies")
+
+
+def test_gaussians_per_cell_fit_the_cap_and_score_other_real_classes_higher(tmp_path):
+    """--anomaly-method gaussian on the real LFW faces: the other classes score higher than held-out
+    faces; the statistics fit the cap by using fewer channels, and the file holds what was fitted."""
+    from safetensors.numpy import load_file
+
+    from transferkit.openworld.anomaly import gaussian_channels
+
+    images, labels = lfw_arrays()
+    faces, backgrounds = images[labels == 1], images[labels == 0]
+    write_folders(tmp_path / "train", {"face": list(faces[:70])})
+    write_folders(tmp_path / "test", {"face": list(faces[70:]), "background": list(backgrounds[70:]),
+                                      "texture": texture_crops(30, seed=5)})
+    result = train(tmp_path / "train", tmp_path / "run", "--normal-class", "face", "--anomaly-method", "gaussian",
+                   "--anomaly-bank-mib", "2")
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    section = meta["anomaly"]
+    cells = section["grid"] ** 2
+    assert section["scorer"] == "gaussian" and section["channels"] == gaussian_channels(cells, section["dims"], 2.0)
+    assert section["channels"] < section["dims"] and section["bank_mib"] <= 2.0  # 144 cells x 152^2 would be 13 MiB
+    assert f"over {section['channels']} of {section['dims']} channels" in result.output
+    stats = load_file(str(tmp_path / "run" / "bank.safetensors"))
+    assert stats["precision"].shape == (cells, section["channels"], section["channels"])
+    assert np.allclose(stats["precision"], np.transpose(stats["precision"], (0, 2, 1)), atol=1e-3)
+    out = runner.invoke(app, ["evaluate", str(tmp_path / "run"), str(tmp_path / "test"), "--normal-class", "face",
+                              "--output", str(tmp_path / "m.json")])
+    assert out.exit_code == 0, out.output
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["auroc"] > 0.9 and metrics["auroc_ci95"][0] > 0.75, metrics

@@ -27,6 +27,7 @@ LOGGERS = ("none", "tensorboard", "mlflow")
 WINDOWS = ("data", "dicom")  # the intensity window of high-bit-depth images (data/window.py)
 PAGE_RULES = ("first", "refuse")  # multi-page TIFF and multi-frame DICOM
 ANOMALY_THRESHOLDS = ("keep", "f1")
+ANOMALY_METHODS = ("patches", "gaussian")
 OPTIMIZERS = ("adam", "adamw", "sgd")  # timm's names (training/optim.py)
 SCHEDULERS = ("none", "cosine")
 GROUPS = ("data", "preset", "backbone", "recipe", "augmentation", "decisions", "cache", "runtime")
@@ -151,12 +152,20 @@ class TrainConfig:
     anomaly_keep: float = setting(0.99, "--task anomaly: the fraction of good images that must pass; the threshold is "
                                   "fitted on held-out good images (val_split of them, or --val-dir).", "decisions", float,
                                   low=0, high=1, low_open=True, high_open=True)
+    anomaly_method: str = setting(
+        "patches", "--task anomaly: patches = each patch against a memory bank of the good images' patches, "
+        "wherever they are (PatchCore; for parts at any place or angle); gaussian = each patch against the good "
+        "images' Gaussian at the same place (PaDiM; for images framed the same way: a fixture, a cell, a scan).",
+        "recipe", str, choices=ANOMALY_METHODS)
     anomaly_threshold: str = setting(
         "keep", "--task anomaly: keep = the threshold lets --anomaly-keep of the held-out good images pass; f1 = the "
         "threshold with the best F1 on the held-out good images and the labelled anomalies (the images of the classes "
         "other than --normal-class, which never enter the bank).", "decisions", str, choices=ANOMALY_THRESHOLDS)
-    anomaly_bank_mib: float = setting(8.0, "--task anomaly: memory cap of the patch bank (float32) in MiB; past it a "
-                                      "greedy coreset keeps as many patches as fit.", "cache", float, low=0, low_open=True)
+    anomaly_bank_mib: float | None = setting(
+        None, "--task anomaly: memory cap in MiB of what the run keeps of the good images (float32): patches, the "
+        "bank (default 8; past it a greedy coreset keeps as many patches as fit); gaussian, the cells' Gaussians "
+        "(default 128; their size does not grow with the images; past it as many channels as fit).", "cache", float,
+        low=0, low_open=True, optional=True)
     group_by: str | None = setting(
         None, "A regular expression on each image's path whose first group names its group (a patient, a part, a "
         "video): the validation split keeps each group on one side. A CSV's `group` column does the same.", "data",

@@ -1,4 +1,4 @@
-"""`export` of an anomaly run: one ONNX file with the bank inside (an initializer), uint8 RGB
+"""`export` of an anomaly run: one ONNX file with the bank (or the Gaussians) inside, uint8 RGB
 images in, two outputs: `anomaly_score` (N,) and `anomaly_map` (N, S, S), the same numbers as the
 PyTorch engine; the threshold and the preprocessing in the file's metadata."""
 
@@ -62,10 +62,11 @@ def export_anomaly(run_dir: str | Path, out: str | Path | None = None, layout: s
     onnx.helper.set_model_props(proto, {
         "task": "anomaly", "threshold": json.dumps(meta["threshold"]), "preprocess": json.dumps(preprocess),
         "normal_class": str(meta.get("normal_class", "")), "backbone": str(meta.get("backbone", "")),
-        "model_version": detector.version, "anomaly": json.dumps({k: meta["anomaly"][k] for k in (
-            "layers", "bank_rows", "bank_sha256", "keep", "map_reference")}),
-        "output": "anomaly_score (N,): the largest patch distance to the good images' bank; label = anomaly when "
-                  "anomaly_score > threshold; anomaly_map (N, S, S): the patch distances, upsampled and smoothed",
+        "model_version": detector.version, "anomaly": json.dumps({k: meta["anomaly"].get(k) for k in (
+            "scorer", "layers", "bank_rows", "channels", "bank_sha256", "keep", "map_reference")}),
+        "output": "anomaly_score (N,): the largest patch distance (to the good images' bank, or to their Gaussian at "
+                  "the patch's place); label = anomaly when anomaly_score > threshold; anomaly_map (N, S, S): the "
+                  "patch distances, upsampled and smoothed",
         "transferkit_version": __version__})
     proto.doc_string = "transferkit anomaly detector: uint8 RGB images in, anomaly scores and maps out"
     onnx.checker.check_model(proto, full_check=True)

@@ -10,9 +10,14 @@ al., CVPR 2022), on a frozen pretrained backbone, with no gradient training at a
 - Scores: each patch's Euclidean distance to its nearest bank entry (the patch map); the image
   score is the largest patch score. The map shown to people is the patch map upsampled to the
   image and smoothed (Gaussian, sigma 4 pixels at 224 px).
+- Or (`method="gaussian"`, for images framed the same way: a fixture, a cell, a scan) one Gaussian
+  per grid cell in the manner of PaDiM (Defard et al., ICPR 2021): the good images' mean feature at
+  that cell and its covariance (+ 0.01 I, PaDiM's regulariser) over a seeded random subset of the
+  channels small enough for the memory cap; a patch's score is its Mahalanobis distance to its own
+  cell's Gaussian. No nearest-neighbour search: the cost of a score does not grow with the images.
 
-Everything is one `nn.Module` (`AnomalyModel`): uint8 images in, (scores, maps) out, so that the
-PyTorch engine and an ONNX export compute the same numbers.
+Everything is one `nn.Module` (`BankModel` or `GaussianModel`): uint8 images in, (scores, maps)
+out, so that the PyTorch engine and an ONNX export compute the same numbers.
 """
 
 from __future__ import annotations
@@ -114,24 +119,27 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
 
 class AnomalyModel(nn.Module):
     """uint8 RGB images (N, 3, S, S) -> image scores (N,) and maps (N, S, S): the patch scores
-    (distances to the nearest bank feature) upsampled to the image and smoothed."""
+    upsampled to the image and smoothed. A subclass says what a patch score is."""
 
-    def __init__(self, features: PatchFeatures, bank: torch.Tensor, image_size: int):
+    method = ""
+
+    def __init__(self, features: PatchFeatures, image_size: int):
         super().__init__()
         self.features = features
-        self.register_buffer("bank", bank.float().contiguous())
-        self.register_buffer("bank_sq", (bank.float() ** 2).sum(1), persistent=False)
         self.register_buffer("blur", gaussian_kernel(BLUR_SIGMA * image_size / 224), persistent=False)
         self.image_size = image_size
 
     def patch_scores(self, feats: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) features -> (N, H, W) nearest-neighbour distances."""
-        n, c, h, w = feats.shape
-        q = feats.permute(0, 2, 3, 1).reshape(-1, c)
-        # |q - b|^2 = |b|^2 - 2 q.b + |q|^2: one fused addmm, the row's minimum, then |q|^2 (a
-        # constant of the row) added to the minimum alone: half the passes over the distance matrix
-        d = torch.addmm(self.bank_sq, q, self.bank.T, alpha=-2).min(1).values + (q * q).sum(1)
-        return d.clamp_min(0).sqrt().view(n, h, w)
+        """(N, C, H, W) features -> (N, H, W) patch scores (0 or more)."""
+        raise NotImplementedError
+
+    def floats_per_cell(self) -> int:
+        """The size of one grid cell's intermediate scores: what batches are sized by."""
+        raise NotImplementedError
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        """What the run stores of it (bank.safetensors)."""
+        raise NotImplementedError
 
     def smooth(self, patch: torch.Tensor) -> torch.Tensor:
         """(N, H, W) patch scores -> (N, S, S) map: bilinear upsampling, then a separable Gaussian."""
@@ -145,6 +153,96 @@ class AnomalyModel(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         patch = self.patch_scores(self.features(images))
         return patch.flatten(1).max(1).values, self.smooth(patch)
+
+
+class BankModel(AnomalyModel):
+    """Patch scores: the distance to the nearest feature of the good images' bank (PatchCore)."""
+
+    method = "patches"
+
+    def __init__(self, features: PatchFeatures, bank: torch.Tensor, image_size: int):
+        super().__init__(features, image_size)
+        self.register_buffer("bank", bank.float().contiguous())
+        self.register_buffer("bank_sq", (bank.float() ** 2).sum(1), persistent=False)
+
+    def patch_scores(self, feats: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) features -> (N, H, W) nearest-neighbour distances."""
+        n, c, h, w = feats.shape
+        q = feats.permute(0, 2, 3, 1).reshape(-1, c)
+        # |q - b|^2 = |b|^2 - 2 q.b + |q|^2: one fused addmm, the row's minimum, then |q|^2 (a
+        # constant of the row) added to the minimum alone: half the passes over the distance matrix
+        d = torch.addmm(self.bank_sq, q, self.bank.T, alpha=-2).min(1).values + (q * q).sum(1)
+        return d.clamp_min(0).sqrt().view(n, h, w)
+
+    def floats_per_cell(self) -> int:
+        return len(self.bank)
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        return {"bank": self.bank}
+
+
+class GaussianModel(AnomalyModel):
+    """Patch scores: the Mahalanobis distance of a cell's feature (its `channels`) to the good
+    images' Gaussian at that cell: `mean` (H*W, K), `precision` (H*W, K, K)."""
+
+    method = "gaussian"
+
+    def __init__(self, features: PatchFeatures, mean: torch.Tensor, precision: torch.Tensor, channels: torch.Tensor,
+                 image_size: int):
+        super().__init__(features, image_size)
+        self.register_buffer("mean", mean.float().contiguous())
+        self.register_buffer("precision", precision.float().contiguous())
+        self.register_buffer("channels", channels.long().contiguous())
+
+    def patch_scores(self, feats: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = feats.shape
+        x = feats.index_select(1, self.channels).flatten(2).permute(2, 0, 1)  # (H*W, N, K)
+        d = x - self.mean[:, None, :]
+        m = (torch.bmm(d, self.precision) * d).sum(-1)  # (H*W, N)
+        return m.clamp_min(0).sqrt().T.reshape(n, h, w)
+
+    def floats_per_cell(self) -> int:
+        return self.precision.shape[-1]
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean, "precision": self.precision, "channels": self.channels}
+
+
+GAUSSIAN_EPS = 0.01  # PaDiM's regulariser of each cell's covariance
+DEFAULT_CAP_MIB = {"patches": 8.0, "gaussian": 128.0}  # --anomaly-bank-mib unset: per method
+
+
+def cap_mib(method: str, cap: float | None) -> float:
+    """The memory cap of a method's statistics: the one asked for, else the method's default."""
+    return DEFAULT_CAP_MIB[method] if cap is None else float(cap)
+
+
+def gaussian_channels(cells: int, dims: int, cap_mib: float) -> int:
+    """How many channels a Gaussian per cell may use within `cap_mib` MiB (float32 precision
+    matrices and means), at most all `dims` and at least 1."""
+    room = int(cap_mib * 2**20) // (4 * cells)
+    return max(1, min(dims, int((math.sqrt(1 + 4 * room) - 1) // 2)))  # k^2 + k <= room
+
+
+def fit_gaussians(patches: np.ndarray, cap_mib: float, seed: int, device, chunk: int = 64
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean (H*W, K), precision (H*W, K, K), channels (K,)) of (N, H*W, C) patch features: one
+    Gaussian per cell over a seeded random subset of K channels that fits `cap_mib`."""
+    n, cells, dims = patches.shape
+    k = gaussian_channels(cells, dims, cap_mib)
+    channels = torch.from_numpy(np.sort(np.random.default_rng(seed).choice(dims, k, replace=False))) \
+        if k < dims else torch.arange(dims)
+    means, precisions = [], []
+    eye = torch.eye(k, dtype=torch.float64, device=device)
+    for start in range(0, cells, chunk):  # a few cells at a time: float64 statistics of every image
+        x = torch.from_numpy(np.ascontiguousarray(patches[:, start:start + chunk])).to(device)
+        x = x.index_select(2, channels.to(device)).double().transpose(0, 1)  # (cells, N, K)
+        mu = x.mean(1)
+        d = x - mu[:, None]
+        cov = d.transpose(1, 2) @ d / max(1, n - 1) + GAUSSIAN_EPS * eye
+        means.append(mu.float().cpu())
+        precisions.append(torch.linalg.inv(cov).float().cpu())
+    return torch.cat(means), torch.cat(precisions), channels
 
 
 def score_batches(model: AnomalyModel, images: np.ndarray, device, batch_size: int = 16,
@@ -161,7 +259,7 @@ def score_batches(model: AnomalyModel, images: np.ndarray, device, batch_size: i
             if cells is None:
                 f = model.features(x[:1])
                 cells = f.shape[-1] * f.shape[-2]
-                batch_size = max(1, min(batch_size, (DISTANCE_MIB << 20) // max(1, 4 * cells * len(model.bank))))
+                batch_size = max(1, min(batch_size, (DISTANCE_MIB << 20) // max(1, 4 * cells * model.floats_per_cell())))
                 x = x[:batch_size]
             patch = model.patch_scores(model.features(x))
             scores.append(patch.flatten(1).max(1).values.float().cpu().numpy())

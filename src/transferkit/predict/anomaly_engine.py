@@ -52,7 +52,7 @@ def load_detector(run_dir: str | Path, device: str = "cpu") -> "AnomalyDetector"
 
     from ..models.backbones import timm_model
     from ..models.fold import fold_batchnorm
-    from ..openworld.anomaly import AnomalyModel, PatchFeatures
+    from ..openworld.anomaly import BankModel, GaussianModel, PatchFeatures
     run_dir = Path(run_dir)
     try:
         meta = json.loads((run_dir / META).read_text(encoding="utf-8"))
@@ -79,14 +79,23 @@ def load_detector(run_dir: str | Path, device: str = "cpu") -> "AnomalyDetector"
     try:
         backbone = timm_model(meta["backbone"], num_classes=0, **meta.get("timm_kwargs", {}))
         backbone.load_state_dict(load_file(str(files[WEIGHTS])))
-        bank = load_file(str(files[meta["anomaly"].get("bank", BANK)]))["bank"]
+        stats = load_file(str(files[meta["anomaly"].get("bank", BANK)]))
         pre = meta["preprocess"]
         features = PatchFeatures(fold_batchnorm(backbone.eval()), meta["anomaly"]["layers"], pre["mean"], pre["std"])
-        model = AnomalyModel(features, bank, int(pre["image_size"])).to(device).eval()
+        size = int(pre["image_size"])
+        if meta["anomaly"].get("scorer", "patches") == "gaussian":
+            model = GaussianModel(features, stats["mean"], stats["precision"], stats["channels"], size)
+            shapes_ok = (stats["mean"].ndim == 2 and stats["precision"].shape == (*stats["mean"].shape,
+                                                                                   stats["mean"].shape[1])
+                         and stats["channels"].shape == (stats["mean"].shape[1],))
+        else:
+            model = BankModel(features, stats["bank"], size)
+            shapes_ok = stats["bank"].ndim == 2
+        model = model.to(device).eval()
     except Exception as exc:  # noqa: BLE001 - any inconsistency means an unusable run
         raise RunError(f"{run_dir}: cannot load the anomaly model ({type(exc).__name__}: {exc})") from None
-    if model.bank.ndim != 2 or not torch.isfinite(model.bank).all():
-        raise RunError(f"{files[BANK]}: the bank is not a finite (rows, dims) matrix; train again")
+    if not shapes_ok or not all(torch.isfinite(t.float()).all() for t in stats.values()):
+        raise RunError(f"{files[BANK]}: its statistics are not finite matrices of the expected shapes; train again")
     return AnomalyDetector(model, meta)
 
 
@@ -114,7 +123,7 @@ class AnomalyDetector:
 
     @property
     def device(self):
-        return self.model.bank.device
+        return self.model.blur.device
 
     def score(self, images: np.ndarray, batch_size: int = 16, maps: bool = False):
         """(scores (N,), maps (N, S, S) or None) of uint8 images (N, S, S, 3) of this model's size."""

@@ -30,12 +30,16 @@ from ..models.fold import fold_batchnorm
 from ..openworld.anomaly import (
     AGGREGATION,
     AnomalyModel,
+    BankModel,
+    GaussianModel,
     PatchFeatures,
     bank_rows,
+    cap_mib,
     conformal_threshold,
     coreset,
     default_layers,
     f1_threshold,
+    fit_gaussians,
     score_batches,
 )
 from ..predict import run
@@ -196,11 +200,19 @@ def fit(good: LabelledImages, left_out: dict[str, int], val: LabelledImages | No
                  + (f"; {hits} reused from the view store" if hits else ""))
 
     t0 = time.perf_counter()
-    bank, coreset_note = build_bank(patches, config.anomaly_bank_mib, config.seed, device)
+    cap = cap_mib(config.anomaly_method, config.anomaly_bank_mib)
+    if config.anomaly_method == "gaussian":
+        mean, precision, channels = fit_gaussians(patches, cap, config.seed, device)
+        model = GaussianModel(features, mean, precision, channels, size).to(device).eval()
+        coreset_note = (f"Gaussians: one per cell of the {cells}, over {len(channels)} of {dims} channels "
+                        f"({sum(t.numel() for t in model.statistics().values()) * 4 / 2**20:.1f} MiB, cap "
+                        f"{cap:g} MiB), from {n} image(s)")
+    else:
+        bank, coreset_note = build_bank(patches, cap, config.seed, device)
+        model = BankModel(features, bank, size).to(device).eval()
     bank_seconds = time.perf_counter() - t0
     reporter.log(coreset_note + f" in {bank_seconds:.1f}s")
     del patches
-    model = AnomalyModel(features, bank, size).to(device).eval()
 
     t0 = time.perf_counter()
     hold_scores, hold_maps = score_batches(model, hold_set.images, device)
@@ -308,7 +320,7 @@ def save(work: Path, model: AnomalyModel, backbone: Backbone, layers: list[str],
         save_file({k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}, str(tmp))
         model_sha = sha256_of(tmp)
     with atomic_path(work / BANK) as tmp:
-        save_file({"bank": model.bank.detach().cpu().contiguous()}, str(tmp))
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.statistics().items()}, str(tmp))
         bank_sha = sha256_of(tmp)
     with atomic_path(work / "val_scores.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
@@ -335,11 +347,17 @@ def save(work: Path, model: AnomalyModel, backbone: Backbone, layers: list[str],
         "preprocess": {"image_size": backbone.preprocess.image_size, "mean": list(backbone.preprocess.mean),
                        "std": list(backbone.preprocess.std)},
         "anomaly": {
+            "scorer": model.method,
             "method": "patch memory bank (PatchCore-style): nearest-neighbour distance of each patch feature "
-                      "to the good images' bank; image score = the largest patch distance",
+                      "to the good images' bank; image score = the largest patch distance" if model.method == "patches"
+            else "one Gaussian per grid cell (PaDiM-style): Mahalanobis distance of each patch feature to its cell's "
+                 "Gaussian; image score = the largest patch distance",
             "layers": layers, "aggregation": AGGREGATION, "grid": int(round(cells ** 0.5)), "dims": dims,
-            "bank": BANK, "bank_sha256": bank_sha, "bank_rows": int(model.bank.shape[0]),
-            "bank_mib": round(model.bank.numel() * 4 / 2**20, 3), "cap_mib": config.anomaly_bank_mib,
+            "bank": BANK, "bank_sha256": bank_sha,
+            "bank_rows": int(model.bank.shape[0]) if model.method == "patches" else 0,
+            "channels": model.floats_per_cell() if model.method == "gaussian" else dims,
+            "bank_mib": round(sum(t.numel() for t in model.statistics().values()) * 4 / 2**20, 3),
+            "cap_mib": cap_mib(config.anomaly_method, config.anomaly_bank_mib),
             "patches": n * cells, "bank_images": n, "coreset": coreset_note,
             "keep": config.anomaly_keep, "threshold": threshold, "threshold_reached": reached,
             "threshold_method": "split-conformal: the ceil((n + 1) * keep)-th smallest held-out good score"
