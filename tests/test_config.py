@@ -32,7 +32,8 @@ BAD = {
     "group_by": "patient", "group_duplicates": "maybe", "ood_keep": 1.0,
 }
 
-BAD.update(normal_class=5, anomaly_keep=1.0, anomaly_bank_mib=0)  # --task anomaly (docs/anomaly.md)
+BAD.update(normal_class=5, anomaly_keep=1.0, anomaly_bank_mib=0, anomaly_method="padim",
+           anomaly_threshold="best")  # --task anomaly (docs/anomaly.md)
 
 
 def test_every_setting_has_a_rule_and_a_bad_value_here():
