@@ -254,7 +254,11 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     print(markdown(result, rows))
     if not args.table:
-        print(write("ood", {"summary": result, "rows": rows}, quiet=quiet, command=sys.argv))
+        try:  # what other invocations wrote (--time-run's timing) stays
+            kept = {k: v for k, v in read("ood").items() if k not in ("provenance", "summary", "rows")}
+        except OSError:
+            kept = {}
+        print(write("ood", {**kept, "summary": result, "rows": rows}, quiet=quiet, command=sys.argv))
 
 
 def coverage_of(clf, data: Path, kept: list[str], out: Path) -> dict:
