@@ -96,6 +96,32 @@ def one(name: str, seed: int, cap: float | None, cache: Path, work: Path, thread
     return row
 
 
+def spread(values: list[float], fmt: str = "{:.3f}") -> str:
+    """The mean, with the range when there are several values: 0.905 (0.899-0.911)."""
+    mean = fmt.format(float(np.mean(values)))
+    return mean if len(values) == 1 else f"{mean} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def tables(rows: list[dict]) -> dict:
+    """docs/anomaly.md's table: each set and method, over its seeds."""
+    out = []
+    for key in sorted({(r["set"], r.get("method", "patches"), r["cap_mib"]) for r in rows}):
+        mine = [r for r in rows if (r["set"], r.get("method", "patches"), r["cap_mib"]) == key]
+        out.append({"set": key[0], "method": key[1], "cap": key[2], "seeds": len(mine),
+                    "auroc": spread([r["auroc"] for r in mine]),
+                    "ap": spread([r["average_precision"] for r in mine]),
+                    "f1": spread([r["f1"] for r in mine]), "best_f1": spread([r["f1_best_threshold"] for r in mine]),
+                    "false_alarm": spread([r["false_alarm_rate"] for r in mine]),
+                    "miss": spread([r["miss_rate"] for r in mine]),
+                    "train_s": spread([r["timings"]["total_seconds"] for r in mine], "{:.0f}"),
+                    "total_s": spread([r["train_and_test_seconds"] for r in mine], "{:.0f}")})
+    columns = [("set", "set"), ("method", "--anomaly-method"), ("cap", "cap (MiB)"), ("seeds", "seeds"),
+               ("auroc", "AUROC, mean (range)"), ("ap", "AP"), ("f1", "F1 at the threshold"),
+               ("best_f1", "best F1"), ("false_alarm", "false-alarm rate"), ("miss", "miss rate"),
+               ("train_s", "training, in-process (s)"), ("total_s", "train + evaluate commands, wall (s)")]
+    return {"anomaly": {"columns": [{"key": k, "title": t} for k, t in columns], "rows": out}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", nargs="+", default=["elpv", "faces"], choices=list(SETS))
@@ -119,7 +145,8 @@ def main() -> None:
                         key = (row["set"], row["method"], row["seed"], row["cap_mib"])
                         rows = [r for r in rows if (r["set"], r.get("method", "patches"), r["seed"], r["cap_mib"])
                                 != key] + [row]
-                        write("anomaly", {"rows": rows}, quiet=quiet, command=sys.argv)  # after each run
+                        write("anomaly", {"rows": rows, "tables": tables(rows)}, quiet=quiet,
+                              command=sys.argv)  # after each run
 
 
 if __name__ == "__main__":
