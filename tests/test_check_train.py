@@ -73,6 +73,7 @@ def test_leak_findings_name_exactly_the_planted_pairs(sets):
     assert kinds == ["leak", "leak", "label_conflict", "label_conflict"]
 
 
+@pytest.mark.slow  # trains a model
 def test_train_warns_about_val_and_test_near_duplicates_and_records_them(sets, tmp_path):
     root, val_copies, test_copies = sets
     run = tmp_path / "run"
@@ -92,6 +93,7 @@ def test_train_warns_about_val_and_test_near_duplicates_and_records_them(sets, t
     assert json.loads((run / "model.json").read_text())["check"] == {"file": "check.json", "counts": {"leak": 3}}
 
 
+@pytest.mark.slow  # trains a model
 def test_the_runs_own_split_records_no_leak_when_grouped_and_the_leak_when_not(tmp_path):
     found = tiles("brick")[:10] + tiles("grass")[:10]
     data = tmp_path / "data"
