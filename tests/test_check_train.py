@@ -5,6 +5,7 @@ copies (JPEG quality 60, resized, brightened)."""
 
 from __future__ import annotations
 
+import html
 import json
 
 import numpy as np
@@ -91,6 +92,13 @@ def test_train_warns_about_val_and_test_near_duplicates_and_records_them(sets, t
     linked = {frozenset((p["a"], p["b"])) for f in document["findings"] for p in f["pairs"]}
     assert linked == {frozenset(pair) for pair in {**val_copies, **test_copies}.items()}
     assert json.loads((run / "model.json").read_text())["check"] == {"file": "check.json", "counts": {"leak": 3}}
+    # the report shows them, before anyone reads its accuracy: the three clusters with their images
+    page = (run / "report.html").read_text()
+    section = page[page.index("<h2>Data check</h2>"):]
+    section = section[:section.index("</section>")]
+    assert "3 cluster(s) of the same or near-duplicate images span the run's sets" in section
+    assert all(html.escape(p) in section for p in [*val_copies, *val_copies.values(), *test_copies])
+    assert page.index("<h2>Data check</h2>") < page.index("Most confident mistakes")
 
 
 @pytest.mark.slow  # trains a model
@@ -113,3 +121,15 @@ def test_the_runs_own_split_records_no_leak_when_grouped_and_the_leak_when_not(t
             assert "Warning: the validation split shares" in result.output
     assert counts[True] == 0 and counts[False] >= 1, counts
 
+
+
+def test_the_reports_data_check_section_says_what_check_json_holds(tmp_path):
+    from transferkit.reports.check_section import check_section
+
+    assert "has no <code>check.json</code>" in check_section(tmp_path)  # a run from before the check
+    (tmp_path / "check.json").write_text("{not json")
+    assert "unreadable" in check_section(tmp_path) and "warn" in check_section(tmp_path)
+    (tmp_path / "check.json").write_text(json.dumps(leak_document([], {"train": 12, "val": 8})))
+    clean = check_section(tmp_path)
+    assert "No image is shared by two of the run's sets (train 12, val 8 usable images)" in clean
+    assert "warn" not in clean

@@ -19,6 +19,7 @@ from ..predict.metrics import evaluation_metrics, predict_labels, predict_sets
 from ..predict.run import is_anomaly_run, load, read_predictions
 from ..utils.errors import ConfigError, ImageError, RunError, TransferkitError
 from ..utils.files import write_text
+from .check_section import check_section
 from .ood_section import Scored, ood_section, score_folder
 from .page import card, data_uri, figure_uri, gallery, page, settings_html, skipped_html, table
 
@@ -32,6 +33,7 @@ PAGE = Template("""<section><h2>$eval_heading</h2>$cards<p class="note">$eval_no
 <section><h2>$class_heading</h2><div class="two"><div>$per_class</div>
 <figure><img alt="$class_figure_name" src="$class_figure"></figure></div></section>
 $curves
+$data_check
 $open_world
 <section><h2>Most confident mistakes</h2>$mistakes</section>
 """)
@@ -277,7 +279,7 @@ def write_report(run_dir: str | Path, classifier: Classifier, eval_name: str, pa
         "Per-class metrics and confusion matrix",
         per_class=per_class, class_figure=class_figure,
         class_figure_name="precision-recall per class" if multilabel else "confusion matrix",
-        curves=curves, open_world=ood_section(classifier, scored or []),
+        curves=curves, data_check=check_section(run_dir), open_world=ood_section(classifier, scored or []),
         mistakes=mistakes_html(classifier, list(paths), np.asarray(labels), np.asarray(probs), predicted, images))
     target = Path(output) if output else run_dir / "report.html"
     write_text(target, page(run_dir.resolve().name, f"{meta['backbone']} · {len(classes)} classes: {', '.join(classes)}",
