@@ -3,10 +3,11 @@
 IndexFlatL2, on the shapes an ELPV run has (784 patch features of 152 dimensions per image at 224
 px) and banks of the sizes the caps 8, 100 and 1,000 MiB give. Writes bench/results/nn_search.json.
 
-faiss-cpu is not a dependency: run this with a Python that has it and this project's torch
-(bench/anomalib_compare.py's throwaway venv, with `pip install faiss-cpu`):
+faiss-cpu is not a dependency: run this with a Python that has it, this project's torch and
+transferkit (bench/anomalib_compare.py's throwaway venv, with `pip install faiss-cpu`, and this
+project's src on the path):
 
-    /tmp/anomalib-venv/bin/python bench/nn_search.py --threads 2
+    PYTHONPATH=src /tmp/anomalib-venv/bin/python bench/nn_search.py --threads 2
 
 Exact search costs the same for any values, so the features are seeded random numbers.
 """
@@ -24,17 +25,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import Quiet, write  # noqa: E402
 
+from transferkit.openworld.anomaly import DISTANCE_MIB, BankModel  # noqa: E402
+
 DIMS, CELLS = 152, 784
 
 
-def torch_search(bank: torch.Tensor, q: torch.Tensor, chunk_mib: int = 64) -> torch.Tensor:
-    sq = (bank * bank).sum(1)
-    rows = max(1, (chunk_mib << 20) // (4 * len(bank)))
-    out = []
-    for i in range(0, len(q), rows):
-        x = q[i:i + rows]
-        out.append(torch.addmm(sq, x, bank.T, alpha=-2).min(1).values + (x * x).sum(1))
-    return torch.cat(out).clamp_min(0).sqrt()
+def torch_search(bank: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The product's search: `BankModel.patch_scores`, in the batches `score_batches` sizes."""
+    model = BankModel(torch.nn.Identity(), bank, 224)
+    feats = q.view(-1, 28, 28, DIMS).permute(0, 3, 1, 2)
+    per = max(1, (DISTANCE_MIB << 20) // (4 * CELLS * model.floats_per_cell()))
+    with torch.inference_mode():
+        return torch.cat([model.patch_scores(feats[i:i + per]).flatten() for i in range(0, len(feats), per)])
 
 
 def main() -> None:

@@ -35,7 +35,8 @@ from ..utils.errors import ConfigError
 AGGREGATION = 3  # the local neighbourhood averaged around each cell (PatchCore's p = 3)
 PROJECTION_DIMS = 16  # the coreset's greedy search runs on a random projection to this many dimensions
 POOL_FACTOR = 10  # the coreset is drawn from a random candidate pool of this many times its size
-DISTANCE_MIB = 64  # the most memory one batch's (patches x bank) distance matrix may take
+DISTANCE_MIB = 64  # the most memory one batch's (patches x bank block) distance matrix may take
+BANK_BLOCK = 8192  # bank rows per distance matrix: a large bank is searched block by block
 BLUR_SIGMA = 4.0  # the shown map's smoothing, in pixels of a 224 px image (PatchCore's sigma = 4)
 
 
@@ -169,13 +170,18 @@ class BankModel(AnomalyModel):
         """(N, C, H, W) features -> (N, H, W) nearest-neighbour distances."""
         n, c, h, w = feats.shape
         q = feats.permute(0, 2, 3, 1).reshape(-1, c)
-        # |q - b|^2 = |b|^2 - 2 q.b + |q|^2: one fused addmm, the row's minimum, then |q|^2 (a
-        # constant of the row) added to the minimum alone: half the passes over the distance matrix
-        d = torch.addmm(self.bank_sq, q, self.bank.T, alpha=-2).min(1).values + (q * q).sum(1)
-        return d.clamp_min(0).sqrt().view(n, h, w)
+        # |q - b|^2 = |b|^2 - 2 q.b + |q|^2: one fused addmm per block of BANK_BLOCK bank rows (so
+        # that the distance matrix stays bounded however large the bank), the running minimum,
+        # then |q|^2 (a constant of the row) added to the minimum alone
+        best = None
+        for start in range(0, len(self.bank), BANK_BLOCK):
+            block = torch.addmm(self.bank_sq[start:start + BANK_BLOCK], q, self.bank[start:start + BANK_BLOCK].T,
+                                alpha=-2).min(1).values
+            best = block if best is None else torch.minimum(best, block)
+        return (best + (q * q).sum(1)).clamp_min(0).sqrt().view(n, h, w)
 
     def floats_per_cell(self) -> int:
-        return len(self.bank)
+        return min(len(self.bank), BANK_BLOCK)
 
     def statistics(self) -> dict[str, torch.Tensor]:
         return {"bank": self.bank}
