@@ -209,3 +209,22 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture()
+def old_run(binary_run, tmp_path) -> Path:
+    """The shared run as a run trained before OOD scores: no ood.safetensors, no "ood" entry."""
+    import json
+    import shutil
+
+    from transferkit.openworld import ood
+
+    run = tmp_path / "old"
+    shutil.copytree(binary_run[1], run)
+    meta = json.loads((run / "model.json").read_text())
+    for key in ("ood", "conformal"):
+        meta.pop(key)
+    meta["config"].pop("ood_keep")
+    (run / "model.json").write_text(json.dumps(meta))
+    (run / ood.FILE).unlink()
+    return run

@@ -198,20 +198,6 @@ def test_evaluate_ood_dir_reports_auroc_and_coverage(binary_run, lfw_split, text
     assert "AUROC" in out.stdout and "empirical coverage" in out.stdout
 
 
-@pytest.fixture()
-def old_run(binary_run, tmp_path) -> Path:
-    """The shared run as a run trained before OOD scores: no ood.safetensors, no "ood" entry."""
-    run = tmp_path / "old"
-    shutil.copytree(binary_run[1], run)
-    meta = json.loads((run / "model.json").read_text())
-    for key in ("ood", "conformal"):
-        meta.pop(key)
-    meta["config"].pop("ood_keep")
-    (run / "model.json").write_text(json.dumps(meta))
-    (run / ood.FILE).unlink()
-    return run
-
-
 def test_a_run_trained_before_the_feature_predicts_as_before(old_run, binary_run, lfw_split):
     image = sorted(lfw_split[1].rglob("*.png"))[0]
     out = CliRunner().invoke(app, ["predict", str(old_run), str(image), "--format", "json"])

@@ -11,7 +11,6 @@ import html
 import io
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -143,19 +142,6 @@ def test_the_training_report_shows_the_validation_scores(binary_run):
     val = ood.load(run, json.loads((run / "model.json").read_text())["ood"]).val_scores
     assert list(rows(part)) == ["validation"] and rows(part)["validation"][0] == str(len(val))
     assert "give a test folder" in part and not gallery_files(part)
-
-
-@pytest.fixture()
-def old_run(binary_run, tmp_path) -> Path:
-    """The shared run as a run trained before OOD scores: no ood.safetensors, no "ood" entry."""
-    run = tmp_path / "old"
-    shutil.copytree(binary_run[1], run)
-    meta = json.loads((run / "model.json").read_text())
-    for key in ("ood", "conformal"):
-        meta.pop(key)
-    (run / "model.json").write_text(json.dumps(meta))
-    (run / ood.FILE).unlink()
-    return run
 
 
 def test_a_run_trained_before_ood_scores_gets_one_sentence_and_refuses_ood_dir(old_run, lfw_split, crops, tmp_path):
