@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import Quiet, write  # noqa: E402
+from results import Quiet, read, write  # noqa: E402
 from suite import SETS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,9 +238,11 @@ def main() -> None:
             plan += [(name, classes[i], s) for i in (args.holdout if args.holdout is not None else range(len(classes)))
                      for s in args.seeds]
         plan += [(name, None, s) for name in args.far_sets for s in args.seeds]
+        ran = 0
         for name, held, seed in plan:
             if (name, held, seed, args.image_size) in done:
                 continue
+            ran += 1
             started = time.perf_counter()
             row = one_run(name, held, seed, args, far)
             with open(rows_file, "a") as fh:
@@ -258,6 +260,9 @@ def main() -> None:
             kept = {k: v for k, v in read("ood").items() if k not in ("provenance", "summary", "rows")}
         except OSError:
             kept = {}
+        if not ran:  # nothing measured here: the rows' own runs were not watched by this invocation
+            quiet = {"quiet": False, "note": "every row was measured by an earlier invocation (runs/ood/rows.jsonl), "
+                                             "while other work shared the machine; this one only summarised them"}
         print(write("ood", {**kept, "summary": result, "rows": rows}, quiet=quiet, command=sys.argv))
 
 
