@@ -3,8 +3,8 @@ prepare_elpv.py --split, seed 0), every functional training cell and K defective
 random (seeded) train three ways, each tested on the split's 656 test cells (defective = the
 positive class):
 
-- `anomaly-keep`: `train --task anomaly` on the good cells alone, the threshold at --anomaly-keep
-  0.99 (the K defects unused);
+- `anomaly-keep`: `train --task anomaly` on the good cells alone (`--anomaly-method`, default
+  gaussian here), the threshold at --anomaly-keep 0.99 (the K defects unused);
 - `anomaly-f1`: the same bank, the threshold fitted at the best F1 on the held-out good cells and
   the K defects (`--anomaly-threshold f1`);
 - `classifier`: the supervised two-phase classifier (`train` with its defaults) on the good cells
@@ -13,7 +13,7 @@ positive class):
 Writes bench/results/anomaly_few.json: AUROC, average precision, F1 of the defective class, the
 false-alarm and miss rates, and the wall time of each way.
 
-    python bench/anomaly_few.py --defects 10 30 100 --seeds 0
+    python bench/anomaly_few.py --defects 10 50 --seeds 0
 """
 
 from __future__ import annotations
@@ -109,6 +109,8 @@ def main() -> None:
     parser.add_argument("--defects", nargs="+", type=int, default=[10, 30, 100])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--ways", nargs="+", default=["anomaly-keep", "anomaly-f1", "classifier"])
+    parser.add_argument("--anomaly-method", default="gaussian", choices=["patches", "gaussian"],
+                        help="the anomaly ways' method (gaussian: ELPV's cells are framed the same way)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-anomaly")
     args = parser.parse_args()
     quiet = Quiet()
@@ -130,7 +132,7 @@ def main() -> None:
             for k in args.defects:
                 data = folder(train_dir, args.work / "few" / f"train-{k}-{seed}", k, seed)
                 common = ["--task", "anomaly", "--normal-class", "functional", "--seed", str(seed), "--cache-dir",
-                          cache, "--overwrite", "--quiet"]
+                          cache, "--overwrite", "--quiet", "--anomaly-method", args.anomaly_method]
                 if "anomaly-keep" in args.ways and k == args.defects[0]:  # the defects are unused: once per seed
                     out = args.work / "few" / f"keep-{seed}"
                     keep({**anomaly_row("anomaly-keep", 0, seed, out, test_dir,
