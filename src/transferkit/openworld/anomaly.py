@@ -247,7 +247,9 @@ def fit_gaussians(patches: np.ndarray, cap_mib: float, seed: int, device, chunk:
         d = x - mu[:, None]
         cov = d.transpose(1, 2) @ d / max(1, n - 1) + GAUSSIAN_EPS * eye
         means.append(mu.float().cpu())
-        precisions.append(torch.linalg.inv(cov).float().cpu())
+        # numpy's batched inverse of the symmetric positive-definite covariances (torch's batched
+        # float64 LU failed on some machines: "pivots given to lu_solve must all be >= 1")
+        precisions.append(torch.from_numpy(np.linalg.inv(cov.cpu().numpy())).float())
     return torch.cat(means), torch.cat(precisions), channels
 
 
