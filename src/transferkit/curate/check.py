@@ -40,8 +40,8 @@ from PIL import Image
 from ..cfg.settings import DEFAULT_BACKBONE
 from ..data.decode import iter_decoded
 from ..data.listing import LabelledImages, image_key, load_labelled
-from ..data.phash import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_MATCH, HASH_BITS, clusters, match, nearest, phash, signs, \
-    thumbnails
+from ..data.phash import (DEFAULT_MAX_DISTANCE, DEFAULT_MIN_MATCH, HASH_BITS, cluster_members, clusters, match,
+                          nearest, phash, signs, thumbnails)
 from ..utils.errors import DataError
 
 KINDS = ("leak", "label_conflict", "exact_duplicate", "near_duplicate", "label_issue", "outlier", "unreadable")
@@ -351,12 +351,7 @@ def cluster_findings(images: Images, classes: list[str], thresholds: Thresholds
     n = len(images.paths)
     edges, evidence = duplicate_edges(images, thresholds)
     ids = clusters(n, edges) if n else np.zeros(0, int)
-    members: dict[int, list[int]] = {}
-    for i, c in enumerate(ids):
-        members.setdefault(int(c), []).append(i)
-    linked: dict[int, list] = {}
-    for (a, b), e in evidence.items():
-        linked.setdefault(int(ids[a]), []).append((a, b, e))
+    members, linked = cluster_members(ids, evidence)
     findings = []
     bits = np.asarray(images.bits)
     for c, rows in members.items():

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from .listing import LabelledImages
-from .phash import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_MATCH, HASH_BITS, clusters, match, nearest, phash, signs, thumbnails
+from .phash import (DEFAULT_MAX_DISTANCE, DEFAULT_MIN_MATCH, HASH_BITS, cluster_members, clusters, match, nearest,
+                    phash, signs, thumbnails)
 
 CHUNK = 512
 
@@ -64,13 +65,7 @@ def leak_findings(parts: dict[str, LabelledImages], max_distance: int = DEFAULT_
                     evidence[pair] = {"hamming": bits_apart, "match": round(float(value), 4)}
     if not evidence:
         return []
-    ids = clusters(n, list(evidence))
-    members: dict[int, list[int]] = {}
-    for i, c in enumerate(ids):
-        members.setdefault(int(c), []).append(i)
-    links: dict[int, list] = {}
-    for (a, b), e in evidence.items():
-        links.setdefault(int(ids[a]), []).append((a, b, e))
+    members, links = cluster_members(clusters(n, list(evidence)), evidence)
     findings = []
     for c, rows in members.items():
         if len(rows) < 2 or len({sets[i] for i in rows}) < 2:

@@ -93,6 +93,18 @@ def clusters(n: int, pairs) -> np.ndarray:
     return ids
 
 
+def cluster_members(ids: np.ndarray, evidence: dict) -> tuple[dict[int, list[int]], dict[int, list]]:
+    """Each cluster's members (cluster id -> node indices, in order) and the evidence of its
+    links (cluster id -> [(a, b, evidence)]), from `clusters`' ids and {(a, b): evidence}."""
+    members: dict[int, list[int]] = {}
+    for i, c in enumerate(ids):
+        members.setdefault(int(c), []).append(i)
+    links: dict[int, list] = {}
+    for (a, b), e in evidence.items():
+        links.setdefault(int(ids[a]), []).append((a, b, e))
+    return members, links
+
+
 def near_pairs(bits: np.ndarray, max_distance: int = DEFAULT_MAX_DISTANCE, k: int = 10) -> np.ndarray:
     """(i, j, distance) rows, i < j: images whose hashes differ in at most `max_distance` bits,
     among each image's k nearest hashes."""
