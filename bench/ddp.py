@@ -31,6 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from prepare_elpv import write  # noqa: E402
+from results import Quiet  # noqa: E402
+from results import write as write_results  # noqa: E402
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -99,6 +101,7 @@ def main() -> None:
     parser.add_argument("--latency-us", type=float, default=50.0, help="Per message, for the 8-rank model.")
     args, options = parser.parse_known_args()
     write(args.data, split=True)
+    quiet = Quiet()
     load = os.getloadavg()
     one = train(args.data, args.out / "one", threads=2, nproc=1, options=options)
     two = train(args.data, args.out / "two", threads=1, nproc=2, options=options)
@@ -144,6 +147,26 @@ def main() -> None:
         print(f"  N={n}: extraction {extraction:.1f} s; total {predicted_total[n]:.0f} s")
     print(f"  predicted speed-up of 8 ranks over 1: {predicted_total[1] / predicted_total[8]:.1f}x "
           f"(the serial {serial:.0f} s is rank 0's alone)")
+    rows = [{"way": way, "extract": r["extract"], "epoch1": median(r["epochs"]["1"]), "epoch2": median(r["epochs"]["2"]),
+             "epochs": f"{len(r['epochs']['1'])} + {len(r['epochs']['2'])}", "wall": r["wall"],
+             "accuracy": 100 * r["test_accuracy"]}
+            for way, r in (("1 process x 2 threads", one), ("2 ranks x 1 thread (torchrun, gloo)", two))]
+    columns = [("way", "way", None), ("extract", "view extraction (s)", "{:.1f}"),
+               ("epoch1", "phase 1 epoch, median (s)", "{:.2f}"), ("epoch2", "phase 2 epoch, median (s)", "{:.2f}"),
+               ("epochs", "epochs run", None), ("wall", "start to saved run (s)", "{:.0f}"),
+               ("accuracy", "test accuracy, 656 cells (%)", "{:.1f}")]
+    model = [{"n": n, "total": predicted_total[n]} for n in (1, 2, 8)]
+    write_results("ddp", {"runs": {"one": one, "two": two}, "allreduce_seconds": measured, "serial_seconds": serial,
+                          "steps": steps, "bandwidth_gbit": args.bandwidth_gbit, "latency_us": args.latency_us,
+                          "tables": {"ddp": {"columns": [{"key": k, "title": t, **({"format": f} if f else {})}
+                                                         for k, t, f in columns], "rows": rows},
+                                     "ddp_model": {"columns": [{"key": "n", "title": "ranks"},
+                                                               {"key": "total", "title": "predicted total (s)",
+                                                                "format": "{:.0f}"}], "rows": model}},
+                          "figures": {"speedup_2": {"value": one["wall"] / two["wall"], "format": "{:.2f}x"},
+                                      "speedup_8_predicted": {"value": predicted_total[1] / predicted_total[8],
+                                                              "format": "{:.1f}x"}}},
+                  quiet=quiet, command=sys.argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from transferkit.cli import app
 from transferkit.curate.check import KINDS, Thresholds, run_check, write_outputs
 from transferkit.data.listing import LabelledImages, from_csv
-from transferkit.data.phash import clusters, nearest, phash
+from transferkit.data.phash import MATCH, SCALES, THUMB, clusters, match, nearest, phash, thumbnails
 from transferkit.data.split import group_split, split_groups
 from transferkit.utils.errors import ConfigError, DataError
 
@@ -269,6 +269,38 @@ def test_split_groups_from_a_pattern_a_csv_column_and_near_duplicates(tmp_path):
     assert listed.groups[0] == listed.groups[1] != listed.groups[2]
 
 
+def pil_windows(thumb: np.ndarray) -> np.ndarray:
+    """The windows `match` compares, one PIL resize each (mode F: no rounding), centred, unit length."""
+    picture = Image.fromarray(thumb.astype(np.float32), mode="F")
+    boxes = [(0.0, 0.0, float(THUMB), float(THUMB))]
+    for s in SCALES[1:]:
+        side = s * THUMB
+        for y in (0.0, (THUMB - side) / 2, THUMB - side):
+            for x in (0.0, (THUMB - side) / 2, THUMB - side):
+                boxes.append((x, y, x + side, y + side))
+    v = np.stack([np.asarray(picture.resize((MATCH, MATCH), Image.Resampling.BILINEAR, box=b)).ravel()
+                  for b in boxes]).astype(np.float64)
+    v -= v.mean(1, keepdims=True)
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-6)
+
+
+def test_match_is_the_best_window_correlation_that_pil_resizes_give():
+    """The batched products equal a window-by-window PIL computation on real photos, either way
+    round, and a 10 % crop of a photo matches it while another photo does not."""
+    from skimage import data
+
+    faces = (data.lfw_subset()[:60] * 255).round().astype(np.uint8)
+    crop = faces[0][1:24, 1:24]
+    thumbs = thumbnails(np.concatenate([faces, np.asarray(Image.fromarray(crop).resize((25, 25)))[None]]))
+    rng = np.random.default_rng(0)
+    pairs = np.array([(a, b) for a, b in rng.integers(0, len(thumbs), (200, 2)) if a != b] + [(0, 60), (1, 60)])
+    got = match(thumbs, pairs)
+    windows = {i: pil_windows(thumbs[i]) for i in np.unique(pairs)}
+    want = [max((windows[i] @ windows[j][0]).max(), (windows[j] @ windows[i][0]).max()) for i, j in pairs]
+    assert np.abs(got - np.array(want)).max() < 1e-5
+    assert got[-2] >= 0.95 > got[-1]
+
+
 def test_clusters_are_connected_components():
     assert clusters(6, [(0, 1), (1, 2), (4, 5)]).tolist() == [0, 0, 0, 1, 2, 2]
 
@@ -355,3 +387,22 @@ def test_a_second_check_reads_the_stored_features(featured):
     assert [(f.kind, f.paths) for f in again.findings] == [(f.kind, f.paths) for f in first.findings]
     write_outputs(again, root / "out")
     assert (root / "out" / "check.html").stat().st_size > 10_000
+
+
+def test_the_duplicate_and_outlier_passes_share_one_feature_search(monkeypatch):
+    """`Images.neighbours` searches once for the larger k; a smaller ask is the search's own slice."""
+    import transferkit.curate.check as check
+    from skimage import data
+
+    faces = data.lfw_subset()[:80].reshape(80, -1).astype(np.float32)
+    images = check.Images(paths=[str(i) for i in range(80)], features=faces)
+    calls = []
+    monkeypatch.setattr(check, "nearest", lambda x, k: calls.append(k) or nearest(x, k))
+    first = images.neighbours(10, at_least=30)
+    second = images.neighbours(25)
+    direct = nearest(check.unit(faces), 25)
+    assert calls == [30]
+    assert np.array_equal(second[0], direct[0]) and np.allclose(second[1], direct[1])
+    assert np.array_equal(first[0], direct[0][:, :10])
+    images.neighbours(40)
+    assert calls == [30, 40]

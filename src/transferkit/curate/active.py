@@ -129,7 +129,8 @@ def distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(squared, 0))
 
 
-def find_label_issues(features, labels, n_folds: int = 5, seed: int = 0) -> list[LabelIssue]:
+def find_label_issues(features, labels, n_folds: int = 5, seed: int = 0, n_jobs: int | None = None
+                      ) -> list[LabelIssue]:
     """Labelled images whose label looks wrong, most suspicious (lowest self-confidence) first.
 
     Confident learning (Northcutt et al. 2021) on out-of-fold probabilities (stratified
@@ -137,10 +138,11 @@ def find_label_issues(features, labels, n_folds: int = 5, seed: int = 0) -> list
     threshold t_j of class j is the mean probability of j over the images labelled j. An image
     labelled i is an issue when its probability of i is below t_i and some other class reaches
     its threshold (p_j >= t_j); the predicted label is the most probable such class. Unlabelled
-    images (-1) are ignored; indices refer to the full `features`.
+    images (-1) are ignored; indices refer to the full `features`. `n_jobs`: folds fitted in
+    parallel processes (joblib's; the same probabilities).
     """
     features, labels = check_data(features, labels)
-    labelled, classes, y, p = out_of_fold(features, labels, n_folds, seed)
+    labelled, classes, y, p = out_of_fold(features, labels, n_folds, seed, n_jobs)
     thresholds = np.array([p[y == j, j].mean() for j in range(len(classes))])
     self_confidence = p[np.arange(len(y)), y]
     confident = np.where(p >= thresholds, p, -np.inf)
@@ -151,13 +153,13 @@ def find_label_issues(features, labels, n_folds: int = 5, seed: int = 0) -> list
                        float(self_confidence[i])) for i in order]
 
 
-def out_of_fold(features: np.ndarray, labels: np.ndarray, n_folds: int, seed: int):
+def out_of_fold(features: np.ndarray, labels: np.ndarray, n_folds: int, seed: int, n_jobs: int | None = None):
     """Out-of-fold class probabilities of the labelled images: (labelled indices, the classes,
     each image's class position, (n, C) probabilities with columns in class order)."""
     labelled = np.flatnonzero(labels != UNLABELLED)
     classes, y = np.unique(labels[labelled], return_inverse=True)
     p = cross_val_predict(head(), features[labelled], y, cv=folds(labels[labelled], n_folds, seed),
-                          method="predict_proba")
+                          method="predict_proba", n_jobs=n_jobs)
     return labelled, classes, y, p
 
 

@@ -29,6 +29,7 @@ import base64
 import html
 import io
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -52,6 +53,8 @@ SETS = ("train", "val", "test")
 DEFAULT_COSINE = 0.90
 NEIGHBOURS = 10  # candidates per image for both passes; clusters grow transitively beyond it
 OUTLIER_K = 5
+PARALLEL_FOLDS_FROM = 2000  # images from which the label finder fits its folds in parallel processes
+NEIGHBOUR_SPARE = 32  # the shared feature search keeps this many more neighbours than both passes' k
 OUTLIER_FENCE = 3.0  # Tukey's "far out": Q3 + 3 IQR of every image's neighbour distance
 
 
@@ -124,6 +127,16 @@ class Images:
     bits: list[np.ndarray] = field(default_factory=list)
     thumbs: list[np.ndarray] = field(default_factory=list)
     features: np.ndarray | None = None
+    _neighbours: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+
+    def neighbours(self, k: int, at_least: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Each image's k most cosine-similar other images by their features (`phash.nearest`):
+        (indices, cosines), (N, k). The duplicate and outlier passes share one search: it runs for
+        `max(k, at_least)` and later asks for no more are slices of it."""
+        have = self._neighbours
+        if have is None or have[0].shape[1] < min(k, len(self.paths) - 1):
+            self._neighbours = have = nearest(unit(self.features), max(k, at_least))
+        return have[0][:, :k], have[1][:, :k]
 
 
 def bit_depth(image: Image.Image, path: str) -> int:
@@ -322,7 +335,7 @@ def duplicate_edges(images: Images, thresholds: Thresholds) -> tuple[list[tuple[
             a, b = sorted((i, int(index[i, j])))
             evidence.setdefault((a, b), {})["hamming"] = int(distance[i, j])
     if k >= 1 and images.features is not None and thresholds.cosine <= 1.0:
-        index, score = nearest(unit(images.features), k)
+        index, score = images.neighbours(k, at_least=k + thresholds.outlier_k + NEIGHBOUR_SPARE)
         for i, j in zip(*np.nonzero(score >= thresholds.cosine)):
             a, b = sorted((i, int(index[i, j])))
             evidence.setdefault((a, b), {})["cosine"] = round(float(score[i, j]), 4)
@@ -386,12 +399,11 @@ def label_names(label, classes: list[str]) -> str | list[str]:
     return [classes[c] for c in label] if isinstance(label, tuple) else classes[label]
 
 
-def outlier_scores(features: np.ndarray, ids: np.ndarray, k: int, extra: int) -> np.ndarray:
+def outlier_scores(images: Images, ids: np.ndarray, k: int, extra: int) -> np.ndarray:
     """Each image's mean cosine distance to its k nearest images outside its own cluster (its
     duplicates do not make an odd image ordinary)."""
-    n = len(features)
-    want = min(n - 1, k + extra)
-    index, score = nearest(unit(features), want)
+    n = len(images.paths)
+    index, score = images.neighbours(min(n - 1, k + extra))
     result = np.full(n, np.nan)
     for i in range(n):
         other = ids[index[i]] != ids[i]
@@ -406,7 +418,7 @@ def outlier_findings(images: Images, ids: np.ndarray, classes: list[str], thresh
     if images.features is None or len(images.paths) < thresholds.outlier_k + 2:
         return [], {}
     largest = max(Counter(ids.tolist()).values())
-    scores = outlier_scores(images.features, ids, thresholds.outlier_k, largest)
+    scores = outlier_scores(images, ids, thresholds.outlier_k, largest)
     finite = scores[np.isfinite(scores)]
     q1, q3 = np.percentile(finite, [25, 75])
     fence = float(q3 + thresholds.outlier_fence * (q3 - q1))
@@ -438,8 +450,10 @@ def label_issue_findings(images: Images, classes: list[str], seed: int = 0) -> t
     folds = int(min(5, counts[counts >= 2].min()))
     from threadpoolctl import threadpool_limits
 
+    jobs = min(folds, os.cpu_count() or 1) if len(rows) >= PARALLEL_FOLDS_FROM else None
     with threadpool_limits(1, user_api="blas"):  # small fits: BLAS threads only add overhead
-        issues = find_label_issues(standardised(images.features[rows]), labels, n_folds=folds, seed=seed)
+        issues = find_label_issues(standardised(images.features[rows]), labels, n_folds=folds, seed=seed,
+                                   n_jobs=jobs)
     return [Finding("label_issue", [images.paths[rows[x.index]]], round(1.0 - x.self_confidence, 4),
                     {"sets": [images.sets[rows[x.index]]], "labels": [classes[x.given_label]],
                      "given": classes[x.given_label], "predicted": classes[x.predicted_label],

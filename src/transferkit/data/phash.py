@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
+from threadpoolctl import threadpool_limits
 
 HASH_BITS = 64
 # Planted copies of real images (JPEG quality 60, halved, brightness +20 %) hash within 6 bits of
@@ -136,49 +137,69 @@ def thumbnails(images: np.ndarray) -> np.ndarray:
     return out
 
 
-def _normed(x: np.ndarray) -> np.ndarray:
-    x = x.reshape(len(x), -1).astype(np.float32)
-    x -= x.mean(1, keepdims=True)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
+def _axis_weights(low: float, high: float) -> np.ndarray:
+    """(THUMB, MATCH) weights of PIL's bilinear resize of the span [low, high) of a THUMB-pixel axis
+    to MATCH pixels: PIL's own coefficients, read off by resizing an identity image (mode F, no
+    rounding), so that a window is `Wy.T @ thumb @ Wx`, as PIL computes it in floating point."""
+    eye = Image.fromarray(np.eye(THUMB, dtype=np.float32), mode="F")
+    return np.asarray(eye.resize((MATCH, THUMB), Image.Resampling.BILINEAR, box=(low, 0.0, high, float(THUMB))))
 
 
-def _views(thumb: np.ndarray) -> np.ndarray:
-    """(V, 32 x 32) normalised views of one thumbnail: the whole, and windows of each scale at
-    3 x 3 positions, each resized to 32 x 32."""
-    picture = Image.fromarray(thumb)
-    boxes = [(0.0, 0.0, float(THUMB), float(THUMB))]
+def _windows() -> list[np.ndarray]:
+    """Per scale, the weights (THUMB, k * MATCH) of its spans along one axis side by side: the whole
+    (k = 1), then each of SCALES[1:] at three positions (start, centre, end; k = 3)."""
+    groups = [_axis_weights(0.0, float(THUMB))]
     for s in SCALES[1:]:
         side = s * THUMB
-        for y in (0.0, (THUMB - side) / 2, THUMB - side):
-            for x in (0.0, (THUMB - side) / 2, THUMB - side):
-                boxes.append((x, y, x + side, y + side))
-    return _normed(np.stack([np.asarray(picture.resize((MATCH, MATCH), Image.Resampling.BILINEAR, box=b))
-                             for b in boxes]))
+        groups.append(np.concatenate([_axis_weights(p, p + side) for p in (0.0, (THUMB - side) / 2, THUMB - side)], 1))
+    return [np.array(g, dtype=np.float32) for g in groups]
 
 
-def match(thumbs: np.ndarray, pairs) -> np.ndarray:
+def _views(thumbs: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
+    """(N, V, MATCH * MATCH) windows of N thumbnails, each centred and scaled to unit length: for
+    each scale's weights W, the windows at its k x k positions are the blocks of W.T @ thumb @ W
+    (PIL's bilinear resize of each window)."""
+    t = np.asarray(thumbs, dtype=np.float32)
+    n, out = len(t), []
+    for w in weights:
+        k = w.shape[1] // MATCH
+        grid = np.swapaxes(np.swapaxes(t @ w, 1, 2) @ w, 1, 2)  # (N, k * MATCH: y, k * MATCH: x)
+        out.append(grid.reshape(n, k, MATCH, k, MATCH).transpose(0, 1, 3, 2, 4).reshape(n, k * k, MATCH * MATCH))
+    x = np.concatenate(out, 1)
+    x -= x.mean(-1, keepdims=True)
+    x /= np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+    return x
+
+
+def match(thumbs: np.ndarray, pairs, chunk: int = 64) -> np.ndarray:
     """For each pair (i, j): the best correlation (Pearson, so brightness and contrast shifts do
     not count) between one image's 32 x 32 thumbnail and a window of the other's (the whole, or
     80-96 % of it at nine positions), either way round. Re-encoded (JPEG 60), halved and brightened
     copies of real images score 0.95 or more, 4 % crops mostly; distinct tiles of one texture photo
-    almost never; adjacent cells of one solar module often do: they look the same (docs/check.md)."""
+    almost never; adjacent cells of one solar module often do: they look the same (docs/check.md).
+    The windows of `chunk` images at a time come from batched matrix products (`_views`), so memory
+    holds one chunk's windows."""
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     best = np.full(len(pairs), -1.0, dtype=np.float32)
     if not len(pairs):
         return best
-    whole = {}
-    users = np.unique(pairs)
-    for i in users:
-        whole[int(i)] = _normed(np.asarray(Image.fromarray(thumbs[i]).resize((MATCH, MATCH),
-                                                                             Image.Resampling.BILINEAR))[None])[0]
-    by_image: dict[int, list[tuple[int, int]]] = {}
-    for p, (i, j) in enumerate(pairs):
-        by_image.setdefault(int(i), []).append((p, int(j)))
-        by_image.setdefault(int(j), []).append((p, int(i)))
-    for i, items in by_image.items():
-        views = _views(thumbs[i])
-        others = np.stack([whole[j] for _, j in items])
-        scores = (views @ others.T).max(0)
-        index = np.array([p for p, _ in items])
-        best[index] = np.maximum(best[index], scores)
+    weights = _windows()
+    thumbs = np.asarray(thumbs)
+    users, local = np.unique(pairs, return_inverse=True)
+    local = local.reshape(-1, 2)
+    # each pair twice, once from each side: (the image whose windows, the other's whole, the pair)
+    side = np.concatenate([local, local[:, ::-1]])
+    pair = np.concatenate([np.arange(len(pairs))] * 2)
+    order = np.argsort(side[:, 0], kind="stable")
+    side, pair = side[order], pair[order]
+    bounds = np.searchsorted(side[:, 0], np.arange(len(users) + 1))
+    with threadpool_limits(1, user_api="blas"):  # small products: BLAS threads only wait on each other
+        whole = np.concatenate([_views(thumbs[users[i:i + chunk]], weights[:1])[:, 0]
+                                for i in range(0, len(users), chunk)])  # (U, MATCH * MATCH)
+        for start in range(0, len(users), chunk):
+            views = _views(thumbs[users[start:start + chunk]], weights)
+            for u in range(start, min(start + chunk, len(users))):
+                lo, hi = bounds[u], bounds[u + 1]
+                scores = (views[u - start] @ whole[side[lo:hi, 1]].T).max(0)
+                np.maximum.at(best, pair[lo:hi], scores)
     return best
