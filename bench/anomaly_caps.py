@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -77,7 +78,8 @@ def one(cap: float, seed: int, cache: Path, work: Path, images: int) -> dict:
     _, _, stdout = timed([sys.executable, "-c", WARM, str(out), str(test_dir), str(images)])
     warm = json.loads(stdout.strip().splitlines()[-1])
     a = meta["anomaly"]
-    row = {"cap_mib": cap, "seed": seed, "bank_rows": a["bank_rows"], "bank_mib": a["bank_mib"],
+    parts = re.search(r"in (\d+) random parts", a.get("coreset", ""))
+    row = {"cap_mib": cap, "seed": seed, "coreset_parts": int(parts.group(1)) if parts else 1, "bank_rows": a["bank_rows"], "bank_mib": a["bank_mib"],
            "bank_images": a["bank_images"], "patches": a.get("patches"), "timings": meta["timings"],
            "train_seconds": train_s, "train_peak_mib": round(train_mib), "predict_one_seconds": predict_s,
            "predict_one_peak_mib": round(predict_mib), "warm_first_seconds": round(warm["first_seconds"], 3),
@@ -89,18 +91,19 @@ def one(cap: float, seed: int, cache: Path, work: Path, images: int) -> dict:
 
 
 def tables(rows: list[dict]) -> dict:
-    out = [{"cap": r["cap_mib"], "bank": f"{r['bank_rows']:,} ({r['bank_mib']:.0f} MiB)",
+    out = [{"cap": r["cap_mib"], "parts": r.get("coreset_parts", 1), "bank": f"{r['bank_rows']:,} ({r['bank_mib']:.0f} MiB)",
             "extract": r["timings"].get("extract_seconds"), "coreset": r["timings"].get("bank_seconds"),
             "threshold": r["timings"].get("threshold_seconds"), "train": r["train_seconds"],
             "train_mib": r["train_peak_mib"], "predict": r["predict_one_seconds"], "predict_mib": r["predict_one_peak_mib"],
-            "warm": r["warm_median_seconds"], "warm_mib": r["warm_peak_mib"]}
-           for r in sorted(rows, key=lambda r: r["cap_mib"])]
-    columns = [("cap", "cap (MiB)", "{:g}"), ("bank", "bank rows (size)", None),
+            "warm": r["warm_median_seconds"], "warm_mib": r["warm_peak_mib"],
+            "quiet": "yes" if r.get("quiet") else "no"}
+           for r in sorted(rows, key=lambda r: (r["cap_mib"], r.get("coreset_parts", 1)))]
+    columns = [("cap", "cap (MiB)", "{:g}"), ("parts", "coreset parts", None), ("bank", "bank rows (size)", None),
                ("extract", "features (s)", "{:.0f}"), ("coreset", "coreset (s)", "{:.0f}"),
                ("threshold", "held-out scoring (s)", "{:.0f}"), ("train", "`train`, wall (s)", "{:.0f}"),
                ("train_mib", "`train`, peak (MiB)", "{:.0f}"), ("predict", "`predict` one image, wall (s)", "{:.1f}"),
                ("predict_mib", "`predict`, peak (MiB)", "{:.0f}"), ("warm", "one image, warm (s)", "{:.2f}"),
-               ("warm_mib", "warm process, peak (MiB)", "{:.0f}")]
+               ("warm_mib", "warm process, peak (MiB)", "{:.0f}"), ("quiet", "quiet machine", None)]
     return {"anomaly_caps": {"columns": [{"key": k, "title": t, **({"format": f} if f else {})} for k, t, f in columns],
                              "rows": out}}
 
@@ -119,8 +122,11 @@ def main() -> None:
         rows = []
     with tempfile.TemporaryDirectory() as cache:
         for cap in args.caps:
+            mine = Quiet()
             row = one(cap, args.seed, Path(cache), args.work, args.images)
-            rows = [r for r in rows if (r["cap_mib"], r["seed"]) != (cap, args.seed)] + [row]
+            row.update(mine.measure())  # each row says whether the machine was quiet while it ran
+            rows = [r for r in rows if (r["cap_mib"], r["seed"], r.get("coreset_parts", 1)) !=
+                    (cap, args.seed, row["coreset_parts"])] + [row]
             write("anomaly_caps", {"rows": rows, "tables": tables(rows)}, quiet=quiet, command=sys.argv)
 
 

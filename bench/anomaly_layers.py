@@ -90,6 +90,8 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["2+4", "2+3", "3+4", "2+3+4"])
     parser.add_argument("--caps", nargs="+", type=float, default=[8.0])
     parser.add_argument("--random-bank", action="store_true", help="also a random bank of the coreset's size")
+    parser.add_argument("--chunks", nargs="+", type=int, default=[],
+                        help="also the coreset split into this many parts (coreset's `chunks`), each a bank")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-anomaly")
     args = parser.parse_args()
@@ -130,13 +132,18 @@ def main() -> None:
             q = combine(test_maps, layers, np.arange(len(test_images))).reshape(-1, c)
             for cap in args.caps:
                 rows_n = bank_rows(cap, c)
-                banks = {}
+                banks, chunk_seconds = {}, {}
                 t0 = time.perf_counter()
                 pool = min(len(flat), 10 * rows_n)
                 chosen = torch.from_numpy(np.sort(np.random.default_rng(seed).choice(len(flat), pool, replace=False)))
                 candidates = flat[chosen]
                 banks["coreset"] = candidates[coreset(candidates, rows_n, seed)] if rows_n < len(flat) else flat
                 coreset_s = time.perf_counter() - t0
+                chunk_seconds[1] = round(coreset_s, 1)
+                for parts in args.chunks:
+                    t1 = time.perf_counter()
+                    banks[f"coreset-{parts}"] = candidates[coreset(candidates, rows_n, seed, chunks=parts)]
+                    chunk_seconds[parts] = round(time.perf_counter() - t1, 1)
                 if args.random_bank:
                     pick = np.random.default_rng(seed + 1).choice(len(flat), min(rows_n, len(flat)), replace=False)
                     banks["random"] = flat[torch.from_numpy(pick)]
@@ -169,7 +176,9 @@ def main() -> None:
                         row = {"seed": seed, "layers": config, "grid": [h, w], "dims": c, "cap_mib": cap, "bank": kind,
                                "bank_rows": len(bank), "patches": len(flat), "pooling": pooling,
                                "auroc": round(float(ranked_auroc(y[None], s.numpy()[None])[0]), 4),
-                               "coreset_seconds": round(coreset_s, 1), "score_seconds": round(score_s, 1),
+                               "coreset_seconds": chunk_seconds.get(int(kind.split("-")[1]) if "-" in kind else 1,
+                                                                    round(coreset_s, 1)),
+                               "score_seconds": round(score_s, 1),
                                "image_size": size, "n_test": len(y), "n_bank_images": n,
                                "extract_seconds_all_layers": round(extract_s, 1)}
                         print(row, flush=True)
@@ -202,8 +211,21 @@ def tables(rows: list[dict]) -> dict:
                ("coreset_top1pct", "coreset, top-1 % mean", "{:.3f}"), ("coreset_mean", "coreset, mean", "{:.3f}"),
                ("random_max", "random bank, largest", "{:.3f}"), ("gaussian_max", "Gaussians, largest", "{:.3f}"),
                ("coreset_s", "coreset (s)", "{:.0f}"), ("score_s", "scoring 656 cells (s)", "{:.0f}")]
+    chunks = [{"layers": r["layers"], "cap": r["cap_mib"], "parts": int(r["bank"].split("-")[1]) if "-" in r["bank"] else 1,
+               "pool": min(r["patches"], 10 * r["bank_rows"]), "rows": r["bank_rows"], "auroc": r["auroc"],
+               "seconds": r["coreset_seconds"]}
+              for r in rows if r["pooling"] == "max" and r["bank"].startswith("coreset") and r["seed"] == 0
+              and r["image_size"] == 224 and (r["bank"] != "coreset" or any(
+                  x["bank"].startswith("coreset-") and x["layers"] == r["layers"] and x["cap_mib"] == r["cap_mib"]
+                  for x in rows))]
+    chunks.sort(key=lambda r: (r["layers"], r["cap"], r["parts"]))
+    chunk_columns = [("layers", "blocks", None), ("cap", "cap (MiB)", "{:g}"), ("parts", "coreset parts", None),
+                     ("pool", "pool rows", None), ("rows", "bank rows", None), ("auroc", "AUROC, largest patch", "{:.3f}"),
+                     ("seconds", "coreset (s)", "{:.1f}")]
     return {"anomaly_layers": {"columns": [{"key": k, "title": t, **({"format": f} if f else {})}
-                                           for k, t, f in columns], "rows": out}}
+                                           for k, t, f in columns], "rows": out},
+            "anomaly_chunks": {"columns": [{"key": k, "title": t, **({"format": f} if f else {})}
+                                           for k, t, f in chunk_columns], "rows": chunks}}
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ reads the installed package's images in place and writes only two CSVs of paths.
 from __future__ import annotations
 
 import csv
+import shlex
 import json
 import sys
 import time
@@ -96,7 +97,7 @@ def tables(rows: list[dict]) -> dict:
                ("test_subset_accuracy", "subset accuracy", "{:.3f}"), ("test_hamming_loss", "Hamming loss", "{:.3f}"),
                ("ap_defective", "AP defective", "{:.3f}"), ("ap_poly", "AP poly", "{:.3f}"),
                ("extract", "view extraction (s)", "{:.0f}"), ("train_seconds", "training (s)", "{:.0f}")]
-    out = [{**{k: r[k] for k, _, _ in columns if k in r}, "options": " ".join(r["options"]) or "(defaults)",
+    out = [{**{k: r[k] for k, _, _ in columns if k in r}, "options": shlex.join(r["options"]) or "(defaults)",
             "ap_defective": r["per_class_ap"].get("defective"), "ap_poly": r["per_class_ap"].get("poly"),
             "extract": r["timings"].get("extract_seconds")}
            for r in rows]

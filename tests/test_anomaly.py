@@ -331,3 +331,27 @@ def test_gaussians_per_cell_fit_the_cap_and_score_other_real_classes_higher(tmp_
     assert out.exit_code == 0, out.output
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["auroc"] > 0.9 and metrics["auroc_ci95"][0] > 0.75, metrics
+
+
+def test_a_coreset_in_parts_covers_real_patches_almost_as_well_as_one_greedy_pass():
+    """`coreset(chunks=8)` keeps n distinct rows whose covering radius (the farthest patch from its
+    nearest kept one) is within 5 % of the single greedy pass's and below a random sample's; the
+    default splits only when the greedy work passes GREEDY_WORK."""
+    import torch
+    from skimage import data
+
+    from transferkit.openworld.anomaly import GREEDY_WORK, coreset, coreset_chunks
+
+    faces = torch.from_numpy(data.lfw_subset()).float()
+    patches = faces.unfold(1, 5, 2).unfold(2, 5, 2).reshape(-1, 25)  # 24,200 real 5 x 5 patches
+
+    def radius(index):
+        return torch.cdist(patches, patches[index]).min(1).values.max().item()
+
+    whole, parts = coreset(patches, 300, 0, chunks=1), coreset(patches, 300, 0, chunks=8)
+    sample = torch.randperm(len(patches), generator=torch.Generator().manual_seed(0))[:300]
+    assert len(parts) == len(set(parts.tolist())) == 300
+    assert radius(parts) <= 1.05 * radius(whole) and radius(parts) < radius(sample)
+    assert torch.equal(coreset(patches, 300, 0), whole)  # a small pool: one part by default
+    assert coreset_chunks(137_970, 13_797) == 1 and coreset_chunks(848_288, 172_463) == 37
+    assert coreset_chunks(848_288, 172_463) * GREEDY_WORK >= 848_288 * 172_463

@@ -35,6 +35,9 @@ from ..utils.errors import ConfigError
 AGGREGATION = 3  # the local neighbourhood averaged around each cell (PatchCore's p = 3)
 PROJECTION_DIMS = 16  # the coreset's greedy search runs on a random projection to this many dimensions
 POOL_FACTOR = 10  # the coreset is drawn from a random candidate pool of this many times its size
+# The most greedy work (pool rows x rows chosen) one coreset part may take: the default cap on ELPV
+# (a pool of 137,970 for 13,797 rows: 1.9e9) is one part; 100 MiB there (848,288 for 172,463) is 37.
+GREEDY_WORK = 4e9
 DISTANCE_MIB = 64  # the most memory one batch's (patches x bank block) distance matrix may take
 BANK_BLOCK = 8192  # bank rows per distance matrix: a large bank is searched block by block
 BLUR_SIGMA = 4.0  # the shown map's smoothing, in pixels of a 224 px image (PatchCore's sigma = 4)
@@ -84,10 +87,14 @@ def bank_rows(cap_mib: float, dims: int) -> int:
     return max(1, int(cap_mib * 2**20) // (4 * dims))
 
 
-def coreset(features: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+def coreset(features: torch.Tensor, n: int, seed: int = 0, chunks: int | None = None) -> torch.Tensor:
     """Indices of `n` rows of `features` (M, C) by greedy k-centre selection (each next row the one
     farthest from those chosen; Sener and Savarese 2018, PatchCore's coreset), on a Gaussian random
-    projection to PROJECTION_DIMS dimensions, among a random pool of POOL_FACTOR * n rows."""
+    projection to PROJECTION_DIMS dimensions, among a random pool of POOL_FACTOR * n rows.
+    `chunks`: the pool is split at random into this many parts, each reduced to its share of the n
+    rows (a composable coreset: the greedy work, pool rows x rows chosen, falls by the number of
+    parts). Default: one part while that work stays under GREEDY_WORK (the default cap's case), else
+    as many as keep each part's work under it."""
     total = len(features)
     if n >= total:
         return torch.arange(total)
@@ -97,6 +104,25 @@ def coreset(features: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
     if x.shape[1] > PROJECTION_DIMS:
         proj = torch.randn(x.shape[1], PROJECTION_DIMS, generator=g).to(x.device) / math.sqrt(PROJECTION_DIMS)
         x = x @ proj
+    if chunks is None:
+        chunks = coreset_chunks(len(pool), n)
+    chunks = max(1, min(int(chunks), n))
+    parts = torch.arange(len(pool), device=x.device).tensor_split(chunks)  # the pool is a random order already
+    sizes = torch.tensor([len(part) for part in parts])
+    shares = (sizes * n) // len(pool)
+    shares[torch.argsort(-(sizes * n - shares * len(pool)), stable=True)[:n - int(shares.sum())]] += 1
+    chosen = torch.cat([part[greedy_centres(x[part], int(k))] for part, k in zip(parts, shares) if k > 0])
+    return pool[chosen].cpu()
+
+
+def coreset_chunks(pool: int, n: int) -> int:
+    """The parts `coreset` splits a pool of `pool` rows into to choose `n`: the fewest that keep
+    each part's greedy work (its rows x its rows chosen) under GREEDY_WORK."""
+    return max(1, math.ceil(pool * n / GREEDY_WORK)) if pool * n > GREEDY_WORK else 1
+
+
+def greedy_centres(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Positions of `n` rows of `x` chosen greedily, each the farthest from those chosen so far."""
     chosen = torch.empty(n, dtype=torch.long, device=x.device)
     chosen[0] = 0
     nearest = ((x - x[0]) ** 2).sum(1)
@@ -108,7 +134,7 @@ def coreset(features: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
         torch.addmv(squares, x, x[far], alpha=-2, out=distance)  # |x - c|^2 = |x|^2 - 2 x.c + |c|^2
         distance += squares[far]
         torch.minimum(nearest, distance, out=nearest)
-    return pool[chosen].cpu()
+    return chosen
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:

@@ -37,6 +37,7 @@ from ..openworld.anomaly import (
     cap_mib,
     conformal_threshold,
     coreset,
+    coreset_chunks,
     default_layers,
     f1_threshold,
     fit_gaussians,
@@ -302,10 +303,12 @@ def build_bank(patches: np.ndarray, cap_mib: float, seed: int, device) -> tuple[
     pool = min(total, 10 * rows)
     chosen = np.sort(np.random.default_rng(seed).choice(total, pool, replace=False))
     candidates = torch.from_numpy(patches.reshape(total, dims)[chosen].astype(np.float32)).to(device)
-    picked = coreset(candidates, rows, seed).to(candidates.device)
+    parts = coreset_chunks(pool, rows)
+    picked = coreset(candidates, rows, seed, chunks=parts).to(candidates.device)
     bank = candidates[picked].cpu()
+    split = f", in {parts} random parts" if parts > 1 else ""
     return bank, (f"Patch bank: coreset of {rows} of {total} patches ({rows * dims * 4 / 2**20:.1f} MiB of "
-                  f"{full_mib:.1f}, cap {cap_mib:g} MiB; greedy k-centre among a random pool of {pool})")
+                  f"{full_mib:.1f}, cap {cap_mib:g} MiB; greedy k-centre among a random pool of {pool}{split})")
 
 
 def save(work: Path, model: AnomalyModel, backbone: Backbone, layers: list[str], config: TrainConfig, record: dict,
