@@ -118,7 +118,7 @@ def coreset(features: torch.Tensor, n: int, seed: int = 0, chunks: int | None = 
 def coreset_chunks(pool: int, n: int) -> int:
     """The parts `coreset` splits a pool of `pool` rows into to choose `n`: the fewest that keep
     each part's greedy work (its rows x its rows chosen) under GREEDY_WORK."""
-    return max(1, math.ceil(pool * n / GREEDY_WORK)) if pool * n > GREEDY_WORK else 1
+    return max(1, math.ceil(pool * n / GREEDY_WORK))
 
 
 def greedy_centres(x: torch.Tensor, n: int) -> torch.Tensor:

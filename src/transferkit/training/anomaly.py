@@ -29,6 +29,7 @@ from ..models.backbones import Backbone, create_backbone
 from ..models.fold import fold_batchnorm
 from ..openworld.anomaly import (
     AGGREGATION,
+    POOL_FACTOR,
     AnomalyModel,
     BankModel,
     GaussianModel,
@@ -300,7 +301,7 @@ def build_bank(patches: np.ndarray, cap_mib: float, seed: int, device) -> tuple[
     if total <= rows:
         bank = torch.from_numpy(patches.reshape(total, dims).astype(np.float32))
         return bank, f"Patch bank: all {total} patches ({full_mib:.1f} MiB, within the cap of {cap_mib:g} MiB)"
-    pool = min(total, 10 * rows)
+    pool = min(total, POOL_FACTOR * rows)
     chosen = np.sort(np.random.default_rng(seed).choice(total, pool, replace=False))
     candidates = torch.from_numpy(patches.reshape(total, dims)[chosen].astype(np.float32)).to(device)
     parts = coreset_chunks(pool, rows)
