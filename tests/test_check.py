@@ -406,3 +406,28 @@ def test_the_duplicate_and_outlier_passes_share_one_feature_search(monkeypatch):
     assert np.array_equal(first[0], direct[0][:, :10])
     images.neighbours(40)
     assert calls == [30, 40]
+
+
+def test_outlier_scores_search_deeper_only_for_the_rows_of_a_large_cluster(monkeypatch):
+    """The mean distance to the k nearest images outside one's cluster, as a brute-force reference
+    gives it, also for members of a cluster larger than the shared search is deep; only those rows
+    are searched again."""
+    import transferkit.curate.check as check
+    from skimage import data
+
+    faces = data.lfw_subset().reshape(200, -1).astype(np.float32)
+    faces[:60] = faces[0] + np.random.default_rng(0).normal(0, 0.01, (60, faces.shape[1]))  # 60 copies of a face
+    images = check.Images(paths=[str(i) for i in range(200)], features=faces)
+    ids = np.arange(200)
+    ids[:60] = 0  # one cluster deeper than k + NEIGHBOUR_SPARE (10 + 32)
+    ids[60:63] = 1
+    asked = []
+    real = check.nearest
+    monkeypatch.setattr(check, "nearest", lambda x, k, queries=None: asked.append(
+        None if queries is None else len(queries)) or real(x, k, queries=queries))
+    scores = check.outlier_scores(images, ids, 10)
+    unit = check.unit(faces)
+    sims = unit @ unit.T
+    expected = np.array([1.0 - np.sort(sims[i][ids != ids[i]])[::-1][:10].mean() for i in range(200)])
+    assert np.allclose(scores, expected, atol=1e-5)
+    assert asked[0] is None and len(asked) == 2 and 0 < asked[1] <= 60

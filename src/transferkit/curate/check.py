@@ -399,15 +399,26 @@ def label_names(label, classes: list[str]) -> str | list[str]:
     return [classes[c] for c in label] if isinstance(label, tuple) else classes[label]
 
 
-def outlier_scores(images: Images, ids: np.ndarray, k: int, extra: int) -> np.ndarray:
+def outlier_scores(images: Images, ids: np.ndarray, k: int) -> np.ndarray:
     """Each image's mean cosine distance to its k nearest images outside its own cluster (its
-    duplicates do not make an odd image ordinary)."""
+    duplicates do not make an odd image ordinary). The shared neighbour search answers most rows;
+    a row it leaves short of k images from other clusters (one in a large cluster) is searched
+    again, alone with the other short rows, as deep as the largest of their clusters needs."""
     n = len(images.paths)
-    index, score = images.neighbours(min(n - 1, k + extra))
+    index, score = images.neighbours(k + NEIGHBOUR_SPARE)
+    other = ids[index] != ids[:, None]
+    short = np.flatnonzero(other.sum(1) < k) if index.shape[1] < n - 1 else np.zeros(0, int)
+    if len(short):
+        features = unit(images.features)
+        depth = k + int(np.bincount(ids)[ids[short]].max())  # the row itself is in its cluster
+        found = nearest(features, depth, queries=features[short])
     result = np.full(n, np.nan)
     for i in range(n):
-        other = ids[index[i]] != ids[i]
-        chosen = score[i][other][:k]
+        chosen = score[i][other[i]][:k]
+        if len(chosen):
+            result[i] = 1.0 - float(chosen.mean())
+    for row, i in enumerate(short):
+        chosen = found[1][row][ids[found[0][row]] != ids[i]][:k]
         if len(chosen):
             result[i] = 1.0 - float(chosen.mean())
     return result
@@ -417,8 +428,7 @@ def outlier_findings(images: Images, ids: np.ndarray, classes: list[str], thresh
                      ) -> tuple[list[Finding], dict]:
     if images.features is None or len(images.paths) < thresholds.outlier_k + 2:
         return [], {}
-    largest = max(Counter(ids.tolist()).values())
-    scores = outlier_scores(images, ids, thresholds.outlier_k, largest)
+    scores = outlier_scores(images, ids, thresholds.outlier_k)
     finite = scores[np.isfinite(scores)]
     q1, q3 = np.percentile(finite, [25, 75])
     fence = float(q3 + thresholds.outlier_fence * (q3 - q1))
